@@ -1,0 +1,25 @@
+# Thin wrapper over CMake: `make demo` builds and runs the demo, `make test` builds and runs the
+# tests. BUILD picks the build folder; CMAKE_FLAGS passes options (e.g. -DFP4MOE_CUDA=OFF).
+BUILD ?= build
+CMAKE_FLAGS ?=
+JOBS ?= $(shell nproc 2>/dev/null || echo 2)
+
+.PHONY: all configure demo test bench clean
+
+all: configure
+	cmake --build $(BUILD) -j$(JOBS)
+
+configure:
+	@test -f $(BUILD)/CMakeCache.txt || cmake -S . -B $(BUILD) -DCMAKE_BUILD_TYPE=Release $(CMAKE_FLAGS)
+
+demo: all
+	./$(BUILD)/fp4moe demo
+
+test: all
+	cd $(BUILD) && ctest --output-on-failure -j$(JOBS)
+
+bench: all
+	./$(BUILD)/fp4moe bench --preset qwen3-30b-a3b --tokens 1,16,256
+
+clean:
+	rm -rf $(BUILD)

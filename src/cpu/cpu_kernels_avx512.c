@@ -1,0 +1,85 @@
+/* AVX-512 kernels (compiled with -mavx512f/bw/vl/dq; called only when CPUID reports them).
+ *
+ * One 16-byte load per (pair, row) zero-extended to 16 dword lanes; vpermps, which reads only
+ * the low 4 bits of each index, maps the low nibbles to block A's E2M1 values, and after a
+ * 4-bit shift the high nibbles to block B's. One multiply by the broadcast block scale gives
+ * the exact weights, which then serve every token of the tile: per decoded block, ntok FMAs. */
+#include "cpu_kernels.h"
+
+#if defined(FP4MOE_X86) && defined(__AVX512F__)
+#include <immintrin.h>
+
+#define ALWAYS_INLINE inline __attribute__((always_inline))
+
+/* Accumulators per (row, token). With few tokens the two blocks of a pair go to separate
+ * accumulators so that the FMA latency chain does not limit the streaming rate. */
+static ALWAYS_INLINE void dot_tile_n(const uint8_t *codes, const uint8_t *scales, int64_t pairs,
+                                     const float *x, int64_t x_stride, const int ntok,
+                                     const float *scale_lut, float *out)
+{
+    const __m512 table = _mm512_setr_ps(0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f, -0.0f,
+                                        -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f);
+    const int split = ntok <= 2;
+    __m512 acc[CPU_TILE_ROWS][6], acc_b[CPU_TILE_ROWS][2];
+#pragma GCC unroll 4
+    for (int r = 0; r < CPU_TILE_ROWS; r++) {
+#pragma GCC unroll 6
+        for (int t = 0; t < ntok; t++) acc[r][t] = _mm512_setzero_ps();
+        if (split) {
+#pragma GCC unroll 2
+            for (int t = 0; t < ntok; t++) acc_b[r][t] = _mm512_setzero_ps();
+        }
+    }
+    for (int64_t p = 0; p < pairs; p++) {
+        const uint8_t *c = codes + p * CPU_TILE_ROWS * CPU_PAIR_CODE_BYTES;
+        const uint8_t *s = scales + p * CPU_TILE_ROWS * CPU_PAIR_SCALE_BYTES;
+        const float *xp = x + p * CPU_PAIR_VALUES;
+#pragma GCC unroll 4
+        for (int r = 0; r < CPU_TILE_ROWS; r++) {
+            __m512i idx = _mm512_cvtepu8_epi32(
+                _mm_loadu_si128((const __m128i *)(c + r * CPU_PAIR_CODE_BYTES)));
+            __m512 wa = _mm512_mul_ps(_mm512_permutexvar_ps(idx, table),
+                                      _mm512_set1_ps(scale_lut[s[2 * r]]));
+            __m512 wb = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(idx, 4), table),
+                                      _mm512_set1_ps(scale_lut[s[2 * r + 1]]));
+#pragma GCC unroll 6
+            for (int t = 0; t < ntok; t++) {
+                const float *xt = xp + t * x_stride;
+                acc[r][t] = _mm512_fmadd_ps(wa, _mm512_loadu_ps(xt), acc[r][t]);
+                if (split)
+                    acc_b[r][t] = _mm512_fmadd_ps(wb, _mm512_loadu_ps(xt + 16), acc_b[r][t]);
+                else
+                    acc[r][t] = _mm512_fmadd_ps(wb, _mm512_loadu_ps(xt + 16), acc[r][t]);
+            }
+        }
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < CPU_TILE_ROWS; r++) {
+#pragma GCC unroll 6
+        for (int t = 0; t < ntok; t++) {
+            __m512 sum = split ? _mm512_add_ps(acc[r][t], acc_b[r][t]) : acc[r][t];
+            out[t * CPU_TILE_ROWS + r] = _mm512_reduce_add_ps(sum);
+        }
+    }
+}
+
+static void dot_tile_avx512(const uint8_t *codes, const uint8_t *scales, int64_t pairs,
+                            const float *x, int64_t x_stride, int ntok, const float *scale_lut,
+                            float *out)
+{
+    switch (ntok) {
+    case 1: dot_tile_n(codes, scales, pairs, x, x_stride, 1, scale_lut, out); break;
+    case 2: dot_tile_n(codes, scales, pairs, x, x_stride, 2, scale_lut, out); break;
+    case 3: dot_tile_n(codes, scales, pairs, x, x_stride, 3, scale_lut, out); break;
+    case 4: dot_tile_n(codes, scales, pairs, x, x_stride, 4, scale_lut, out); break;
+    case 5: dot_tile_n(codes, scales, pairs, x, x_stride, 5, scale_lut, out); break;
+    default: dot_tile_n(codes, scales, pairs, x, x_stride, 6, scale_lut, out); break;
+    }
+}
+
+const cpu_kernels cpu_kernels_avx512 = {"avx512", 6, dot_tile_avx512};
+
+#else
+/* Built on a target without AVX-512 flags: nothing here (the dispatcher never asks). */
+typedef int cpu_kernels_avx512_unused;
+#endif

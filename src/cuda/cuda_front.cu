@@ -1,0 +1,430 @@
+// The front of a forward call on the GPU: routing (every method of src/route/route.c, one warp
+// per token, same ranking rules), the per-expert slot lists of a token chunk, and the FC1 inputs
+// (FP32, router weight on the input, W4A4 fake quantisation). For decode-sized calls all of it
+// runs in ONE block, so the call costs one launch before the expert kernels.
+#include <math.h>
+
+#include "cuda_internal.cuh"
+
+#define FULL_MASK 0xffffffffu
+
+// ------------------------------------------------------------------ ranking (as route.c)
+static __device__ __forceinline__ bool ranks_before(float a, int ia, float b, int ib)
+{
+    if (isnan(a)) return isnan(b) && ia < ib;
+    if (isnan(b)) return true;
+    if (a != b) return a > b;
+    return ia < ib;
+}
+
+// A candidate: tier first (DeepSeek kept groups before dropped ones), then value and index;
+// index < 0 means "none".
+struct candidate {
+    float value;
+    int index;
+    int tier;
+};
+
+static __device__ __forceinline__ bool better(const candidate &a, const candidate &b)
+{
+    if (a.index < 0) return false;
+    if (b.index < 0) return true;
+    if (a.tier != b.tier) return a.tier > b.tier;
+    return ranks_before(a.value, a.index, b.value, b.index);
+}
+
+static __device__ __forceinline__ candidate warp_best(candidate c)
+{
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        candidate o;
+        o.value = __shfl_xor_sync(FULL_MASK, c.value, offset);
+        o.index = __shfl_xor_sync(FULL_MASK, c.index, offset);
+        o.tier = __shfl_xor_sync(FULL_MASK, c.tier, offset);
+        if (better(o, c)) c = o;
+    }
+    return c;
+}
+
+// Top `count` of key[0, n) (tier[i] from tiers or 0), best first: lane j < count gets the j-th
+// id in its return value. taken[0, n) is scratch.
+static __device__ int warp_select(const float *key, const float *tiers, int n, int count,
+                                  float *taken, int lane)
+{
+    for (int i = lane; i < n; i += 32) taken[i] = 0.0f;
+    __syncwarp();
+    int mine = -1;
+    for (int j = 0; j < count; j++) {
+        candidate best = {0.0f, -1, 0};
+        for (int i = lane; i < n; i += 32) {
+            if (taken[i] != 0.0f) continue;
+            candidate c = {key[i], i, tiers ? (int)tiers[i] : 0};
+            if (better(c, best)) best = c;
+        }
+        best = warp_best(best);
+        if (lane == j) mine = best.index;
+        if (lane == 0 && best.index >= 0) taken[best.index] = 1.0f;
+        __syncwarp();
+    }
+    return mine;
+}
+
+// ------------------------------------------------------------------ sums (as route.c)
+struct compensated {
+    float sum, comp;
+};
+
+static __device__ __forceinline__ void comp_add(compensated &acc, float value)
+{
+    const float t = acc.sum + value;
+    if (fabsf(acc.sum) >= fabsf(value)) acc.comp += (acc.sum - t) + value;
+    else acc.comp += (value - t) + acc.sum;
+    acc.sum = t;
+}
+
+static __device__ __forceinline__ float comp_result(const compensated &acc)
+{
+    return isfinite(acc.sum) ? acc.sum + acc.comp : acc.sum;
+}
+
+// The sequential compensated sum of the k values held by lanes 0..k-1 (every lane computes it,
+// in slot order, exactly as route.c's sum_of).
+static __device__ float warp_sum_of_k(float mine, int k)
+{
+    compensated acc = {0.0f, 0.0f};
+    for (int j = 0; j < k; j++) comp_add(acc, __shfl_sync(FULL_MASK, mine, j));
+    return comp_result(acc);
+}
+
+static __device__ __forceinline__ float sigmoid_dev(float x) { return 1.0f / (1.0f + expf(-x)); }
+
+// Floats of per-warp scratch: logits, keys, taken flags, group scores + kept flags.
+static __host__ __device__ __forceinline__ int64_t route_warp_floats(int64_t e) { return 5 * e; }
+
+// Routes token t into ids[t*k..], weights[t*k..] (and the replay outputs when given).
+static __device__ void route_token_warp(const cuda_plan_view &p, const cuda_route_source &src,
+                                        int64_t t, float *scratch, int32_t *ids, float *weights,
+                                        int lane)
+{
+    const int k = p.top_k;
+    const int n = (int)p.num_experts;
+    float *logit = scratch, *key = scratch + n, *taken = scratch + 2 * n, *grp = scratch + 3 * n;
+    const float *bias = p.routing_bias;
+    const int method = p.routing;
+    for (int e = lane; e < n; e += 32) logit[e] = load_as_f32(src.logits, src.logits_dtype, t * n + e);
+    __syncwarp();
+
+    int id = -1;
+    float w = 0.0f;
+    if (method == FP4MOE_ROUTING_SOFTMAX_TOPK || method == FP4MOE_ROUTING_RENORMALIZE_NAIVE) {
+        float max_value = -INFINITY;
+        bool nan_here = false;
+        for (int e = lane; e < n; e += 32) {
+            const float v = bias ? logit[e] + bias[e] : logit[e];
+            key[e] = v;
+            if (isnan(v)) nan_here = true;
+            else max_value = fmaxf(max_value, v);
+        }
+        const bool any_nan = __any_sync(FULL_MASK, nan_here);
+        for (int off = 16; off > 0; off >>= 1)
+            max_value = fmaxf(max_value, __shfl_xor_sync(FULL_MASK, max_value, off));
+        // Compensated partial sums per lane, combined pairwise: within an ulp of route.c's
+        // sequential compensated sum (documented in docs/DESIGN.md).
+        compensated acc = {0.0f, 0.0f};
+        for (int e = lane; e < n; e += 32) {
+            if (isnan(key[e])) continue;
+            key[e] = expf(key[e] - max_value);
+            comp_add(acc, key[e]);
+        }
+        for (int off = 16; off > 0; off >>= 1) {
+            const float os = __shfl_xor_sync(FULL_MASK, acc.sum, off);
+            const float oc = __shfl_xor_sync(FULL_MASK, acc.comp, off);
+            // both lanes of a pair must end with the same value: add in lane order
+            compensated a = acc, b = {os, oc};
+            if ((lane & off) != 0) { a = b; b = acc; }
+            comp_add(a, b.sum);
+            a.comp += b.comp;
+            acc = a;
+        }
+        const float denominator = comp_result(acc);
+        __syncwarp();
+        for (int e = lane; e < n; e += 32) key[e] = key[e] / denominator;
+        __syncwarp();
+        id = warp_select(key, NULL, n, k, taken, lane);
+        if (lane < k) w = any_nan ? NAN : key[id];
+        if (method == FP4MOE_ROUTING_RENORMALIZE_NAIVE) {
+            const float sum = warp_sum_of_k(w, k);
+            w = w / sum;
+        }
+    } else if (method == FP4MOE_ROUTING_RENORMALIZE) {
+        for (int e = lane; e < n; e += 32) key[e] = bias ? logit[e] + bias[e] : logit[e];
+        __syncwarp();
+        id = warp_select(key, NULL, n, k, taken, lane);
+        const float max_value = key[__shfl_sync(FULL_MASK, id, 0)];
+        if (lane < k) w = expf(key[id] - max_value);
+        const float sum = warp_sum_of_k(w, k);
+        w = w / sum;
+    } else if (method == FP4MOE_ROUTING_DEEPSEEK_V3 || method == FP4MOE_ROUTING_MINIMAX2) {
+        for (int e = lane; e < n; e += 32)
+            key[e] = bias ? sigmoid_dev(logit[e]) + bias[e] : sigmoid_dev(logit[e]);
+        __syncwarp();
+        const float *tiers = NULL;
+        if (method == FP4MOE_ROUTING_DEEPSEEK_V3) {
+            const int n_group = p.n_group > 0 ? p.n_group : 1;
+            const int group_size = n / n_group;
+            const int keep = p.topk_group > 0 ? p.topk_group : n_group;
+            if (keep < n_group) {
+                float *score = grp;
+                for (int g = lane; g < n_group; g += 32) {
+                    const float *b = key + g * group_size;
+                    int first = 0;
+                    for (int i = 1; i < group_size; i++)
+                        if (ranks_before(b[i], i, b[first], first)) first = i;
+                    if (group_size == 1) {
+                        score[g] = b[first];
+                    } else {
+                        int second = first == 0 ? 1 : 0;
+                        for (int i = 0; i < group_size; i++)
+                            if (i != first && ranks_before(b[i], i, b[second], second)) second = i;
+                        score[g] = b[first] + b[second];
+                    }
+                }
+                __syncwarp();
+                const int g_sel = warp_select(score, NULL, n_group, keep, taken, lane);
+                // The selection is done with its scratch: kept-group flags go there, then
+                // every expert's tier (1 inside a kept group) over the group scores.
+                float *kept = taken, *tier = grp;
+                for (int g = lane; g < n_group; g += 32) kept[g] = 0.0f;
+                __syncwarp();
+                if (lane < keep) kept[g_sel] = 1.0f;
+                __syncwarp();
+                for (int e = lane; e < n; e += 32) tier[e] = kept[e / group_size];
+                __syncwarp();
+                tiers = tier;
+            }
+        }
+        id = warp_select(key, tiers, n, k, taken, lane);
+        if (lane < k) w = sigmoid_dev(logit[id]);
+        const float scale = p.routed_scaling_factor;
+        const float sum = warp_sum_of_k(w, k);
+        if (method == FP4MOE_ROUTING_MINIMAX2) w = w * scale / (sum + 1e-20f);
+        else if (p.norm_topk_prob) w = w / (sum + 1e-20f) * scale;
+        else w = w * scale;
+    } else {
+        const bool on_sigmoid =
+            method == FP4MOE_ROUTING_SIGMOID || method == FP4MOE_ROUTING_SIGMOID_RENORM;
+        for (int e = lane; e < n; e += 32) key[e] = on_sigmoid ? sigmoid_dev(logit[e]) : logit[e];
+        __syncwarp();
+        id = warp_select(key, NULL, n, k, taken, lane);
+        if (lane < k) w = method == FP4MOE_ROUTING_TOPK ? key[id] : sigmoid_dev(logit[id]);
+        if (method == FP4MOE_ROUTING_SIGMOID_RENORM && p.norm_topk_prob) {
+            const float sum = warp_sum_of_k(w, k);
+            const float denominator = (isnan(sum) || sum > 1e-20f) ? sum : 1e-20f;
+            w = w / denominator;
+        }
+    }
+    if (lane < k) {
+        ids[t * k + lane] = id;
+        weights[t * k + lane] = w;
+        if (src.ids_out) src.ids_out[t * k + lane] = id;
+        if (src.weights_out) src.weights_out[t * k + lane] = w;
+    }
+    __syncwarp();
+}
+
+// The caller's ids and weights for token t (fp4moe_forward_routed).
+static __device__ void copy_routed_token(const cuda_plan_view &p, const cuda_route_source &src,
+                                         int64_t t, int32_t *ids, float *weights, int lane)
+{
+    const int k = p.top_k;
+    for (int j = lane; j < k; j += 32) {
+        ids[t * k + j] = src.topk_ids[t * k + j];
+        weights[t * k + j] = load_as_f32(src.topk_weights, src.topk_weights_dtype, t * k + j);
+    }
+}
+
+static __device__ void route_or_copy(const cuda_plan_view &p, const cuda_route_source &src,
+                                     int64_t t, float *scratch, const cuda_workspace &ws, int lane)
+{
+    if (src.logits) route_token_warp(p, src, t, scratch, ws.ids, ws.weights, lane);
+    else copy_routed_token(p, src, t, ws.ids, ws.weights, lane);
+}
+
+__global__ void route_kernel(cuda_plan_view p, int64_t num_tokens, cuda_route_source src,
+                             cuda_workspace ws)
+{
+    extern __shared__ float route_smem[];
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int64_t t = (int64_t)blockIdx.x * (blockDim.x / 32) + warp;
+    if (t >= num_tokens) return;
+    route_or_copy(p, src, t, route_smem + warp * route_warp_floats(p.num_experts), ws, lane);
+}
+
+// ------------------------------------------------------------------ slot lists + FC1 inputs
+// Exclusive block-wide scan of one int per thread; returns the thread's prefix, *total the sum.
+static __device__ int block_exclusive_scan(int value, int *total)
+{
+    __shared__ int warp_sums[32];
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+    int inclusive = value;
+    for (int off = 1; off < 32; off <<= 1) {
+        const int o = __shfl_up_sync(FULL_MASK, inclusive, off);
+        if (lane >= off) inclusive += o;
+    }
+    if (lane == 31) warp_sums[warp] = inclusive;
+    __syncthreads();
+    if (warp == 0) {
+        int s = lane < warps ? warp_sums[lane] : 0;
+        for (int off = 1; off < 32; off <<= 1) {
+            const int o = __shfl_up_sync(FULL_MASK, s, off);
+            if (lane >= off) s += o;
+        }
+        if (lane < warps) warp_sums[lane] = s; // inclusive over warps
+    }
+    __syncthreads();
+    const int warp_prefix = warp > 0 ? warp_sums[warp - 1] : 0;
+    *total = warp_sums[warps - 1];
+    __syncthreads();
+    return warp_prefix + inclusive - value;
+}
+
+// Groups the chunk's slots by local expert: touched experts in ascending order, each with its
+// range of entries (slots in any order: every slot's result is computed independently, so the
+// order inside an expert changes nothing).
+static __device__ void build_slot_lists(const cuda_plan_view &p, const cuda_call_view &c,
+                                        const cuda_workspace &ws)
+{
+    const int64_t k = p.top_k, slots = (c.t1 - c.t0) * k;
+    const int e_loc = (int)p.e_loc;
+    const int tid = threadIdx.x, nthreads = blockDim.x;
+    for (int e = tid; e < e_loc; e += nthreads) ws.counts[e] = 0;
+    __syncthreads();
+    for (int64_t s = tid; s < slots; s += nthreads) {
+        // ids outside [0, E) (fp4moe_forward_routed cannot check them without a sync) fall
+        // outside the local range too and contribute nothing.
+        const int64_t local = (int64_t)ws.ids[c.t0 * k + s] - p.e0;
+        const bool valid = local >= 0 && local < p.e_loc;
+        ws.slot_local[s] = valid ? (int32_t)local : -1;
+        if (valid) atomicAdd(&ws.counts[local], 1);
+    }
+    __syncthreads();
+    // Each thread owns a contiguous run of experts.
+    const int per = (e_loc + nthreads - 1) / nthreads;
+    const int e_begin = min(e_loc, tid * per), e_end = min(e_loc, e_begin + per);
+    int my_slots = 0, my_touched = 0;
+    for (int e = e_begin; e < e_end; e++) {
+        my_slots += ws.counts[e];
+        my_touched += ws.counts[e] > 0;
+    }
+    int total_slots, total_touched;
+    int slot_prefix = block_exclusive_scan(my_slots, &total_slots);
+    int touched_prefix = block_exclusive_scan(my_touched, &total_touched);
+    for (int e = e_begin; e < e_end; e++) {
+        const int n = ws.counts[e];
+        ws.offsets[e] = slot_prefix;
+        if (n > 0) {
+            ws.touched[1 + touched_prefix] = e;
+            ws.touched_begin[touched_prefix] = slot_prefix;
+            touched_prefix++;
+        }
+        ws.counts[e] = slot_prefix; // the fill cursor from here on
+        slot_prefix += n;
+    }
+    if (tid == 0) {
+        ws.touched[0] = total_touched;
+        ws.touched_begin[total_touched] = total_slots;
+    }
+    __syncthreads();
+    for (int64_t s = tid; s < slots; s += nthreads) {
+        const int local = ws.slot_local[s];
+        if (local >= 0) ws.entries[atomicAdd(&ws.counts[local], 1)] = (int32_t)s;
+    }
+}
+
+// FC1 inputs in FP32, rows padded to k1p with zeros: per token, or per slot when the router
+// weight scales the input or W4A4 quantises it with the expert's scale.
+static __device__ void prepare_fc1_inputs(const cuda_plan_view &p, const cuda_call_view &c,
+                                          const cuda_workspace &ws)
+{
+    const int64_t k = p.top_k, h = p.h, blocks = p.k1p / 16;
+    const int64_t rows = c.x_per_slot ? (c.t1 - c.t0) * k : (c.t1 - c.t0);
+    for (int64_t i = threadIdx.x; i < rows * blocks; i += blockDim.x) {
+        const int64_t row = i / blocks, b = i % blocks;
+        const int64_t t = c.t0 + (c.x_per_slot ? row / k : row);
+        int local = -1;
+        if (c.x_per_slot) {
+            local = ws.slot_local[row];
+            if (local < 0) continue; // never read
+        }
+        float v[16];
+#pragma unroll
+        for (int j = 0; j < 16; j++) {
+            const int64_t col = b * 16 + j;
+            v[j] = col < h ? load_as_f32(c.hidden, c.hidden_dtype, t * h + col) : 0.0f;
+        }
+        if (b * 16 < h) {
+            if (p.on_input) {
+                const float w = ws.weights[c.t0 * k + row];
+#pragma unroll
+                for (int j = 0; j < 16; j++)
+                    v[j] = round_to_dtype_dev(__fmul_rn(w, v[j]), c.hidden_dtype);
+            }
+            if (p.w4a4) nvfp4_fake_quantize16(v, p.a1_global[local]);
+        }
+        float4 *dst = (float4 *)(ws.x + row * p.k1p + b * 16);
+#pragma unroll
+        for (int j = 0; j < 4; j++) dst[j] = make_float4(v[4 * j], v[4 * j + 1], v[4 * j + 2], v[4 * j + 3]);
+    }
+}
+
+__global__ void __launch_bounds__(CUDA_FRONT_THREADS)
+front_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws, cuda_route_source src,
+             int route_in_block, int route_warps)
+{
+    extern __shared__ float front_smem[];
+    if (route_in_block) {
+        const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+        if (warp < route_warps) {
+            float *scratch = front_smem + warp * route_warp_floats(p.num_experts);
+            for (int64_t t = c.t0 + warp; t < c.t1; t += route_warps)
+                route_or_copy(p, src, t, scratch, ws, lane);
+        }
+        __syncthreads();
+    }
+    build_slot_lists(p, c, ws);
+    __syncthreads();
+    prepare_fc1_inputs(p, c, ws);
+}
+
+// ------------------------------------------------------------------ host side
+extern "C" size_t cuda_route_smem_bytes(int64_t num_experts, int warps)
+{
+    return (size_t)route_warp_floats(num_experts) * sizeof(float) * (size_t)warps;
+}
+
+extern "C" cudaError_t cuda_front_set_smem(size_t bytes)
+{
+    cudaError_t err = cudaFuncSetAttribute(front_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           (int)bytes);
+    if (err != cudaSuccess) return err;
+    return cudaFuncSetAttribute(route_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes);
+}
+
+extern "C" cudaError_t cuda_launch_route(const cuda_plan_view *p, int64_t num_tokens,
+                                         const cuda_route_source *src, const cuda_workspace *ws,
+                                         int route_warps, size_t route_smem, cudaStream_t stream)
+{
+    const unsigned blocks = (unsigned)((num_tokens + route_warps - 1) / route_warps);
+    route_kernel<<<blocks, route_warps * 32, route_smem, stream>>>(*p, num_tokens, *src, *ws);
+    return cudaGetLastError();
+}
+
+extern "C" cudaError_t cuda_launch_front(const cuda_plan_view *p, const cuda_call_view *c,
+                                         const cuda_workspace *ws, const cuda_route_source *src,
+                                         int route_in_block, int route_warps, size_t route_smem,
+                                         cudaStream_t stream)
+{
+    front_kernel<<<1, CUDA_FRONT_THREADS, route_in_block ? route_smem : 0, stream>>>(
+        *p, *c, *ws, *src, route_in_block, route_warps);
+    return cudaGetLastError();
+}

@@ -1,0 +1,186 @@
+// Shared by the CUDA backend's translation units: the device-side view of a plan, the workspace
+// layout of one forward call, number-format helpers, and the host entry points of each kernel
+// family. Everything here follows docs/DESIGN.md "The function, exactly".
+#ifndef FP4MOE_CUDA_INTERNAL_CUH
+#define FP4MOE_CUDA_INTERNAL_CUH
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "cuda_backend.h"
+
+// Weights are read in 16-byte chunks of 32 values; K is padded to a multiple of 32 at repack
+// time (zero codes, zero scales) so any K that is a multiple of 16 works.
+#define CUDA_CHUNK_VALUES 32
+// A warp computes this many weight rows at once (one 16-byte load per row per chunk in flight),
+// for up to CUDA_SLOTS_PER_PASS (token, slot) pairs of the same expert per pass.
+#define CUDA_ROWS_PER_WARP 4
+#define CUDA_SLOTS_PER_PASS 4
+#define CUDA_GEMV_THREADS 256
+// Tokens per pass of the expert kernels (bounds the per-slot workspace).
+#define CUDA_TOKEN_CHUNK 256
+// Routing and planning run in one block when the call has at most this many tokens.
+#define CUDA_FUSED_FRONT_MAX_TOKENS 64
+#define CUDA_FRONT_THREADS 512
+
+// The plan as the kernels see it: device pointers and sizes, passed by value.
+typedef struct cuda_plan_view {
+    // repacked weights: rows padded to kp columns
+    const uint8_t *w1_codes;  // [E_loc][n1][k1p/2]
+    const uint8_t *w1_scales; // [E_loc][n1][k1p/16]
+    const uint8_t *w2_codes;  // [E_loc][h][k2p/2]
+    const uint8_t *w2_scales; // [E_loc][h][k2p/16]
+    const float *w1_global, *w1_global_half2, *w2_global; // [E_loc]
+    const float *b1, *b2;                                 // optional [E_loc][n1], [E_loc][h]
+    const float *routing_bias;                            // optional [E]
+    const float *a1_global, *a2_global, *fp8_scale;       // [E_loc] when their mode is on
+    const float *swiglu_alpha, *swiglu_beta, *swiglu_limit; // [E_loc]
+    int64_t num_experts, e_loc, e0;
+    int32_t top_k;
+    int64_t h, inter, n1;
+    int64_t k1p, k2p; // padded K of FC1 (h) and FC2 (inter)
+    int gated, gate_first, activation;
+    int routing, n_group, topk_group, norm_topk_prob;
+    float routed_scaling_factor;
+    int on_input, w4a4, fp8_down;
+} cuda_plan_view;
+
+// Workspace of one call. Routing results cover every token; the rest is per token chunk.
+typedef struct cuda_workspace {
+    int32_t *ids;        // [T*k] global ids
+    float *weights;      // [T*k]
+    int32_t *slot_local; // [C*k] local expert of a chunk slot, -1 when not local
+    int32_t *counts;     // [E_loc] slots per local expert, then fill cursors
+    int32_t *offsets;    // [E_loc] first entry of each local expert
+    int32_t *touched;    // [1 + C*k]: count, then touched local experts in ascending order
+    int32_t *touched_begin; // [C*k + 1] first entry of each touched expert
+    int32_t *entries;    // [C*k] chunk slots grouped by expert
+    float *x;            // [C*k or C][k1p] FC1 inputs (FP32)
+    float *u;            // [C*k][k2p] FC2 inputs
+    float *y;            // [C*k][h] FC2 outputs
+} cuda_workspace;
+
+// One chunk of a forward call as the kernels see it.
+typedef struct cuda_call_view {
+    int64_t t0, t1;        // token range of this chunk
+    const void *hidden;    // [T][h]
+    int hidden_dtype;
+    void *output;
+    int output_dtype;
+    int finalize;
+    const float *per_token_scale;
+    int x_per_slot;        // FC1 inputs per (token, slot) rather than per token
+} cuda_call_view;
+
+// ------------------------------------------------------------------ number formats (device)
+static __device__ __forceinline__ float load_as_f32(const void *p, int dtype, int64_t i)
+{
+    if (dtype == FP4MOE_DTYPE_F16) return __half2float(((const __half *)p)[i]);
+    if (dtype == FP4MOE_DTYPE_BF16) return __bfloat162float(((const __nv_bfloat16 *)p)[i]);
+    return ((const float *)p)[i];
+}
+
+static __device__ __forceinline__ float round_to_dtype_dev(float v, int dtype)
+{
+    if (dtype == FP4MOE_DTYPE_F16) return __half2float(__float2half_rn(v));
+    if (dtype == FP4MOE_DTYPE_BF16) return __bfloat162float(__float2bfloat16_rn(v));
+    return v;
+}
+
+static __device__ __forceinline__ void store_from_f32(void *p, int dtype, int64_t i, float v)
+{
+    if (dtype == FP4MOE_DTYPE_F16) ((__half *)p)[i] = __float2half_rn(v);
+    else if (dtype == FP4MOE_DTYPE_BF16) ((__nv_bfloat16 *)p)[i] = __float2bfloat16_rn(v);
+    else ((float *)p)[i] = v;
+}
+
+static __device__ __forceinline__ float e4m3_value(uint32_t code)
+{
+    __half_raw raw = __nv_cvt_fp8_to_halfraw((__nv_fp8_storage_t)code, __NV_E4M3);
+    return __half2float(__half(raw));
+}
+
+static __device__ __forceinline__ uint32_t e4m3_encode_satfinite(float v)
+{
+    return (uint32_t)__nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3);
+}
+
+// E2M1 round to nearest even with saturation, as a value (NaN gives 6, the CPU's choice).
+static __device__ __forceinline__ float e2m1_round_value(float v)
+{
+    const float a = fabsf(v);
+    float q;
+    if (a <= 0.25f) q = 0.0f;
+    else if (a < 0.75f) q = 0.5f;
+    else if (a <= 1.25f) q = 1.0f;
+    else if (a < 1.75f) q = 1.5f;
+    else if (a <= 2.5f) q = 2.0f;
+    else if (a < 3.5f) q = 3.0f;
+    else if (a <= 5.0f) q = 4.0f;
+    else q = 6.0f;
+    if (v != v) return 6.0f;
+    return copysignf(q, v);
+}
+
+static __device__ __forceinline__ float rcp_approx_ftz(float x)
+{
+    float r;
+    asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+    return r;
+}
+
+// The spec's NVFP4 quantiser (section 2) on 16 values in place: x <- e2m1(q) * e4m3(s), without
+// the 1/g factor, with the GPU's rcp.approx.ftz as the spec asks.
+static __device__ __forceinline__ void nvfp4_fake_quantize16(float *x, float g)
+{
+    float amax = 0.0f;
+#pragma unroll
+    for (int i = 0; i < 16; i++) amax = fmaxf(amax, fabsf(x[i]));
+    const float sf = __fmul_rn(g, __fmul_rn(amax, rcp_approx_ftz(6.0f)));
+    const float s = e4m3_value(e4m3_encode_satfinite(sf));
+    const float out_scale =
+        (amax != 0.0f && s != 0.0f) ? rcp_approx_ftz(__fmul_rn(s, rcp_approx_ftz(g))) : 0.0f;
+#pragma unroll
+    for (int i = 0; i < 16; i++) x[i] = __fmul_rn(e2m1_round_value(__fmul_rn(x[i], out_scale)), s);
+}
+
+// ------------------------------------------------------------------ host entry points
+#ifdef __cplusplus
+extern "C" {
+#endif
+// cuda_front.cu: routing, per-expert slot lists, FC1 inputs.
+// Where a call's routing comes from: router logits (routed on the GPU, optionally echoed into
+// the replay outputs), or the caller's ids and weights (copied, weights converted to FP32).
+typedef struct cuda_route_source {
+    const void *logits;
+    int logits_dtype;
+    const int32_t *topk_ids;
+    const void *topk_weights;
+    int topk_weights_dtype;
+    int32_t *ids_out;
+    float *weights_out;
+} cuda_route_source;
+
+// Routes (or copies) tokens [0, num_tokens) into ws->ids / ws->weights.
+cudaError_t cuda_launch_route(const cuda_plan_view *p, int64_t num_tokens,
+                              const cuda_route_source *src, const cuda_workspace *ws,
+                              int route_warps, size_t route_smem, cudaStream_t stream);
+// One block: (routing of the chunk's tokens when route_in_block) + slot lists + FC1 inputs.
+cudaError_t cuda_launch_front(const cuda_plan_view *p, const cuda_call_view *c,
+                              const cuda_workspace *ws, const cuda_route_source *src,
+                              int route_in_block, int route_warps, size_t route_smem,
+                              cudaStream_t stream);
+size_t cuda_route_smem_bytes(int64_t num_experts, int warps);
+cudaError_t cuda_front_set_smem(size_t bytes);
+// cuda_experts.cu: FC1 + activation, W4A4 FC2-input quantisation, FC2, finalize.
+cudaError_t cuda_launch_experts(const cuda_plan_view *p, const cuda_call_view *c,
+                                const cuda_workspace *ws, int gemv_blocks,
+                                cudaStream_t stream);
+#ifdef __cplusplus
+}
+#endif
+
+#endif

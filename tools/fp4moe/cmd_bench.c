@@ -1,0 +1,287 @@
+/* fp4moe bench: model presets over a token sweep. Reports the median time of repeated calls
+ * beside the floor: the NVFP4 bytes of the experts the call touches (packed values + E4M3
+ * scales) plus activations in and out, over the memory read bandwidth measured in the same run;
+ * and the achieved FP32 rate. Inputs rotate among several sets so the touched experts change
+ * from call to call and the caches do not hold them. */
+#include <math.h>
+#include <omp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "commands.h"
+#include "presets.h"
+#include "synthetic.h"
+
+#define INPUT_SETS 8
+
+typedef struct bench_options {
+    fp4moe_backend backend;
+    long long threads;
+    long long repeat;
+    int json;
+    char presets[512];
+    char tokens[256];
+} bench_options;
+
+static int parse(int argc, char **argv, bench_options *o)
+{
+    memset(o, 0, sizeof *o);
+    o->backend = FP4MOE_BACKEND_AUTO;
+    o->repeat = 10;
+    snprintf(o->presets, sizeof o->presets, "qwen3-30b-a3b");
+    snprintf(o->tokens, sizeof o->tokens, "1,16,256");
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        if (strcmp(a, "--help") == 0) {
+            printf("usage: fp4moe bench [--preset A,B|all] [--tokens 1,16,256] [--repeat N]\n"
+                   "                    [--backend auto|cpu|cuda] [--threads N] [--json]\n");
+            exit(0);
+        }
+        if (strcmp(a, "--json") == 0) {
+            o->json = 1;
+            continue;
+        }
+        const char *v = i + 1 < argc ? argv[++i] : NULL;
+        if (v == NULL) {
+            fprintf(stderr, "fp4moe bench: %s needs a value\n", a);
+            return 2;
+        }
+        if (strcmp(a, "--backend") == 0) {
+            if (cli_parse_backend(v, &o->backend)) return 2;
+        } else if (strcmp(a, "--threads") == 0) {
+            if (cli_parse_int(v, 0, 4096, &o->threads)) goto bad;
+        } else if (strcmp(a, "--repeat") == 0) {
+            if (cli_parse_int(v, 1, 100000, &o->repeat)) goto bad;
+        } else if (strcmp(a, "--preset") == 0) {
+            snprintf(o->presets, sizeof o->presets, "%s", v);
+        } else if (strcmp(a, "--tokens") == 0) {
+            snprintf(o->tokens, sizeof o->tokens, "%s", v);
+        } else {
+            fprintf(stderr, "fp4moe bench: unknown option %s\n", a);
+            return 2;
+        }
+        continue;
+    bad:
+        fprintf(stderr, "fp4moe bench: bad value '%s' for %s\n", v, a);
+        return 2;
+    }
+    return 0;
+}
+
+static int compare_double(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+/* Read bandwidth of this machine with `threads` threads: the best of three passes summing a
+ * 512 MiB buffer (bytes read / time). */
+static double measure_read_bandwidth(int threads)
+{
+    const size_t n = (size_t)64 << 20; /* doubles: 512 MiB */
+    double *buf = malloc(n * sizeof(double));
+    if (buf == NULL) return 0.0;
+#pragma omp parallel for num_threads(threads)
+    for (size_t i = 0; i < n; i++) buf[i] = (double)(i & 1023);
+    double best = 0.0, sink = 0.0;
+    for (int pass = 0; pass < 3; pass++) {
+        double t0 = cli_now_seconds(), sum = 0.0;
+#pragma omp parallel for num_threads(threads) reduction(+ : sum)
+        for (size_t i = 0; i < n; i++) sum += buf[i];
+        double dt = cli_now_seconds() - t0;
+        sink += sum;
+        double bw = (double)(n * sizeof(double)) / dt;
+        if (bw > best) best = bw;
+    }
+    free(buf);
+    return sink == -1.0 ? 0.0 : best; /* keeps the sums alive */
+}
+
+typedef struct bench_row {
+    const char *preset;
+    long long tokens;
+    double median_ms;
+    double touched_experts; /* mean over the input sets */
+    double bytes;           /* mean bytes a call must move */
+    double floor_ms;
+    double gflops;
+} bench_row;
+
+static void print_row(const bench_row *r, int json, int first)
+{
+    if (json) {
+        printf("%s{\"preset\": \"%s\", \"tokens\": %lld, \"median_ms\": %.4f, "
+               "\"touched_experts\": %.1f, \"bytes\": %.0f, \"floor_ms\": %.4f, "
+               "\"ratio_to_floor\": %.3f, \"achieved_gbps\": %.2f, \"gflops\": %.2f}",
+               first ? "" : ",\n", r->preset, r->tokens, r->median_ms, r->touched_experts,
+               r->bytes, r->floor_ms, r->median_ms / r->floor_ms,
+               r->bytes / (r->median_ms * 1e-3) / 1e9, r->gflops);
+    } else {
+        printf("%-24s %6lld %10.3f %8.1f %9.1f %9.3f %7.2f %8.2f %8.2f\n", r->preset, r->tokens,
+               r->median_ms, r->touched_experts, r->bytes / 1e6, r->floor_ms,
+               r->median_ms / r->floor_ms, r->bytes / (r->median_ms * 1e-3) / 1e9, r->gflops);
+    }
+}
+
+/* Runs one preset over the token list; rows printed as they come. */
+static int bench_preset(fp4moe_context *ctx, const preset *p, const bench_options *o,
+                        double bandwidth, int *first_row)
+{
+    fp4moe_config cfg = p->cfg;
+    long long max_t = 1;
+    char tokens[256];
+    snprintf(tokens, sizeof tokens, "%s", o->tokens);
+    for (char *s = strtok(tokens, ","); s; s = strtok(NULL, ",")) {
+        long long v;
+        if (cli_parse_int(s, 1, 1 << 20, &v)) {
+            fprintf(stderr, "fp4moe bench: bad token count '%s'\n", s);
+            return 2;
+        }
+        if (v > max_t) max_t = v;
+    }
+    cfg.max_tokens = max_t;
+    const int64_t e = cfg.num_experts, h = cfg.hidden_size, inter = cfg.intermediate_size;
+    const int64_t n1 = fp4moe_config_fc1_rows(&cfg), k = cfg.top_k;
+    const double expert_bytes = (double)(n1 * h + h * inter) * (0.5 + 1.0 / 16.0);
+    /* The generator's copy, the plan's canonical copy and a backend copy may coexist. */
+    double need = 3.0 * expert_bytes * (double)e;
+    double avail = (double)sysconf(_SC_AVPHYS_PAGES) * (double)sysconf(_SC_PAGESIZE);
+    if (need > avail) {
+        fprintf(stderr, "fp4moe bench: skipping %s: needs about %.1f GB, %.1f GB free\n", p->name,
+                need / 1e9, avail / 1e9);
+        return 0;
+    }
+    synthetic_layer layer;
+    if (synthetic_layer_create(&cfg, p->has_routing_bias, p->has_biases, SYNTHETIC_RANDOM_CODES,
+                               1234, &layer))
+        return 1;
+    fp4moe_plan *plan = NULL;
+    fp4moe_status st = fp4moe_plan_create(ctx, &cfg, &layer.weights, &plan);
+    synthetic_layer_free(&layer); /* the plan owns its copy */
+    if (st != FP4MOE_SUCCESS) {
+        fprintf(stderr, "fp4moe bench: %s: plan creation failed: %s\n", p->name,
+                fp4moe_last_error(ctx));
+        return 1;
+    }
+    int rc = 0;
+    size_t ws_bytes = 0;
+    fp4moe_plan_workspace_size(plan, max_t, &ws_bytes);
+    void *ws = cli_aligned_alloc(ws_bytes);
+    float *x = malloc((size_t)(INPUT_SETS * max_t * h) * sizeof(float));
+    float *logits = malloc((size_t)(INPUT_SETS * max_t * e) * sizeof(float));
+    float *out = malloc((size_t)(max_t * h) * sizeof(float));
+    int32_t *ids = malloc((size_t)(max_t * k) * sizeof(int32_t));
+    float *weights = malloc((size_t)(max_t * k) * sizeof(float));
+    unsigned char *touched = malloc((size_t)e);
+    double *times = malloc((size_t)o->repeat * sizeof(double));
+    if (!ws || !x || !logits || !out || !ids || !weights || !touched || !times) {
+        fprintf(stderr, "fp4moe bench: out of memory\n");
+        rc = 1;
+        goto done;
+    }
+    synthetic_fill_normal(x, INPUT_SETS * max_t * h, 1.0f, 3);
+    synthetic_fill_normal(logits, INPUT_SETS * max_t * e, 2.0f, 5);
+    snprintf(tokens, sizeof tokens, "%s", o->tokens);
+    for (char *s = strtok(tokens, ","); s; s = strtok(NULL, ",")) {
+        long long t = atoll(s);
+        /* Bytes a call must move, averaged over the input sets. */
+        double touched_sum = 0;
+        for (int set = 0; set < INPUT_SETS; set++) {
+            st = fp4moe_route(plan, t, logits + (size_t)set * max_t * e, FP4MOE_DTYPE_F32, ids,
+                              weights, ws, ws_bytes, NULL);
+            if (st != FP4MOE_SUCCESS) break;
+            memset(touched, 0, (size_t)e);
+            for (int64_t i = 0; i < t * k; i++) {
+                int64_t id = ids[i] - cfg.local_expert_offset;
+                if (id >= 0 && id < e) touched[id] = 1;
+            }
+            for (int64_t i = 0; i < e; i++) touched_sum += touched[i];
+        }
+        fp4moe_forward_args args;
+        fp4moe_forward_args_init(&args);
+        args.num_tokens = t;
+        args.output = out;
+        for (long long r = -2; r < o->repeat && st == FP4MOE_SUCCESS; r++) {
+            int set = (int)((r + 2) % INPUT_SETS);
+            args.hidden_states = x + (size_t)set * max_t * h;
+            args.router_logits = logits + (size_t)set * max_t * e;
+            double t0 = cli_now_seconds();
+            st = fp4moe_forward(plan, &args, ws, ws_bytes, NULL);
+            if (r >= 0) times[r] = cli_now_seconds() - t0;
+        }
+        if (st != FP4MOE_SUCCESS) {
+            fprintf(stderr, "fp4moe bench: %s T=%lld failed: %s\n", p->name, t,
+                    fp4moe_last_error(ctx));
+            rc = 1;
+            break;
+        }
+        qsort(times, (size_t)o->repeat, sizeof(double), compare_double);
+        bench_row row;
+        row.preset = p->name;
+        row.tokens = t;
+        row.median_ms = times[o->repeat / 2] * 1e3;
+        row.touched_experts = touched_sum / INPUT_SETS;
+        row.bytes = row.touched_experts * expert_bytes + 2.0 * (double)(t * h) * 4.0;
+        row.floor_ms = row.bytes / bandwidth * 1e3;
+        double flops = 2.0 * (double)t * (double)k * (double)(n1 * h + h * inter);
+        row.gflops = flops / (row.median_ms * 1e-3) / 1e9;
+        print_row(&row, o->json, *first_row);
+        *first_row = 0;
+        fflush(stdout);
+    }
+done:
+    free(ws);
+    free(x);
+    free(logits);
+    free(out);
+    free(ids);
+    free(weights);
+    free(touched);
+    free(times);
+    fp4moe_plan_destroy(plan);
+    return rc;
+}
+
+int cmd_bench(int argc, char **argv)
+{
+    bench_options o;
+    int rc = parse(argc, argv, &o);
+    if (rc) return rc;
+    fp4moe_context *ctx = cli_create_context(o.backend, (int)o.threads);
+    if (ctx == NULL) return 1;
+    int threads = o.threads > 0 ? (int)o.threads : omp_get_num_procs();
+    double bandwidth = measure_read_bandwidth(threads);
+    if (o.json)
+        printf("{\"backend\": \"%s\", \"read_bandwidth_gbps\": %.2f, \"rows\": [\n",
+               fp4moe_context_description(ctx), bandwidth / 1e9);
+    else
+        printf("backend: %s\nmeasured read bandwidth: %.2f GB/s (%d threads)\n"
+               "%-24s %6s %10s %8s %9s %9s %7s %8s %8s\n",
+               fp4moe_context_description(ctx), bandwidth / 1e9, threads, "preset", "T",
+               "median_ms", "experts", "MB", "floor_ms", "ratio", "GB/s", "GFLOP/s");
+    char presets[512];
+    snprintf(presets, sizeof presets, "%s", strcmp(o.presets, "all") == 0 ? "" : o.presets);
+    if (presets[0] == '\0') {
+        size_t used = 0;
+        for (const char *const *n = preset_names(); *n; n++)
+            used += (size_t)snprintf(presets + used, sizeof presets - used, "%s%s",
+                                     used ? "," : "", *n);
+    }
+    int first_row = 1;
+    char *save = NULL;
+    for (char *name = strtok_r(presets, ",", &save); name && rc == 0;
+         name = strtok_r(NULL, ",", &save)) {
+        preset p;
+        if (preset_find(name, &p)) {
+            fprintf(stderr, "fp4moe bench: unknown preset '%s'\n", name);
+            rc = 2;
+            break;
+        }
+        rc = bench_preset(ctx, &p, &o, bandwidth, &first_row);
+    }
+    if (o.json) printf("\n]}\n");
+    fp4moe_context_destroy(ctx);
+    return rc;
+}
