@@ -186,7 +186,7 @@ typedef struct fp4moe_config {
     int32_t apply_router_weight_on_input;
 
     int64_t local_expert_offset; /* e0: first global expert id on this device. Default 0 */
-    int64_t local_num_experts;   /* E_loc; 0 means E (all experts local). Default 0 */
+    int64_t local_num_experts;   /* E_loc; 0 means E - local_expert_offset. Default 0 */
 
     fp4moe_precision precision;
     /* FP8 down input (IMoELayer setQuantizationStatic): the activation's output is quantised

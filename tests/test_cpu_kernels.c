@@ -52,8 +52,10 @@ static void check_shape(testing_state *st, testing_rng *rng, int64_t rows, int64
         CHECK(st, 0, "out of memory");
         goto done;
     }
-    for (int64_t i = 0; i < rows * cols / 2; i++) packed[i] = (uint8_t)testing_next(rng);
-    for (int64_t i = 0; i < rows * cols / 16; i++) scales[i] = random_scale(rng);
+    for (int64_t i = 0; i < rows * cols / 2; i++)
+        packed[i] = (uint8_t)testing_next(rng);
+    for (int64_t i = 0; i < rows * cols / 16; i++)
+        scales[i] = random_scale(rng);
     for (int64_t t = 0; t < ntok; t++)
         for (int64_t i = 0; i < stride; i++)
             x[t * stride + i] = i < cols ? (float)testing_normal(rng) : 0.0f;
@@ -66,7 +68,8 @@ static void check_shape(testing_state *st, testing_rng *rng, int64_t rows, int64
         nvfp4_dequantize_row(packed + n * cols / 2, scales + n * cols / 16, cols, 1.0f, w_row);
         for (int64_t t = 0; t < ntok; t++) {
             double s = 0.0;
-            for (int64_t i = 0; i < cols; i++) s += (double)x[t * stride + i] * w_row[i];
+            for (int64_t i = 0; i < cols; i++)
+                s += (double)x[t * stride + i] * w_row[i];
             y_ref[t * rows + n] = s;
         }
     }
@@ -93,7 +96,8 @@ int main(void)
     testing_state st = {0, 0};
     testing_rng rng = testing_rng_from_env("test_cpu_kernels");
     float lut[256];
-    for (int c = 0; c < 256; c++) lut[c] = e4m3_to_float((uint8_t)c);
+    for (int c = 0; c < 256; c++)
+        lut[c] = e4m3_to_float((uint8_t)c);
 
     printf("test_cpu_kernels: widest level %s, selected %s\n",
            cpu_kernels_for(cpu_isa_detect())->isa, cpu_kernels_for(cpu_isa_selected())->isa);
@@ -101,7 +105,8 @@ int main(void)
 
     /* Shapes of the presets' odd sizes, a block count that is odd (48: pairs padded), a single
      * block, and row counts that do not fill the last tile. */
-    const int64_t shapes[][2] = {{2688, 1856}, {1856, 2688}, {37, 48}, {5, 16}, {64, 2048}, {130, 768}};
+    const int64_t shapes[][2] = {{2688, 1856}, {1856, 2688}, {37, 48},
+                                 {5, 16},      {64, 2048},   {130, 768}};
     const int64_t tokens[] = {1, 3, 17};
     for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
         for (size_t t = 0; t < sizeof tokens / sizeof tokens[0]; t++)

@@ -27,9 +27,12 @@ cpu_isa cpu_isa_selected(void)
     const char *env = getenv("FP4MOE_CPU_ISA");
     if (env == NULL) return isa;
     cpu_isa wanted = isa;
-    if (strcmp(env, "generic") == 0) wanted = CPU_ISA_GENERIC;
-    else if (strcmp(env, "avx2") == 0) wanted = CPU_ISA_AVX2;
-    else if (strcmp(env, "avx512") == 0) wanted = CPU_ISA_AVX512;
+    if (strcmp(env, "generic") == 0)
+        wanted = CPU_ISA_GENERIC;
+    else if (strcmp(env, "avx2") == 0)
+        wanted = CPU_ISA_AVX2;
+    else if (strcmp(env, "avx512") == 0)
+        wanted = CPU_ISA_AVX512;
     return wanted < isa ? wanted : isa;
 }
 
@@ -44,4 +47,7 @@ const cpu_kernels *cpu_kernels_for(cpu_isa isa)
     return &cpu_kernels_generic;
 }
 
-const char *cpu_kernel_isa(void) { return cpu_kernels_for(cpu_isa_selected())->isa; }
+const char *cpu_kernel_isa(void)
+{
+    return cpu_kernels_for(cpu_isa_selected())->isa;
+}

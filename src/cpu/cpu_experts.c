@@ -10,80 +10,128 @@
 
 #define WS_ALIGN 64
 
-static size_t align_up(size_t n) { return (n + WS_ALIGN - 1) / WS_ALIGN * WS_ALIGN; }
-
-static int64_t max_row_tiles(const fp4moe_plan *plan)
+static size_t align_up(size_t n)
 {
-    int64_t rows = plan->n1 > plan->cfg.hidden_size ? plan->n1 : plan->cfg.hidden_size;
-    return (rows + CPU_TILE_ROWS - 1) / CPU_TILE_ROWS;
+    return (n + WS_ALIGN - 1) / WS_ALIGN * WS_ALIGN;
 }
 
+static int64_t items_per_expert(int64_t rows)
+{
+    const int64_t tiles = (rows + CPU_TILE_ROWS - 1) / CPU_TILE_ROWS;
+    return (tiles + CPU_TILES_PER_ITEM - 1) / CPU_TILES_PER_ITEM;
+}
+
+enum {
+    R_IDS,
+    R_WEIGHTS,
+    R_ROUTE,
+    R_OFFSETS,
+    R_ENTRIES,
+    R_POSITIONS,
+    R_ITEMS1,
+    R_ITEMS2,
+    R_FC1_PENDING,
+    R_FC2_PENDING,
+    R_TOKEN_PENDING,
+    R_X,
+    R_H,
+    R_C,
+    R_Y,
+    R_COUNT
+};
+
 /* Offsets of every region for num_tokens tokens; returns the total. */
-static size_t layout(const fp4moe_plan *plan, int64_t num_tokens, size_t off[11],
-                     int64_t *chunk_out, int64_t *max_items_out)
+static size_t layout(const fp4moe_plan *plan, int64_t num_tokens, size_t off[R_COUNT],
+                     int64_t *chunk_out)
 {
     const int64_t k = plan->cfg.top_k, e = plan->cfg.num_experts, e_loc = plan->e_loc;
     const int64_t h = plan->cfg.hidden_size, n1 = plan->n1;
     const int64_t chunk = num_tokens < CPU_TOKEN_CHUNK ? num_tokens : CPU_TOKEN_CHUNK;
     const int64_t slots = chunk * k;
     const int64_t active = slots < e_loc ? slots : e_loc;
-    const int64_t max_items =
-        active * ((max_row_tiles(plan) + CPU_TILES_PER_ITEM - 1) / CPU_TILES_PER_ITEM);
     const int64_t threads = plan->ctx->num_threads;
-    const size_t sizes[11] = {
-        (size_t)(num_tokens * k) * sizeof(int32_t),
-        (size_t)(num_tokens * k) * sizeof(float),
-        (size_t)(threads * (e + route_scratch_floats(e))) * sizeof(float),
-        (size_t)(e_loc + 1) * sizeof(int64_t),
-        (size_t)slots * sizeof(int32_t),
-        (size_t)slots * sizeof(int32_t),
-        (size_t)max_items * sizeof(cpu_work_item),
-        (size_t)(slots * cpu_padded_cols(h)) * sizeof(float),
-        (size_t)(slots * n1) * sizeof(float),
-        (size_t)(slots * cpu_padded_cols(plan->cfg.intermediate_size)) * sizeof(float),
-        (size_t)(slots * h) * sizeof(float),
-    };
+    size_t sizes[R_COUNT];
+    sizes[R_IDS] = (size_t)(num_tokens * k) * sizeof(int32_t);
+    sizes[R_WEIGHTS] = (size_t)(num_tokens * k) * sizeof(float);
+    sizes[R_ROUTE] = (size_t)(threads * (e + route_scratch_floats(e))) * sizeof(float);
+    sizes[R_OFFSETS] = (size_t)(e_loc + 1) * sizeof(int64_t);
+    sizes[R_ENTRIES] = (size_t)slots * sizeof(int32_t);
+    sizes[R_POSITIONS] = (size_t)slots * sizeof(int32_t);
+    sizes[R_ITEMS1] = (size_t)(active * items_per_expert(n1)) * sizeof(cpu_work_item);
+    sizes[R_ITEMS2] = (size_t)(active * items_per_expert(h)) * sizeof(cpu_work_item);
+    sizes[R_FC1_PENDING] = (size_t)e_loc * sizeof(atomic_int);
+    sizes[R_FC2_PENDING] = (size_t)e_loc * sizeof(atomic_int);
+    sizes[R_TOKEN_PENDING] = (size_t)chunk * sizeof(atomic_int);
+    sizes[R_X] = (size_t)(slots * cpu_padded_cols(h)) * sizeof(float);
+    sizes[R_H] = (size_t)(slots * n1) * sizeof(float);
+    sizes[R_C] = (size_t)(slots * cpu_padded_cols(plan->cfg.intermediate_size)) * sizeof(float);
+    sizes[R_Y] = (size_t)(slots * h) * sizeof(float);
     size_t total = 0;
-    for (int i = 0; i < 11; i++) {
+    for (int i = 0; i < R_COUNT; i++) {
         off[i] = total;
         total += align_up(sizes[i]);
     }
     if (chunk_out) *chunk_out = chunk;
-    if (max_items_out) *max_items_out = max_items;
     return total;
 }
 
 size_t cpu_workspace_bytes(const fp4moe_plan *plan, int64_t num_tokens)
 {
-    size_t off[11];
-    return layout(plan, num_tokens, off, NULL, NULL);
+    size_t off[R_COUNT];
+    return layout(plan, num_tokens, off, NULL);
 }
 
-void cpu_workspace_carve(const fp4moe_plan *plan, int64_t num_tokens, void *base,
-                         cpu_workspace *ws)
+void cpu_workspace_carve(const fp4moe_plan *plan, int64_t num_tokens, void *base, cpu_workspace *ws)
 {
-    size_t off[11];
+    size_t off[R_COUNT];
     uint8_t *b = (uint8_t *)base;
-    layout(plan, num_tokens, off, &ws->chunk, &ws->max_items);
-    ws->ids = (int32_t *)(b + off[0]);
-    ws->weights = (float *)(b + off[1]);
-    ws->route_scratch = (float *)(b + off[2]);
-    ws->expert_offsets = (int64_t *)(b + off[3]);
-    ws->entries = (int32_t *)(b + off[4]);
-    ws->positions = (int32_t *)(b + off[5]);
-    ws->items = (cpu_work_item *)(b + off[6]);
-    ws->x = (float *)(b + off[7]);
-    ws->h = (float *)(b + off[8]);
-    ws->c = (float *)(b + off[9]);
-    ws->y = (float *)(b + off[10]);
+    layout(plan, num_tokens, off, &ws->chunk);
+    ws->ids = (int32_t *)(b + off[R_IDS]);
+    ws->weights = (float *)(b + off[R_WEIGHTS]);
+    ws->route_scratch = (float *)(b + off[R_ROUTE]);
+    ws->expert_offsets = (int64_t *)(b + off[R_OFFSETS]);
+    ws->entries = (int32_t *)(b + off[R_ENTRIES]);
+    ws->positions = (int32_t *)(b + off[R_POSITIONS]);
+    ws->items1 = (cpu_work_item *)(b + off[R_ITEMS1]);
+    ws->items2 = (cpu_work_item *)(b + off[R_ITEMS2]);
+    ws->fc1_pending = (atomic_int *)(b + off[R_FC1_PENDING]);
+    ws->fc2_pending = (atomic_int *)(b + off[R_FC2_PENDING]);
+    ws->token_pending = (atomic_int *)(b + off[R_TOKEN_PENDING]);
+    ws->x = (float *)(b + off[R_X]);
+    ws->h = (float *)(b + off[R_H]);
+    ws->c = (float *)(b + off[R_C]);
+    ws->y = (float *)(b + off[R_Y]);
     ws->x_stride = cpu_padded_cols(plan->cfg.hidden_size);
     ws->c_stride = cpu_padded_cols(plan->cfg.intermediate_size);
 }
 
+/* Work items of every active expert over a matrix of `rows` rows; sets each expert's pending
+ * count. Returns the number of items. */
+static int64_t plan_items(const fp4moe_plan *plan, const int64_t *offsets, int64_t rows,
+                          cpu_work_item *items, atomic_int *pending)
+{
+    const int64_t tiles = (rows + CPU_TILE_ROWS - 1) / CPU_TILE_ROWS;
+    int64_t n_items = 0;
+    for (int64_t e = 0; e < plan->e_loc; e++) {
+        int count = 0;
+        if (offsets[e + 1] > offsets[e]) {
+            for (int64_t tb = 0; tb < tiles; tb += CPU_TILES_PER_ITEM, count++) {
+                cpu_work_item *it = &items[n_items++];
+                it->expert = (int32_t)e;
+                it->tile_begin = (int32_t)tb;
+                it->tile_end =
+                    (int32_t)(tb + CPU_TILES_PER_ITEM < tiles ? tb + CPU_TILES_PER_ITEM : tiles);
+            }
+        }
+        atomic_init(&pending[e], count);
+    }
+    return n_items;
+}
+
 /* Counting sort of the chunk's (token, slot) pairs by local expert, stable by token then slot;
- * returns the number of FC work items and fills them (experts in order). */
-static int64_t sort_and_plan(const fp4moe_plan *plan, const int32_t *ids, int64_t t0,
-                             int64_t t1, cpu_workspace *ws)
+ * each token's count of local slots. */
+static void sort_slots(const fp4moe_plan *plan, const int32_t *ids, int64_t t0, int64_t t1,
+                       cpu_workspace *ws)
 {
     const int64_t k = plan->cfg.top_k, e0 = plan->cfg.local_expert_offset, e_loc = plan->e_loc;
     const int64_t slots = (t1 - t0) * k;
@@ -93,33 +141,28 @@ static int64_t sort_and_plan(const fp4moe_plan *plan, const int32_t *ids, int64_
         const int64_t local = (int64_t)ids[t0 * k + s] - e0;
         if (local >= 0 && local < e_loc) offsets[local + 1]++;
     }
-    for (int64_t e = 0; e < e_loc; e++) offsets[e + 1] += offsets[e];
+    for (int64_t e = 0; e < e_loc; e++)
+        offsets[e + 1] += offsets[e];
     /* offsets[e] is the next free position of expert e while filling; restored below. */
-    for (int64_t s = 0; s < slots; s++) {
-        const int64_t local = (int64_t)ids[t0 * k + s] - e0;
-        if (local >= 0 && local < e_loc) {
-            const int64_t pos = offsets[local]++;
-            ws->entries[pos] = (int32_t)s;
-            ws->positions[s] = (int32_t)pos;
-        } else {
-            ws->positions[s] = -1;
+    for (int64_t t = 0; t < t1 - t0; t++) {
+        int local_slots = 0;
+        for (int64_t j = 0; j < k; j++) {
+            const int64_t s = t * k + j;
+            const int64_t local = (int64_t)ids[t0 * k + s] - e0;
+            if (local >= 0 && local < e_loc) {
+                const int64_t pos = offsets[local]++;
+                ws->entries[pos] = (int32_t)s;
+                ws->positions[s] = (int32_t)pos;
+                local_slots++;
+            } else {
+                ws->positions[s] = -1;
+            }
         }
+        atomic_init(&ws->token_pending[t], local_slots);
     }
-    for (int64_t e = e_loc; e > 0; e--) offsets[e] = offsets[e - 1];
+    for (int64_t e = e_loc; e > 0; e--)
+        offsets[e] = offsets[e - 1];
     offsets[0] = 0;
-
-    const int64_t tiles = max_row_tiles(plan);
-    int64_t n_items = 0;
-    for (int64_t e = 0; e < e_loc; e++) {
-        if (offsets[e + 1] == offsets[e]) continue;
-        for (int64_t tb = 0; tb < tiles; tb += CPU_TILES_PER_ITEM) {
-            cpu_work_item *it = &ws->items[n_items++];
-            it->expert = (int32_t)e;
-            it->tile_begin = (int32_t)tb;
-            it->tile_end = (int32_t)(tb + CPU_TILES_PER_ITEM < tiles ? tb + CPU_TILES_PER_ITEM : tiles);
-        }
-    }
-    return n_items;
 }
 
 /* The FC1 input of one sorted position: x, the router weight on the input, W4A4 quantisation.
@@ -136,11 +179,13 @@ static void gather_input(const fp4moe_plan *plan, const forward_call *call, cons
     load_f32(src, call->hidden_dtype, h, x);
     if (plan->cfg.apply_router_weight_on_input) {
         const float w = weights[t * k + slot];
-        for (int64_t i = 0; i < h; i++) x[i] = w * x[i];
+        for (int64_t i = 0; i < h; i++)
+            x[i] = w * x[i];
         round_to_dtype(x, h, call->hidden_dtype);
     }
     if (w4a4) nvfp4_fake_quantize_row(x, h, plan->w.a1_global[expert], dst);
-    for (int64_t i = h; i < dst_stride; i++) dst[i] = 0.0f;
+    for (int64_t i = h; i < dst_stride; i++)
+        dst[i] = 0.0f;
 }
 
 /* Activation, rounding to the activation dtype, FC2 input quantisation. h is overwritten. */
@@ -154,11 +199,13 @@ static void fc2_input(const fp4moe_plan *plan, const forward_call *call, int64_t
         nvfp4_fake_quantize_row(h, inter, plan->w.a2_global[expert], dst);
     } else if (plan->cfg.fc2_input_fp8) {
         const float s = plan->w.fc2_input_fp8_scale[expert];
-        for (int64_t i = 0; i < inter; i++) dst[i] = e4m3_to_float(float_to_e4m3(h[i] * s));
+        for (int64_t i = 0; i < inter; i++)
+            dst[i] = e4m3_to_float(float_to_e4m3(h[i] * s));
     } else {
         memcpy(dst, h, (size_t)inter * sizeof(float));
     }
-    for (int64_t i = inter; i < dst_stride; i++) dst[i] = 0.0f;
+    for (int64_t i = inter; i < dst_stride; i++)
+        dst[i] = 0.0f;
 }
 
 /* The scale of a row's dot product and its bias. */
@@ -180,8 +227,10 @@ static fc_epilogue fc1_epilogue(const fp4moe_plan *plan, int64_t e)
 static fc_epilogue fc2_epilogue(const fp4moe_plan *plan, int64_t e)
 {
     float sc = 1.0f;
-    if (plan->cfg.precision == FP4MOE_PRECISION_W4A4) sc = 1.0f / plan->w.a2_global[e];
-    else if (plan->cfg.fc2_input_fp8) sc = 1.0f / plan->w.fc2_input_fp8_scale[e];
+    if (plan->cfg.precision == FP4MOE_PRECISION_W4A4)
+        sc = 1.0f / plan->w.a2_global[e];
+    else if (plan->cfg.fc2_input_fp8)
+        sc = 1.0f / plan->w.fc2_input_fp8_scale[e];
     const int64_t h = plan->cfg.hidden_size;
     fc_epilogue ep = {sc * plan->w.w2_global[e], sc * plan->w.w2_global[e], h,
                       plan->w.b2 ? plan->w.b2 + e * h : NULL};
@@ -191,8 +240,8 @@ static fc_epilogue fc2_epilogue(const fp4moe_plan *plan, int64_t e)
 /* Rows of one work item for every token of its expert: row tiles outer (their codes stay in
  * L1 while every token tile passes), token tiles inner. */
 static void run_item(const cpu_state *st, const cpu_packed_matrix *m, const cpu_work_item *it,
-                     int64_t pos_begin, int64_t pos_end, const float *x, int64_t x_stride,
-                     float *y, int64_t y_stride, const fc_epilogue *ep)
+                     int64_t pos_begin, int64_t pos_end, const float *x, int64_t x_stride, float *y,
+                     int64_t y_stride, const fc_epilogue *ep)
 {
     const cpu_kernels *kern = st->kernels;
     int64_t tile_end = it->tile_end < m->row_tiles ? it->tile_end : m->row_tiles;
@@ -203,13 +252,14 @@ static void run_item(const cpu_state *st, const cpu_packed_matrix *m, const cpu_
         const int rows = (int)(m->rows - row0 < CPU_TILE_ROWS ? m->rows - row0 : CPU_TILE_ROWS);
         for (int64_t p = pos_begin; p < pos_end; p += kern->max_tokens) {
             const int ntok = (int)(pos_end - p < kern->max_tokens ? pos_end - p : kern->max_tokens);
-            kern->dot_tile(codes, scales, m->pairs, x + p * x_stride, x_stride, ntok,
-                           st->scale_lut, out);
+            kern->dot_tile(codes, scales, m->pairs, x + p * x_stride, x_stride, ntok, st->scale_lut,
+                           out);
             for (int t = 0; t < ntok; t++) {
                 float *yt = y + (p + t) * y_stride;
                 for (int r = 0; r < rows; r++) {
                     const int64_t n = row0 + r;
-                    float v = out[t * CPU_TILE_ROWS + r] * (n < ep->split ? ep->scale_low : ep->scale_high);
+                    float v = out[t * CPU_TILE_ROWS + r] *
+                              (n < ep->split ? ep->scale_low : ep->scale_high);
                     if (ep->bias) v = v + ep->bias[n];
                     yt[n] = v;
                 }
@@ -220,8 +270,8 @@ static void run_item(const cpu_state *st, const cpu_packed_matrix *m, const cpu_
 
 /* Finalize of one token: the weighted sum over its local slots in slot order, accumulated in
  * the FC2 output row of its first local slot. */
-static void finalize_token(const fp4moe_plan *plan, const forward_call *call,
-                           const float *weights, int64_t t, int64_t t0, cpu_workspace *ws)
+static void finalize_token(const fp4moe_plan *plan, const forward_call *call, const float *weights,
+                           int64_t t, int64_t t0, cpu_workspace *ws)
 {
     const int64_t k = plan->cfg.top_k, h = plan->cfg.hidden_size;
     const size_t out_elt = dtype_size(call->output_dtype);
@@ -230,8 +280,10 @@ static void finalize_token(const fp4moe_plan *plan, const forward_call *call,
         for (int64_t j = 0; j < k; j++) {
             const int32_t pos = ws->positions[(t - t0) * k + j];
             uint8_t *dst = (uint8_t *)call->output + (size_t)((t * k + j) * h) * out_elt;
-            if (pos < 0) memset(dst, 0, (size_t)h * out_elt);
-            else store_f32(ws->y + pos * h, h, call->output_dtype, dst);
+            if (pos < 0)
+                memset(dst, 0, (size_t)h * out_elt);
+            else
+                store_f32(ws->y + pos * h, h, call->output_dtype, dst);
         }
         return;
     }
@@ -243,74 +295,109 @@ static void finalize_token(const fp4moe_plan *plan, const forward_call *call,
         const float *yj = ws->y + pos * h;
         if (sum == NULL) {
             sum = ws->y + pos * h;
-            for (int64_t i = 0; i < h; i++) sum[i] = w * yj[i];
+            for (int64_t i = 0; i < h; i++)
+                sum[i] = w * yj[i];
         } else {
-            for (int64_t i = 0; i < h; i++) sum[i] = sum[i] + w * yj[i];
+            for (int64_t i = 0; i < h; i++)
+                sum[i] = sum[i] + w * yj[i];
         }
     }
     uint8_t *dst = (uint8_t *)call->output + (size_t)(t * h) * out_elt;
     if (sum == NULL) { /* no local slot: the empty sum, times p_t */
         const float zero = call->per_token_scale ? call->per_token_scale[t] * 0.0f : 0.0f;
-        for (int64_t i = 0; i < h; i++) store_f32(&zero, 1, call->output_dtype, dst + i * out_elt);
+        for (int64_t i = 0; i < h; i++)
+            store_f32(&zero, 1, call->output_dtype, dst + i * out_elt);
         return;
     }
     if (call->per_token_scale) {
         const float p = call->per_token_scale[t];
-        for (int64_t i = 0; i < h; i++) sum[i] = p * sum[i];
+        for (int64_t i = 0; i < h; i++)
+            sum[i] = p * sum[i];
     }
     store_f32(sum, h, call->output_dtype, dst);
 }
 
+/* The sorted position of a slot -> its local expert. */
+static int64_t expert_of(const fp4moe_plan *plan, const int32_t *ids, int64_t t0,
+                         const cpu_workspace *ws, int64_t pos)
+{
+    return (int64_t)ids[t0 * plan->cfg.top_k + ws->entries[pos]] - plan->cfg.local_expert_offset;
+}
+
+/* Gathers below this many input values run on the calling thread: at a few tokens a
+ * parallel loop and its barrier cost more than the copy. */
+#define SERIAL_GATHER_VALUES 65536
+
+/* Phases are chained without barriers where possible: the thread that finishes an expert's
+ * last FC1 item computes that expert's FC2 inputs, and the thread that finishes the last FC2
+ * item touching a token finalizes it. Which thread does it varies; what it computes does not. */
 void cpu_experts_chunk(const fp4moe_plan *plan, const forward_call *call, const int32_t *ids,
                        const float *weights, int64_t t0, int64_t t1, cpu_workspace *ws)
 {
     const cpu_state *st = (const cpu_state *)plan->backend_state;
     const int64_t k = plan->cfg.top_k, h = plan->cfg.hidden_size, n1 = plan->n1;
-    const int64_t n_items = sort_and_plan(plan, ids, t0, t1, ws);
-    const int64_t n_pos = ws->expert_offsets[plan->e_loc];
+    sort_slots(plan, ids, t0, t1, ws);
+    const int64_t *offsets = ws->expert_offsets;
+    const int64_t n_items1 = plan_items(plan, offsets, n1, ws->items1, ws->fc1_pending);
+    const int64_t n_items2 = plan_items(plan, offsets, h, ws->items2, ws->fc2_pending);
+    const int64_t n_pos = offsets[plan->e_loc];
     const int64_t n_tok = t1 - t0;
+    const int serial_gather = n_pos * h <= SERIAL_GATHER_VALUES;
+
+    /* The FC2 output row of a position is not written before the FC2 phase: gather borrows
+     * it as scratch. */
+    if (serial_gather)
+        for (int64_t pos = 0; pos < n_pos; pos++) {
+            const int64_t s = ws->entries[pos];
+            gather_input(plan, call, weights, t0 + s / k, s % k, expert_of(plan, ids, t0, ws, pos),
+                         ws->x + pos * ws->x_stride, ws->x_stride, ws->y + pos * h);
+        }
 
 #pragma omp parallel num_threads(plan->ctx->num_threads)
     {
-        /* The FC2 output row of a position is not written before the FC2 phase: gather
-         * borrows it as scratch. */
+        if (!serial_gather) {
 #pragma omp for schedule(static)
-        for (int64_t pos = 0; pos < n_pos; pos++) {
-            const int64_t s = ws->entries[pos];
-            const int64_t t = t0 + s / k, slot = s % k;
-            const int64_t e = (int64_t)ids[t * k + slot] - plan->cfg.local_expert_offset;
-            gather_input(plan, call, weights, t, slot, e, ws->x + pos * ws->x_stride,
-                         ws->x_stride, ws->y + pos * h);
+            for (int64_t pos = 0; pos < n_pos; pos++) {
+                const int64_t s = ws->entries[pos];
+                gather_input(plan, call, weights, t0 + s / k, s % k,
+                             expert_of(plan, ids, t0, ws, pos), ws->x + pos * ws->x_stride,
+                             ws->x_stride, ws->y + pos * h);
+            }
         }
 
+        /* Tokens without a local slot: nothing reads their input, their output is final. */
+#pragma omp for schedule(static) nowait
+        for (int64_t t = 0; t < n_tok; t++)
+            if (atomic_load_explicit(&ws->token_pending[t], memory_order_relaxed) == 0)
+                finalize_token(plan, call, weights, t0 + t, t0, ws);
+
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t i = 0; i < n_items; i++) {
-            const cpu_work_item *it = &ws->items[i];
+        for (int64_t i = 0; i < n_items1; i++) {
+            const cpu_work_item *it = &ws->items1[i];
             const int64_t e = it->expert;
             const fc_epilogue ep = fc1_epilogue(plan, e);
-            run_item(st, &st->fc1[e], it, ws->expert_offsets[e], ws->expert_offsets[e + 1],
-                     ws->x, ws->x_stride, ws->h, n1, &ep);
-        }
-
-#pragma omp for schedule(static)
-        for (int64_t pos = 0; pos < n_pos; pos++) {
-            const int64_t s = ws->entries[pos];
-            const int64_t e = (int64_t)ids[t0 * k + s] - plan->cfg.local_expert_offset;
-            fc2_input(plan, call, e, ws->h + pos * n1, ws->c + pos * ws->c_stride, ws->c_stride);
+            run_item(st, &st->fc1[e], it, offsets[e], offsets[e + 1], ws->x, ws->x_stride, ws->h,
+                     n1, &ep);
+            if (atomic_fetch_sub_explicit(&ws->fc1_pending[e], 1, memory_order_acq_rel) == 1)
+                for (int64_t pos = offsets[e]; pos < offsets[e + 1]; pos++)
+                    fc2_input(plan, call, e, ws->h + pos * n1, ws->c + pos * ws->c_stride,
+                              ws->c_stride);
         }
 
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t i = 0; i < n_items; i++) {
-            const cpu_work_item *it = &ws->items[i];
+        for (int64_t i = 0; i < n_items2; i++) {
+            const cpu_work_item *it = &ws->items2[i];
             const int64_t e = it->expert;
             const fc_epilogue ep = fc2_epilogue(plan, e);
-            run_item(st, &st->fc2[e], it, ws->expert_offsets[e], ws->expert_offsets[e + 1],
-                     ws->c, ws->c_stride, ws->y, h, &ep);
-        }
-
-#pragma omp for schedule(static)
-        for (int64_t t = 0; t < n_tok; t++) {
-            finalize_token(plan, call, weights, t0 + t, t0, ws);
+            run_item(st, &st->fc2[e], it, offsets[e], offsets[e + 1], ws->c, ws->c_stride, ws->y, h,
+                     &ep);
+            if (atomic_fetch_sub_explicit(&ws->fc2_pending[e], 1, memory_order_acq_rel) != 1)
+                continue;
+            for (int64_t pos = offsets[e]; pos < offsets[e + 1]; pos++) {
+                const int64_t t = ws->entries[pos] / k;
+                if (atomic_fetch_sub_explicit(&ws->token_pending[t], 1, memory_order_acq_rel) == 1)
+                    finalize_token(plan, call, weights, t0 + t, t0, ws);
+            }
         }
     }
 }

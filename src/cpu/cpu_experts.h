@@ -3,6 +3,8 @@
 #ifndef FP4MOE_CPU_EXPERTS_H
 #define FP4MOE_CPU_EXPERTS_H
 
+#include <stdatomic.h>
+
 #include "../core/plan.h"
 #include "cpu_kernels.h"
 
@@ -16,7 +18,7 @@
 
 typedef struct cpu_state {
     const cpu_kernels *kernels;
-    float scale_lut[256]; /* E4M3 code -> value */
+    float scale_lut[256];   /* E4M3 code -> value */
     cpu_packed_matrix *fc1; /* [E_loc] */
     cpu_packed_matrix *fc2; /* [E_loc] */
     uint8_t *storage;       /* every expert's codes and scales, one allocation */
@@ -31,18 +33,22 @@ typedef struct cpu_work_item {
 
 /* The workspace of a call, carved at 64-byte boundaries. */
 typedef struct cpu_workspace {
-    int32_t *ids;          /* [T*k] routed ids (when routing) */
-    float *weights;        /* [T*k] FP32 router weights */
-    float *route_scratch;  /* [threads][E + route_scratch_floats(E)] */
-    int64_t *expert_offsets; /* [E_loc + 1] sorted positions of each local expert */
-    int32_t *entries;      /* [chunk*k] (token - t0) * k + slot, sorted by expert, stable */
-    int32_t *positions;    /* [chunk*k] sorted position of (token - t0, slot), -1 non-local */
-    cpu_work_item *items;  /* [max_items] */
-    float *x;              /* [chunk*k][x_stride] FC1 inputs */
-    float *h;              /* [chunk*k][n1] FC1 outputs, then FC2 inputs before quantisation */
-    float *c;              /* [chunk*k][c_stride] FC2 inputs */
-    float *y;              /* [chunk*k][H] FC2 outputs; finalize sums in place */
-    int64_t x_stride, c_stride, max_items, chunk;
+    int32_t *ids;              /* [T*k] routed ids (when routing) */
+    float *weights;            /* [T*k] FP32 router weights */
+    float *route_scratch;      /* [threads][E + route_scratch_floats(E)] */
+    int64_t *expert_offsets;   /* [E_loc + 1] sorted positions of each local expert */
+    int32_t *entries;          /* [chunk*k] (token - t0) * k + slot, sorted by expert, stable */
+    int32_t *positions;        /* [chunk*k] sorted position of (token - t0, slot), -1 non-local */
+    cpu_work_item *items1;     /* [max_items1] FC1 work */
+    cpu_work_item *items2;     /* [max_items2] FC2 work */
+    atomic_int *fc1_pending;   /* [E_loc] FC1 items of the expert not finished */
+    atomic_int *fc2_pending;   /* [E_loc] FC2 items of the expert not finished */
+    atomic_int *token_pending; /* [chunk] local slots of the token whose FC2 is not finished */
+    float *x;                  /* [chunk*k][x_stride] FC1 inputs */
+    float *h;                  /* [chunk*k][n1] FC1 outputs, then FC2 inputs before quantisation */
+    float *c;                  /* [chunk*k][c_stride] FC2 inputs */
+    float *y;                  /* [chunk*k][H] FC2 outputs; finalize sums in place */
+    int64_t x_stride, c_stride, chunk;
 } cpu_workspace;
 
 /* Bytes of the workspace for T tokens, and the carving of a buffer of that size. */

@@ -24,16 +24,20 @@ static ALWAYS_INLINE void dot_tile_n(const uint8_t *codes, const uint8_t *scales
 #pragma GCC unroll 4
     for (int r = 0; r < CPU_TILE_ROWS; r++) {
 #pragma GCC unroll 6
-        for (int t = 0; t < ntok; t++) acc[r][t] = _mm512_setzero_ps();
+        for (int t = 0; t < ntok; t++)
+            acc[r][t] = _mm512_setzero_ps();
         if (split) {
 #pragma GCC unroll 2
-            for (int t = 0; t < ntok; t++) acc_b[r][t] = _mm512_setzero_ps();
+            for (int t = 0; t < ntok; t++)
+                acc_b[r][t] = _mm512_setzero_ps();
         }
     }
     for (int64_t p = 0; p < pairs; p++) {
         const uint8_t *c = codes + p * CPU_TILE_ROWS * CPU_PAIR_CODE_BYTES;
         const uint8_t *s = scales + p * CPU_TILE_ROWS * CPU_PAIR_SCALE_BYTES;
         const float *xp = x + p * CPU_PAIR_VALUES;
+        _mm_prefetch((const char *)(c + CPU_PREFETCH_CODE_BYTES), _MM_HINT_T0);
+        if ((p & 7) == 0) _mm_prefetch((const char *)(s + CPU_PREFETCH_SCALE_BYTES), _MM_HINT_T0);
 #pragma GCC unroll 4
         for (int r = 0; r < CPU_TILE_ROWS; r++) {
             __m512i idx = _mm512_cvtepu8_epi32(
@@ -68,16 +72,28 @@ static void dot_tile_avx512(const uint8_t *codes, const uint8_t *scales, int64_t
                             float *out)
 {
     switch (ntok) {
-    case 1: dot_tile_n(codes, scales, pairs, x, x_stride, 1, scale_lut, out); break;
-    case 2: dot_tile_n(codes, scales, pairs, x, x_stride, 2, scale_lut, out); break;
-    case 3: dot_tile_n(codes, scales, pairs, x, x_stride, 3, scale_lut, out); break;
-    case 4: dot_tile_n(codes, scales, pairs, x, x_stride, 4, scale_lut, out); break;
-    case 5: dot_tile_n(codes, scales, pairs, x, x_stride, 5, scale_lut, out); break;
-    default: dot_tile_n(codes, scales, pairs, x, x_stride, 6, scale_lut, out); break;
+    case 1:
+        dot_tile_n(codes, scales, pairs, x, x_stride, 1, scale_lut, out);
+        break;
+    case 2:
+        dot_tile_n(codes, scales, pairs, x, x_stride, 2, scale_lut, out);
+        break;
+    case 3:
+        dot_tile_n(codes, scales, pairs, x, x_stride, 3, scale_lut, out);
+        break;
+    case 4:
+        dot_tile_n(codes, scales, pairs, x, x_stride, 4, scale_lut, out);
+        break;
+    case 5:
+        dot_tile_n(codes, scales, pairs, x, x_stride, 5, scale_lut, out);
+        break;
+    default:
+        dot_tile_n(codes, scales, pairs, x, x_stride, 6, scale_lut, out);
+        break;
     }
 }
 
-const cpu_kernels cpu_kernels_avx512 = {"avx512", 6, dot_tile_avx512};
+const cpu_kernels cpu_kernels_avx512 = {"avx512", 4, dot_tile_avx512};
 
 #else
 /* Built on a target without AVX-512 flags: nothing here (the dispatcher never asks). */

@@ -21,15 +21,18 @@ static void dot_tile_generic(const uint8_t *codes, const uint8_t *scales, int64_
             }
             for (int t = 0; t < ntok; t++) {
                 const float *xp = x + t * x_stride + p * CPU_PAIR_VALUES;
-                for (int j = 0; j < 16; j++) lanes[t][r][j] += wa[j] * xp[j];
-                for (int j = 0; j < 16; j++) lanes[t][r][j] += wb[j] * xp[16 + j];
+                for (int j = 0; j < 16; j++)
+                    lanes[t][r][j] += wa[j] * xp[j];
+                for (int j = 0; j < 16; j++)
+                    lanes[t][r][j] += wb[j] * xp[16 + j];
             }
         }
     }
     for (int t = 0; t < ntok; t++)
         for (int r = 0; r < CPU_TILE_ROWS; r++) {
             float sum = 0.0f;
-            for (int j = 0; j < 16; j++) sum += lanes[t][r][j];
+            for (int j = 0; j < 16; j++)
+                sum += lanes[t][r][j];
             out[t * CPU_TILE_ROWS + r] = sum;
         }
 }

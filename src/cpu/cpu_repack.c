@@ -3,8 +3,14 @@
 
 #include "cpu_kernels.h"
 
-static int64_t row_tiles_of(int64_t rows) { return (rows + CPU_TILE_ROWS - 1) / CPU_TILE_ROWS; }
-static int64_t pairs_of(int64_t cols) { return (cols + CPU_PAIR_VALUES - 1) / CPU_PAIR_VALUES; }
+static int64_t row_tiles_of(int64_t rows)
+{
+    return (rows + CPU_TILE_ROWS - 1) / CPU_TILE_ROWS;
+}
+static int64_t pairs_of(int64_t cols)
+{
+    return (cols + CPU_PAIR_VALUES - 1) / CPU_PAIR_VALUES;
+}
 
 size_t cpu_packed_code_bytes(int64_t rows, int64_t cols)
 {

@@ -394,6 +394,10 @@ front_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws, cuda_route_s
     build_slot_lists(p, c, ws);
     __syncthreads();
     prepare_fc1_inputs(p, c, ws);
+    // FC2 reads its inputs' padding columns (against zero weights): they must be numbers.
+    const int64_t pad = p.k2p - p.inter, slots = (c.t1 - c.t0) * p.top_k;
+    for (int64_t i = threadIdx.x; i < slots * pad; i += blockDim.x)
+        ws.u[(i / pad) * p.k2p + p.inter + i % pad] = 0.0f;
 }
 
 // ------------------------------------------------------------------ host side

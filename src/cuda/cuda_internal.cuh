@@ -10,7 +10,11 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+// The core headers declare C functions (fp4moe_fail, ...) without their own extern "C".
+extern "C" {
+#include "../core/context.h"
 #include "cuda_backend.h"
+}
 
 // Weights are read in 16-byte chunks of 32 values; K is padded to a multiple of 32 at repack
 // time (zero codes, zero scales) so any K that is a multiple of 16 works.
@@ -20,6 +24,7 @@
 #define CUDA_ROWS_PER_WARP 4
 #define CUDA_SLOTS_PER_PASS 4
 #define CUDA_GEMV_THREADS 256
+#define CUDA_GEMV_MIN_BLOCKS 2
 // Tokens per pass of the expert kernels (bounds the per-slot workspace).
 #define CUDA_TOKEN_CHUNK 256
 // Routing and planning run in one block when the call has at most this many tokens.

@@ -1,5 +1,5 @@
-// Device discovery for the CUDA backend. The forward kernels land with the decode and prefill
-// issues; until then the backend reports itself unavailable so AUTO picks the CPU.
+// Device discovery and device memory for the CUDA backend (the operations are in
+// cuda_backend.cu).
 #include <cuda_runtime.h>
 #include <stdio.h>
 
@@ -7,8 +7,17 @@
 
 extern "C" int cuda_backend_available(int device)
 {
-    (void)device;
-    return 0; // no CUDA forward path yet
+    int count = 0;
+    if (cudaGetDeviceCount(&count) != cudaSuccess || device < 0 || device >= count) {
+        (void)cudaGetLastError();
+        return 0;
+    }
+    int major = 0;
+    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) {
+        (void)cudaGetLastError();
+        return 0;
+    }
+    return major >= 8; // the kernels use sm_80+ features (cvt from E4M3 on sm_89+ in hardware)
 }
 
 extern "C" void cuda_backend_describe(int device, char *out, size_t out_bytes)
@@ -22,7 +31,6 @@ extern "C" void cuda_backend_describe(int device, char *out, size_t out_bytes)
     snprintf(out, out_bytes, "cuda (%s, sm_%d%d)", prop.name, prop.major, prop.minor);
 }
 
-extern "C" const backend_ops *cuda_backend_get_ops(void) { return NULL; }
 
 static int report(cudaError_t err, const char *what, char *why, size_t why_bytes)
 {

@@ -210,7 +210,9 @@ void ref_nvfp4_fake_quantize(const float *x, int64_t cols, float g, double *out,
             ties->near_ties += 16;
             ties->jump_sq += 16.0 * (0.25 * amax / row_rms) * (0.25 * amax / row_rms);
         }
-        const float out_scale = amax != 0.0f ? 1.0f / ((float)s * rcp_g) : 0.0f;
+        /* the spec's step 3 tests amax != 0; "some versions test s != 0": testing both keeps a
+         * block whose scale underflows to 0 at 0 instead of 0 * inf = NaN */
+        const float out_scale = (amax != 0.0f && s != 0.0) ? 1.0f / ((float)s * rcp_g) : 0.0f;
         for (int i = 0; i < 16; i++) {
             const float v = x[b + i] * out_scale;
             out[b + i] = round_format(&format_e2m1, v, row_rms * out_scale, ties) * s;

@@ -14,6 +14,10 @@
 #include "presets.h"
 #include "synthetic.h"
 
+#ifdef FP4MOE_HAVE_CUDA
+#include <cuda_runtime.h>
+#endif
+
 #define INPUT_SETS 8
 
 typedef struct bench_options {
@@ -244,6 +248,215 @@ done:
     return rc;
 }
 
+#ifdef FP4MOE_HAVE_CUDA
+/* The GPU path: device buffers, one CUDA graph per input set (each replays the whole forward
+ * call, routing included), CUDA events around every replay, the median of the replays after a
+ * warm-up; the sets rotate so the touched experts change from replay to replay and the
+ * weights (far larger than L2 for every preset) come from device memory. */
+#define GPU_MIN_REPLAYS 200
+
+/* Device-to-device copy bandwidth, counting bytes read plus bytes written: the best of five
+ * 1 GiB copies. */
+static double measure_device_copy_bandwidth(void)
+{
+    const size_t bytes = (size_t)1 << 30;
+    void *a = NULL, *b = NULL;
+    cudaEvent_t e0 = NULL, e1 = NULL;
+    double best = 0.0;
+    if (cudaMalloc(&a, bytes) != cudaSuccess || cudaMalloc(&b, bytes) != cudaSuccess ||
+        cudaMemset(a, 1, bytes) != cudaSuccess || cudaEventCreate(&e0) != cudaSuccess ||
+        cudaEventCreate(&e1) != cudaSuccess)
+        goto done;
+    for (int pass = 0; pass < 6; pass++) {
+        float ms = 0.0f;
+        if (cudaEventRecord(e0, NULL) != cudaSuccess ||
+            cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice, NULL) != cudaSuccess ||
+            cudaEventRecord(e1, NULL) != cudaSuccess || cudaEventSynchronize(e1) != cudaSuccess ||
+            cudaEventElapsedTime(&ms, e0, e1) != cudaSuccess)
+            break;
+        double bw = 2.0 * (double)bytes / (ms * 1e-3);
+        if (pass > 0 && bw > best) best = bw;
+    }
+done:
+    (void)cudaGetLastError();
+    if (e0) cudaEventDestroy(e0);
+    if (e1) cudaEventDestroy(e1);
+    cudaFree(a);
+    cudaFree(b);
+    return best;
+}
+
+static int bench_preset_cuda(fp4moe_context *ctx, const preset *p, const bench_options *o,
+                             double bandwidth, int *first_row)
+{
+    fp4moe_config cfg = p->cfg;
+    long long max_t = 1;
+    char tokens[256];
+    snprintf(tokens, sizeof tokens, "%s", o->tokens);
+    for (char *s = strtok(tokens, ","); s; s = strtok(NULL, ",")) {
+        long long v;
+        if (cli_parse_int(s, 1, 1 << 20, &v)) {
+            fprintf(stderr, "fp4moe bench: bad token count '%s'\n", s);
+            return 2;
+        }
+        if (v > max_t) max_t = v;
+    }
+    cfg.max_tokens = max_t;
+    const int64_t e = cfg.num_experts, h = cfg.hidden_size, inter = cfg.intermediate_size;
+    const int64_t n1 = fp4moe_config_fc1_rows(&cfg), k = cfg.top_k;
+    const double expert_bytes = (double)(n1 * h + h * inter) * (0.5 + 1.0 / 16.0);
+    synthetic_layer layer;
+    if (synthetic_layer_create(&cfg, p->has_routing_bias, p->has_biases, SYNTHETIC_RANDOM_CODES,
+                               1234, &layer))
+        return 1;
+    fp4moe_plan *plan = NULL;
+    fp4moe_status st = fp4moe_plan_create(ctx, &cfg, &layer.weights, &plan);
+    synthetic_layer_free(&layer);
+    if (st != FP4MOE_SUCCESS) {
+        fprintf(stderr, "fp4moe bench: %s: plan creation failed: %s\n", p->name,
+                fp4moe_last_error(ctx));
+        return 1;
+    }
+    const long long replays = o->repeat > GPU_MIN_REPLAYS ? o->repeat : GPU_MIN_REPLAYS;
+    int rc = 0;
+    size_t ws_bytes = 0;
+    fp4moe_plan_workspace_size(plan, max_t, &ws_bytes);
+    const size_t x_set = (size_t)(max_t * h), l_set = (size_t)(max_t * e);
+    float *x = malloc(INPUT_SETS * x_set * sizeof(float));
+    float *logits = malloc(INPUT_SETS * l_set * sizeof(float));
+    int32_t *ids = malloc((size_t)(max_t * k) * sizeof(int32_t));
+    unsigned char *touched = malloc((size_t)e);
+    float *ms = malloc((size_t)replays * sizeof(float));
+    cudaEvent_t *events = calloc((size_t)(2 * replays), sizeof(cudaEvent_t));
+    cudaGraphExec_t execs[INPUT_SETS] = {0};
+    void *d_x = NULL, *d_logits = NULL, *d_out = NULL, *d_ws = NULL, *d_ids = NULL, *d_w = NULL;
+    cudaStream_t stream = NULL;
+    if (!x || !logits || !ids || !touched || !ms || !events) {
+        fprintf(stderr, "fp4moe bench: out of memory\n");
+        rc = 1;
+        goto done;
+    }
+    if (fp4moe_buffer_alloc(ctx, INPUT_SETS * x_set * sizeof(float), &d_x) ||
+        fp4moe_buffer_alloc(ctx, INPUT_SETS * l_set * sizeof(float), &d_logits) ||
+        fp4moe_buffer_alloc(ctx, x_set * sizeof(float), &d_out) ||
+        fp4moe_buffer_alloc(ctx, ws_bytes, &d_ws) ||
+        fp4moe_buffer_alloc(ctx, (size_t)(max_t * k) * 4, &d_ids) ||
+        fp4moe_buffer_alloc(ctx, (size_t)(max_t * k) * 4, &d_w) ||
+        cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking) != cudaSuccess) {
+        fprintf(stderr, "fp4moe bench: device buffers: %s\n", fp4moe_last_error(ctx));
+        rc = 1;
+        goto done;
+    }
+    for (long long i = 0; i < 2 * replays; i++)
+        if (cudaEventCreate(&events[i]) != cudaSuccess) {
+            rc = 1;
+            goto done;
+        }
+    synthetic_fill_normal(x, INPUT_SETS * (int64_t)x_set, 1.0f, 3);
+    synthetic_fill_normal(logits, INPUT_SETS * (int64_t)l_set, 2.0f, 5);
+    fp4moe_buffer_upload(ctx, d_x, x, INPUT_SETS * x_set * sizeof(float));
+    fp4moe_buffer_upload(ctx, d_logits, logits, INPUT_SETS * l_set * sizeof(float));
+    snprintf(tokens, sizeof tokens, "%s", o->tokens);
+    for (char *s = strtok(tokens, ","); s && rc == 0; s = strtok(NULL, ",")) {
+        long long t = atoll(s);
+        double touched_sum = 0;
+        for (int set = 0; set < INPUT_SETS && st == FP4MOE_SUCCESS; set++) {
+            st = fp4moe_route(plan, t, (float *)d_logits + set * l_set, FP4MOE_DTYPE_F32,
+                              (int32_t *)d_ids, (float *)d_w, d_ws, ws_bytes, stream);
+            if (st == FP4MOE_SUCCESS) st = fp4moe_synchronize(ctx, stream);
+            if (st == FP4MOE_SUCCESS) st = fp4moe_buffer_download(ctx, ids, d_ids, (size_t)(t * k) * 4);
+            memset(touched, 0, (size_t)e);
+            for (int64_t i = 0; i < t * k; i++) {
+                int64_t id = ids[i] - cfg.local_expert_offset;
+                if (id >= 0 && id < e) touched[id] = 1;
+            }
+            for (int64_t i = 0; i < e; i++) touched_sum += touched[i];
+        }
+        for (int set = 0; set < INPUT_SETS && st == FP4MOE_SUCCESS; set++) {
+            fp4moe_forward_args args;
+            fp4moe_forward_args_init(&args);
+            args.num_tokens = t;
+            args.output = d_out;
+            args.hidden_states = (float *)d_x + set * x_set;
+            args.router_logits = (float *)d_logits + set * l_set;
+            cudaGraph_t graph = NULL;
+            if (execs[set]) cudaGraphExecDestroy(execs[set]);
+            execs[set] = NULL;
+            if (cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal) != cudaSuccess) {
+                st = FP4MOE_ERROR_CUDA;
+                break;
+            }
+            st = fp4moe_forward(plan, &args, d_ws, ws_bytes, stream);
+            cudaError_t err = cudaStreamEndCapture(stream, &graph);
+            if (st == FP4MOE_SUCCESS && err == cudaSuccess)
+                err = cudaGraphInstantiate(&execs[set], graph, 0);
+            if (graph) cudaGraphDestroy(graph);
+            if (st == FP4MOE_SUCCESS && err != cudaSuccess) st = FP4MOE_ERROR_CUDA;
+        }
+        /* warm-up, then timed replays back to back, one event pair around each */
+        for (int r = 0; r < 3 * INPUT_SETS && st == FP4MOE_SUCCESS; r++)
+            if (cudaGraphLaunch(execs[r % INPUT_SETS], stream) != cudaSuccess) st = FP4MOE_ERROR_CUDA;
+        for (long long r = 0; r < replays && st == FP4MOE_SUCCESS; r++) {
+            if (cudaEventRecord(events[2 * r], stream) != cudaSuccess ||
+                cudaGraphLaunch(execs[r % INPUT_SETS], stream) != cudaSuccess ||
+                cudaEventRecord(events[2 * r + 1], stream) != cudaSuccess)
+                st = FP4MOE_ERROR_CUDA;
+        }
+        if (st == FP4MOE_SUCCESS && cudaStreamSynchronize(stream) != cudaSuccess) st = FP4MOE_ERROR_CUDA;
+        for (long long r = 0; r < replays && st == FP4MOE_SUCCESS; r++)
+            if (cudaEventElapsedTime(&ms[r], events[2 * r], events[2 * r + 1]) != cudaSuccess)
+                st = FP4MOE_ERROR_CUDA;
+        if (st != FP4MOE_SUCCESS) {
+            fprintf(stderr, "fp4moe bench: %s T=%lld failed: %s %s\n", p->name, t,
+                    fp4moe_last_error(ctx), cudaGetErrorString(cudaGetLastError()));
+            rc = 1;
+            break;
+        }
+        double *times = malloc((size_t)replays * sizeof(double));
+        if (times == NULL) {
+            rc = 1;
+            break;
+        }
+        for (long long r = 0; r < replays; r++) times[r] = ms[r] * 1e-3;
+        qsort(times, (size_t)replays, sizeof(double), compare_double);
+        bench_row row;
+        row.preset = p->name;
+        row.tokens = t;
+        row.median_ms = times[replays / 2] * 1e3;
+        free(times);
+        row.touched_experts = touched_sum / INPUT_SETS;
+        row.bytes = row.touched_experts * expert_bytes + 2.0 * (double)(t * h) * 4.0;
+        row.floor_ms = row.bytes / bandwidth * 1e3;
+        double flops = 2.0 * (double)t * (double)k * (double)(n1 * h + h * inter);
+        row.gflops = flops / (row.median_ms * 1e-3) / 1e9;
+        print_row(&row, o->json, *first_row);
+        *first_row = 0;
+        fflush(stdout);
+    }
+done:
+    for (int i = 0; i < INPUT_SETS; i++)
+        if (execs[i]) cudaGraphExecDestroy(execs[i]);
+    if (events)
+        for (long long i = 0; i < 2 * replays; i++)
+            if (events[i]) cudaEventDestroy(events[i]);
+    if (stream) cudaStreamDestroy(stream);
+    fp4moe_buffer_free(ctx, d_x);
+    fp4moe_buffer_free(ctx, d_logits);
+    fp4moe_buffer_free(ctx, d_out);
+    fp4moe_buffer_free(ctx, d_ws);
+    fp4moe_buffer_free(ctx, d_ids);
+    fp4moe_buffer_free(ctx, d_w);
+    free(x);
+    free(logits);
+    free(ids);
+    free(touched);
+    free(ms);
+    free(events);
+    fp4moe_plan_destroy(plan);
+    return rc;
+}
+#endif
+
 int cmd_bench(int argc, char **argv)
 {
     bench_options o;
@@ -252,10 +465,27 @@ int cmd_bench(int argc, char **argv)
     fp4moe_context *ctx = cli_create_context(o.backend, (int)o.threads);
     if (ctx == NULL) return 1;
     int threads = o.threads > 0 ? (int)o.threads : omp_get_num_procs();
-    double bandwidth = measure_read_bandwidth(threads);
+    const int on_gpu = fp4moe_context_backend(ctx) == FP4MOE_BACKEND_CUDA;
+    double bandwidth = 0.0;
+#ifdef FP4MOE_HAVE_CUDA
+    if (on_gpu) bandwidth = measure_device_copy_bandwidth();
+#endif
+    if (!on_gpu) bandwidth = measure_read_bandwidth(threads);
+    if (bandwidth <= 0.0) {
+        fprintf(stderr, "fp4moe bench: cannot measure the memory bandwidth\n");
+        fp4moe_context_destroy(ctx);
+        return 1;
+    }
     if (o.json)
-        printf("{\"backend\": \"%s\", \"read_bandwidth_gbps\": %.2f, \"rows\": [\n",
-               fp4moe_context_description(ctx), bandwidth / 1e9);
+        printf("{\"backend\": \"%s\", \"%s\": %.2f, \"rows\": [\n",
+               fp4moe_context_description(ctx),
+               on_gpu ? "device_copy_bandwidth_gbps" : "read_bandwidth_gbps", bandwidth / 1e9);
+    else if (on_gpu)
+        printf("backend: %s\nmeasured device-to-device copy bandwidth: %.2f GB/s (read + write)\n"
+               "timing: CUDA events around CUDA-graph replays, median of >= %d, %d input sets rotated\n"
+               "%-24s %6s %10s %8s %9s %9s %7s %8s %8s\n",
+               fp4moe_context_description(ctx), bandwidth / 1e9, 200, INPUT_SETS, "preset", "T",
+               "median_ms", "experts", "MB", "floor_ms", "ratio", "GB/s", "GFLOP/s");
     else
         printf("backend: %s\nmeasured read bandwidth: %.2f GB/s (%d threads)\n"
                "%-24s %6s %10s %8s %9s %9s %7s %8s %8s\n",
@@ -279,6 +509,12 @@ int cmd_bench(int argc, char **argv)
             rc = 2;
             break;
         }
+#ifdef FP4MOE_HAVE_CUDA
+        if (on_gpu) {
+            rc = bench_preset_cuda(ctx, &p, &o, bandwidth, &first_row);
+            continue;
+        }
+#endif
         rc = bench_preset(ctx, &p, &o, bandwidth, &first_row);
     }
     if (o.json) printf("\n]}\n");

@@ -4,14 +4,12 @@
  * Every input is checked by name, dtype and shape before the library sees it, so a wrong file
  * gets a message naming the tensor, not a library error. Tensors are copied out of the mapping
  * (which may be unaligned) into 256-byte aligned buffers, and to the device for the CUDA
- * backend (through the library's internal buffer helpers until a public buffer API exists). */
+ * backend (through the library's fp4moe_buffer_* API). */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "commands.h"
-#include "core/context.h"
-#include "cuda/cuda_backend.h"
 #include "io/layer_json.h"
 #include "io/safetensors.h"
 
@@ -180,54 +178,54 @@ static const fp4moe_dtype U8_ONLY[] = {FP4MOE_DTYPE_U8};
 static const fp4moe_dtype E4M3_ONLY[] = {FP4MOE_DTYPE_E4M3};
 static const fp4moe_dtype I32_ONLY[] = {FP4MOE_DTYPE_I32};
 
-/* Where forward's buffers live: the host for the CPU backend, device copies for CUDA. */
+/* Where forward's buffers live: the host for the CPU backend, device copies for CUDA (through
+ * the library's backend-agnostic buffer API). */
 typedef struct placement {
+    fp4moe_context *ctx;
     int cuda;
-    int device;
     void *device_buffers[16];
     int count;
     int failed;
 } placement;
 
+/* A backend buffer of `bytes`, filled from host when host is not NULL; NULL on failure. */
+static void *backend_buffer(placement *p, const void *host, size_t bytes)
+{
+    void *d = NULL;
+    if (p->count >= 16) {
+        fprintf(stderr, "fp4moe run: too many device buffers\n");
+    } else if (fp4moe_buffer_alloc(p->ctx, bytes, &d) != FP4MOE_SUCCESS ||
+               (host != NULL && fp4moe_buffer_upload(p->ctx, d, host, bytes) != FP4MOE_SUCCESS)) {
+        fprintf(stderr, "fp4moe run: device buffer of %zu bytes: %s\n", bytes,
+                fp4moe_last_error(p->ctx));
+        fp4moe_buffer_free(p->ctx, d);
+        d = NULL;
+    } else {
+        p->device_buffers[p->count++] = d;
+        return d;
+    }
+    p->failed = 1;
+    return NULL;
+}
+
 static void *place(placement *p, const void *host, size_t bytes)
 {
     if (!p->cuda || host == NULL) return (void *)host;
-    char why[256];
-    void *d = NULL;
-    if (p->count >= 16 || cuda_buffer_alloc(p->device, bytes ? bytes : 1, &d, why, sizeof why) != 0 ||
-        (bytes > 0 && cuda_buffer_copy(p->device, d, host, bytes, 1, why, sizeof why) != 0)) {
-        if (d != NULL) cuda_buffer_free(p->device, d);
-        if (p->count >= 16) snprintf(why, sizeof why, "too many buffers");
-        fprintf(stderr, "fp4moe run: device buffer of %zu bytes: %s\n", bytes, why);
-        p->failed = 1;
-        return NULL;
-    }
-    p->device_buffers[p->count++] = d;
-    return d;
+    return backend_buffer(p, host, bytes);
 }
 
 /* Uninitialised memory where forward computes (the CUDA workspace); NULL on failure. */
 static void *place_empty(placement *p, void *host_workspace, size_t bytes)
 {
-    if (!p->cuda) return host_workspace;
-    char why[256];
-    void *d = NULL;
-    if (p->count >= 16 || cuda_buffer_alloc(p->device, bytes ? bytes : 1, &d, why, sizeof why) != 0) {
-        if (p->count >= 16) snprintf(why, sizeof why, "too many buffers");
-        fprintf(stderr, "fp4moe run: device workspace of %zu bytes: %s\n", bytes, why);
-        p->failed = 1;
-        return NULL;
-    }
-    p->device_buffers[p->count++] = d;
-    return d;
+    return p->cuda ? backend_buffer(p, NULL, bytes) : host_workspace;
 }
 
 static int fetch(const placement *p, void *host, const void *placed, size_t bytes)
 {
     if (!p->cuda || bytes == 0) return 0;
-    char why[256];
-    if (cuda_buffer_copy(p->device, host, placed, bytes, 0, why, sizeof why) != 0) {
-        fprintf(stderr, "fp4moe run: copying %zu bytes from the device: %s\n", bytes, why);
+    if (fp4moe_buffer_download(p->ctx, host, placed, bytes) != FP4MOE_SUCCESS) {
+        fprintf(stderr, "fp4moe run: copying %zu bytes from the device: %s\n", bytes,
+                fp4moe_last_error(p->ctx));
         return 1;
     }
     return 0;
@@ -235,7 +233,7 @@ static int fetch(const placement *p, void *host, const void *placed, size_t byte
 
 static void placement_free(placement *p)
 {
-    for (int i = 0; i < p->count; i++) cuda_buffer_free(p->device, p->device_buffers[i]);
+    for (int i = 0; i < p->count; i++) fp4moe_buffer_free(p->ctx, p->device_buffers[i]);
     p->count = 0;
 }
 
@@ -261,11 +259,10 @@ static int run_layer(const run_options *o, fp4moe_context *ctx, const fp4moe_con
 {
     const int64_t e = cfg->num_experts, k = cfg->top_k, h = cfg->hidden_size;
     const int64_t i_size = cfg->intermediate_size;
-    const int64_t e_loc = cfg->local_num_experts ? cfg->local_num_experts : e;
+    const int64_t e_loc = cfg->local_num_experts ? cfg->local_num_experts : e - cfg->local_expert_offset;
     const int64_t n1 = fp4moe_config_fc1_rows(cfg);
     loader l = {.file = file, .path = o->tensors_path};
-    placement p = {.cuda = fp4moe_context_backend(ctx) == FP4MOE_BACKEND_CUDA,
-                   .device = ctx->cuda_device};
+    placement p = {.ctx = ctx, .cuda = fp4moe_context_backend(ctx) == FP4MOE_BACKEND_CUDA};
     fp4moe_plan *plan = NULL;
     int rc = 1;
 
@@ -383,10 +380,8 @@ static int run_layer(const run_options *o, fp4moe_context *ctx, const fp4moe_con
         fp4moe_status status = logits != NULL
                                    ? fp4moe_forward(plan, &args, workspace, workspace_bytes, NULL)
                                    : fp4moe_forward_routed(plan, &args, workspace, workspace_bytes, NULL);
-        char why[256];
-        if (status == FP4MOE_SUCCESS && p.cuda &&
-            cuda_stream_synchronize(p.device, NULL, why, sizeof why) != 0) {
-            fprintf(stderr, "fp4moe run: synchronising: %s\n", why);
+        if (status == FP4MOE_SUCCESS && fp4moe_synchronize(ctx, NULL) != FP4MOE_SUCCESS) {
+            fprintf(stderr, "fp4moe run: synchronising: %s\n", fp4moe_last_error(ctx));
             goto done;
         }
         times[r] = cli_now_seconds() - start;

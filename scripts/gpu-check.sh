@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# One call on the GPU machine: configure and build the CUDA backend (sm_90), run the GPU tests,
+# benchmark the decode path with `fp4moe bench --backend cuda`, run the PyTorch BF16 baseline
+# of the same layers, and print a short table last. Logs go to $OUT (or ./out).
+#
+# The device image has CMake, the CUDA toolkit and PyTorch but no cJSON: carry the Debian
+# packages in .deb/ (apt-get download libcjson-dev libcjson1 zlib1g-dev), which this script
+# unpacks into a private prefix. Usage there: bash scripts/gpu-check.sh [--profile] [presets] [tokens]
+# (--profile: build, then per-kernel times of the bench's graph replays under Nsight Compute).
+set -u -o pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/out}
+mkdir -p "$OUT"
+PROFILE=0
+if [ "${1:-}" = "--profile" ]; then PROFILE=1; shift; fi
+PRESETS=${1:-qwen3-30b-a3b,nemotron3-nano-30b-a3b,deepseek-v3}
+TOKENS=${2:-1,4,16}
+BUILD=build-gpu
+DEPS=/tmp/fp4moe-deps
+
+extra=()
+if ls .deb/*.deb > /dev/null 2>&1; then
+  mkdir -p "$DEPS"
+  for f in .deb/*.deb; do dpkg -x "$f" "$DEPS"; done
+  lib=$(dirname "$(find "$DEPS" -name 'libcjson.so*' | head -1)")
+  extra+=(-DCJSON_INCLUDE_DIR="$DEPS/usr/include" -DCJSON_LIBRARY="$lib/libcjson.so")
+  if [ ! -f /usr/include/zlib.h ] && [ -f "$DEPS/usr/include/zlib.h" ]; then
+    zlib=$(ls /usr/lib/x86_64-linux-gnu/libz.so.1 /lib/x86_64-linux-gnu/libz.so.1 2>/dev/null | head -1)
+    extra+=(-DZLIB_INCLUDE_DIR="$DEPS/usr/include" -DZLIB_LIBRARY="$zlib")
+  fi
+  export LD_LIBRARY_PATH="$lib:${LD_LIBRARY_PATH:-}"
+fi
+
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv \
+  | tee "$OUT/device.txt"
+echo "== configure + build"
+cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90 "${extra[@]}" \
+  > "$OUT/build.log" 2>&1 \
+  && cmake --build "$BUILD" -j16 --target fp4moe_cli test_gpu_backend >> "$OUT/build.log" 2>&1
+if [ $? -ne 0 ]; then
+  tail -40 "$OUT/build.log"
+  exit 1
+fi
+
+if [ $PROFILE = 1 ]; then
+  for p in ${PRESETS//,/ }; do
+    for t in ${TOKENS//,/ }; do
+      echo "== $p T=$t"
+      ncu --metrics gpu__time_duration.sum --launch-skip 60 --launch-count 12 \
+        "./$BUILD/fp4moe" bench --backend cuda --preset "$p" --tokens "$t" 2>&1 \
+        | grep -E "^  [a-z_0-9]+\(|gpu__time_duration" | paste - - \
+        | awk '{print $1, $(NF-1), $NF}' | tee -a "$OUT/profile.log"
+    done
+  done
+  exit 0
+fi
+
+echo "== GPU tests"
+"./$BUILD/test_gpu_backend" > "$OUT/gpu-tests.log" 2>&1
+tests_rc=$?
+grep -E "check failed|passed" "$OUT/gpu-tests.log" | tail -25
+
+echo "== fp4moe bench (cuda)"
+"./$BUILD/fp4moe" bench --backend cuda --preset "$PRESETS" --tokens "$TOKENS" 2>&1 | tee "$OUT/bench.log"
+
+echo "== PyTorch BF16 baseline"
+PYTHONUNBUFFERED=1 python3 bench/torch_moe_baseline.py --preset "$PRESETS" --tokens "$TOKENS" \
+  2>&1 | tee "$OUT/torch.log"
+
+echo "== summary (GPU tests rc=$tests_rc)"
+python3 - "$OUT/bench.log" "$OUT/torch.log" <<'PY'
+import sys
+bench, torch_ms = {}, {}
+for line in open(sys.argv[1]):
+    f = line.split()
+    if len(f) == 9 and f[1].isdigit():
+        bench[(f[0], int(f[1]))] = f
+for line in open(sys.argv[2]):
+    f = line.split()
+    if len(f) >= 3 and f[1].isdigit():
+        try:
+            torch_ms[(f[0], int(f[1]))] = float(f[2])
+        except ValueError:
+            pass
+print(f"{'preset':24s} {'T':>4s} {'fp4moe_ms':>10s} {'floor_ms':>9s} {'ratio':>6s} {'GB/s':>7s} {'torch_ms':>9s} {'speedup':>8s}")
+for key, f in bench.items():
+    t = torch_ms.get(key)
+    ms = float(f[2])
+    print(f"{key[0]:24s} {key[1]:4d} {ms:10.4f} {float(f[5]):9.4f} {float(f[6]):6.2f} {float(f[7]):7.0f} "
+          f"{(t if t else float('nan')):9.4f} {((t / ms) if t else float('nan')):8.1f}")
+PY
+exit $tests_rc

@@ -1,0 +1,337 @@
+// The CUDA backend's operations: upload and pad the weights once (prepare), carve the
+// workspace, and queue a forward call as a few kernels on the caller's stream: routing + slot
+// lists + FC1 inputs (one block for decode-sized calls), FC1 + activation, [W4A4 FC2-input
+// quantisation], FC2, finalize. No allocation, no host synchronisation and no host decision on
+// device data happens in forward, so a call can be captured in a CUDA graph.
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cuda_internal.cuh"
+
+#define MAX_DEVICE_ARRAYS 24
+// Routing scratch is per warp in shared memory; at most this much per block.
+#define ROUTE_SMEM_LIMIT (96 * 1024)
+
+typedef struct cuda_state {
+    int device;
+    int sm_count;
+    int route_warps;
+    size_t route_smem;
+    int gemv_blocks;
+    void *arrays[MAX_DEVICE_ARRAYS];
+    int num_arrays;
+    cuda_plan_view view;
+} cuda_state;
+
+static fp4moe_status cuda_fail(fp4moe_plan *plan, cudaError_t err, const char *what)
+{
+    return fp4moe_fail(plan->ctx, FP4MOE_ERROR_CUDA, "cuda backend: %s: %s", what,
+                       cudaGetErrorString(err));
+}
+
+static int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+static void cuda_release(fp4moe_plan *plan)
+{
+    cuda_state *st = (cuda_state *)plan->backend_state;
+    if (st == NULL) return;
+    int current = -1;
+    if (cudaGetDevice(&current) == cudaSuccess && current != st->device) (void)cudaSetDevice(st->device);
+    for (int i = 0; i < st->num_arrays; i++) (void)cudaFree(st->arrays[i]);
+    (void)cudaGetLastError();
+    free(st);
+    plan->backend_state = NULL;
+}
+
+// Copies host bytes into a fresh device array owned by the state; NULL host -> NULL device.
+static fp4moe_status upload(fp4moe_plan *plan, cuda_state *st, const void *host, size_t bytes,
+                            void **out)
+{
+    *out = NULL;
+    if (host == NULL) return FP4MOE_SUCCESS;
+    if (st->num_arrays == MAX_DEVICE_ARRAYS)
+        return fp4moe_fail(plan->ctx, FP4MOE_ERROR_INTERNAL, "cuda backend: too many arrays");
+    cudaError_t err = cudaMalloc(out, bytes ? bytes : 1);
+    if (err != cudaSuccess) {
+        (void)cudaGetLastError();
+        return fp4moe_fail(plan->ctx, FP4MOE_ERROR_OUT_OF_MEMORY, "cuda backend: cudaMalloc(%zu): %s",
+                           bytes, cudaGetErrorString(err));
+    }
+    st->arrays[st->num_arrays++] = *out;
+    if (bytes > 0) {
+        err = cudaMemcpy(*out, host, bytes, cudaMemcpyHostToDevice);
+        if (err != cudaSuccess) return cuda_fail(plan, err, "cudaMemcpy (weights)");
+    }
+    return FP4MOE_SUCCESS;
+}
+
+// A stack of [experts][rows][k/2] codes and [experts][rows][k/16] scales, each row padded to
+// kp columns with zero codes and zero scales (value 0), uploaded expert by expert.
+static fp4moe_status upload_padded(fp4moe_plan *plan, cuda_state *st, const uint8_t *codes,
+                                   const uint8_t *scales, int64_t rows, int64_t k, int64_t kp,
+                                   const uint8_t **codes_out, const uint8_t **scales_out)
+{
+    const int64_t experts = plan->e_loc;
+    if (k == kp) {
+        void *c = NULL, *s = NULL;
+        fp4moe_status status = upload(plan, st, codes, (size_t)(experts * rows * k / 2), &c);
+        if (status == FP4MOE_SUCCESS)
+            status = upload(plan, st, scales, (size_t)(experts * rows * k / 16), &s);
+        *codes_out = (const uint8_t *)c;
+        *scales_out = (const uint8_t *)s;
+        return status;
+    }
+    const size_t code_bytes = (size_t)(rows * kp / 2), scale_bytes = (size_t)(rows * kp / 16);
+    uint8_t *host = (uint8_t *)calloc(code_bytes + scale_bytes, 1);
+    if (host == NULL)
+        return fp4moe_fail(plan->ctx, FP4MOE_ERROR_OUT_OF_MEMORY, "cuda backend: repack buffer");
+    void *c = NULL, *s = NULL;
+    // arrays of the padded size, filled expert by expert through one host row buffer
+    fp4moe_status status = FP4MOE_SUCCESS;
+    if (st->num_arrays + 2 > MAX_DEVICE_ARRAYS) {
+        free(host);
+        return fp4moe_fail(plan->ctx, FP4MOE_ERROR_INTERNAL, "cuda backend: too many arrays");
+    }
+    cudaError_t err = cudaMalloc(&c, code_bytes * (size_t)experts);
+    if (err == cudaSuccess) st->arrays[st->num_arrays++] = c;
+    if (err == cudaSuccess) err = cudaMalloc(&s, scale_bytes * (size_t)experts);
+    if (err == cudaSuccess) st->arrays[st->num_arrays++] = s;
+    if (err != cudaSuccess) {
+        (void)cudaGetLastError();
+        free(host);
+        return fp4moe_fail(plan->ctx, FP4MOE_ERROR_OUT_OF_MEMORY, "cuda backend: cudaMalloc: %s",
+                           cudaGetErrorString(err));
+    }
+    for (int64_t e = 0; e < experts && status == FP4MOE_SUCCESS; e++) {
+        for (int64_t r = 0; r < rows; r++) {
+            memcpy(host + r * (kp / 2), codes + (e * rows + r) * (k / 2), (size_t)(k / 2));
+            memcpy(host + code_bytes + r * (kp / 16), scales + (e * rows + r) * (k / 16),
+                   (size_t)(k / 16));
+        }
+        err = cudaMemcpy((uint8_t *)c + e * code_bytes, host, code_bytes, cudaMemcpyHostToDevice);
+        if (err == cudaSuccess)
+            err = cudaMemcpy((uint8_t *)s + e * scale_bytes, host + code_bytes, scale_bytes,
+                             cudaMemcpyHostToDevice);
+        if (err != cudaSuccess) status = cuda_fail(plan, err, "cudaMemcpy (padded weights)");
+    }
+    free(host);
+    *codes_out = (const uint8_t *)c;
+    *scales_out = (const uint8_t *)s;
+    return status;
+}
+
+static fp4moe_status cuda_prepare(fp4moe_plan *plan)
+{
+    const fp4moe_config *cfg = &plan->cfg;
+    cuda_state *st = (cuda_state *)calloc(1, sizeof *st);
+    if (st == NULL) return fp4moe_fail(plan->ctx, FP4MOE_ERROR_OUT_OF_MEMORY, "cuda backend state");
+    plan->backend_state = st;
+    st->device = plan->ctx->cuda_device;
+    cudaError_t err = cudaSetDevice(st->device);
+    if (err == cudaSuccess)
+        err = cudaDeviceGetAttribute(&st->sm_count, cudaDevAttrMultiProcessorCount, st->device);
+    if (err != cudaSuccess) {
+        fp4moe_status s = cuda_fail(plan, err, "device setup");
+        cuda_release(plan);
+        return s;
+    }
+    st->gemv_blocks = st->sm_count * CUDA_GEMV_MIN_BLOCKS;
+
+    const int64_t e_loc = plan->e_loc, n1 = plan->n1, h = cfg->hidden_size;
+    const int64_t inter = cfg->intermediate_size, e = cfg->num_experts;
+    cuda_plan_view *v = &st->view;
+    v->num_experts = e, v->e_loc = e_loc, v->e0 = cfg->local_expert_offset;
+    v->top_k = cfg->top_k, v->h = h, v->inter = inter, v->n1 = n1;
+    v->k1p = round_up(h, CUDA_CHUNK_VALUES), v->k2p = round_up(inter, CUDA_CHUNK_VALUES);
+    v->gated = plan->gated, v->gate_first = cfg->gate_up_order == FP4MOE_GATE_UP;
+    v->activation = cfg->activation, v->routing = cfg->routing;
+    v->n_group = cfg->n_group, v->topk_group = cfg->topk_group;
+    v->norm_topk_prob = cfg->norm_topk_prob, v->routed_scaling_factor = cfg->routed_scaling_factor;
+    v->on_input = cfg->apply_router_weight_on_input != 0;
+    v->w4a4 = cfg->precision == FP4MOE_PRECISION_W4A4;
+    v->fp8_down = cfg->fc2_input_fp8 != 0;
+
+    // Routing scratch: as many warps per block as fit (the front block has 16 warps).
+    const size_t per_warp = cuda_route_smem_bytes(e, 1);
+    if (per_warp > ROUTE_SMEM_LIMIT) {
+        cuda_release(plan);
+        return fp4moe_fail(plan->ctx, FP4MOE_ERROR_UNSUPPORTED,
+                           "cuda backend: num_experts = %lld needs more routing scratch than a block has",
+                           (long long)e);
+    }
+    st->route_warps = (int)(ROUTE_SMEM_LIMIT / per_warp);
+    if (st->route_warps > CUDA_FRONT_THREADS / 32) st->route_warps = CUDA_FRONT_THREADS / 32;
+    st->route_smem = cuda_route_smem_bytes(e, st->route_warps);
+    err = cuda_front_set_smem(st->route_smem);
+    if (err != cudaSuccess) {
+        fp4moe_status s = cuda_fail(plan, err, "cudaFuncSetAttribute");
+        cuda_release(plan);
+        return s;
+    }
+
+    const plan_weights *w = &plan->w;
+    const size_t fe = (size_t)e_loc * sizeof(float);
+    void *p = NULL;
+    fp4moe_status status = upload_padded(plan, st, w->w1, w->w1_scale, n1, h, v->k1p, &v->w1_codes,
+                                         &v->w1_scales);
+    if (status == FP4MOE_SUCCESS)
+        status = upload_padded(plan, st, w->w2, w->w2_scale, h, inter, v->k2p, &v->w2_codes,
+                               &v->w2_scales);
+#define UPLOAD(field, host, bytes)                                                         \
+    if (status == FP4MOE_SUCCESS) {                                                        \
+        status = upload(plan, st, host, bytes, &p);                                        \
+        v->field = (const float *)p;                                                       \
+    }
+    UPLOAD(w1_global, w->w1_global, fe)
+    UPLOAD(w1_global_half2, w->w1_global_half2, fe)
+    UPLOAD(w2_global, w->w2_global, fe)
+    UPLOAD(b1, w->b1, fe * (size_t)n1)
+    UPLOAD(b2, w->b2, fe * (size_t)h)
+    UPLOAD(routing_bias, w->routing_bias, (size_t)e * sizeof(float))
+    UPLOAD(a1_global, w->a1_global, fe)
+    UPLOAD(a2_global, w->a2_global, fe)
+    UPLOAD(fp8_scale, w->fc2_input_fp8_scale, fe)
+    UPLOAD(swiglu_alpha, w->swiglu_alpha, fe)
+    UPLOAD(swiglu_beta, w->swiglu_beta, fe)
+    UPLOAD(swiglu_limit, w->swiglu_limit, fe)
+#undef UPLOAD
+    if (status != FP4MOE_SUCCESS) cuda_release(plan);
+    return status;
+}
+
+// ------------------------------------------------------------------ workspace
+static size_t align256(size_t n) { return (n + 255) / 256 * 256; }
+
+static int x_per_slot(const cuda_plan_view *v) { return v->on_input || v->w4a4; }
+
+// Offsets of every region for num_tokens tokens; returns the total.
+static size_t layout(const cuda_plan_view *v, int64_t num_tokens, size_t off[11])
+{
+    const int64_t k = v->top_k;
+    const int64_t chunk = num_tokens < CUDA_TOKEN_CHUNK ? num_tokens : CUDA_TOKEN_CHUNK;
+    const int64_t slots = chunk * k;
+    const int64_t x_rows = x_per_slot(v) ? slots : chunk;
+    const size_t sizes[11] = {
+        (size_t)(num_tokens * k) * 4, (size_t)(num_tokens * k) * 4, (size_t)slots * 4,
+        (size_t)v->e_loc * 4,         (size_t)v->e_loc * 4,         (size_t)(1 + slots) * 4,
+        (size_t)(slots + 1) * 4,      (size_t)slots * 4,            (size_t)(x_rows * v->k1p) * 4,
+        (size_t)(slots * v->k2p) * 4, (size_t)(slots * v->h) * 4,
+    };
+    size_t total = 0;
+    for (int i = 0; i < 11; i++) {
+        off[i] = total;
+        total += align256(sizes[i]);
+    }
+    return total;
+}
+
+static size_t cuda_workspace_size(const fp4moe_plan *plan, int64_t num_tokens)
+{
+    size_t off[11];
+    return layout(&((const cuda_state *)plan->backend_state)->view, num_tokens, off);
+}
+
+static cuda_workspace carve(const cuda_plan_view *v, int64_t num_tokens, void *base)
+{
+    size_t off[11];
+    layout(v, num_tokens, off);
+    uint8_t *b = (uint8_t *)base;
+    cuda_workspace ws;
+    ws.ids = (int32_t *)(b + off[0]);
+    ws.weights = (float *)(b + off[1]);
+    ws.slot_local = (int32_t *)(b + off[2]);
+    ws.counts = (int32_t *)(b + off[3]);
+    ws.offsets = (int32_t *)(b + off[4]);
+    ws.touched = (int32_t *)(b + off[5]);
+    ws.touched_begin = (int32_t *)(b + off[6]);
+    ws.entries = (int32_t *)(b + off[7]);
+    ws.x = (float *)(b + off[8]);
+    ws.u = (float *)(b + off[9]);
+    ws.y = (float *)(b + off[10]);
+    return ws;
+}
+
+static cudaError_t use_device(int device)
+{
+    int current = -1;
+    cudaError_t err = cudaGetDevice(&current);
+    if (err == cudaSuccess && current != device) err = cudaSetDevice(device);
+    return err;
+}
+
+// ------------------------------------------------------------------ forward and route
+static fp4moe_status cuda_forward(fp4moe_plan *plan, const forward_call *call, void *workspace,
+                                  size_t workspace_bytes, void *stream_ptr)
+{
+    (void)workspace_bytes;
+    cuda_state *st = (cuda_state *)plan->backend_state;
+    const cuda_plan_view *v = &st->view;
+    cudaStream_t stream = (cudaStream_t)stream_ptr;
+    cudaError_t err = use_device(st->device);
+    if (err != cudaSuccess) return cuda_fail(plan, err, "cudaSetDevice");
+    const int64_t t_total = call->num_tokens;
+    const cuda_workspace ws = carve(v, t_total, workspace);
+
+    cuda_route_source src;
+    memset(&src, 0, sizeof src);
+    src.logits = call->router_logits;
+    src.logits_dtype = call->router_logits_dtype;
+    src.topk_ids = call->topk_ids;
+    src.topk_weights = call->topk_weights;
+    src.topk_weights_dtype = call->topk_weights_dtype;
+    src.ids_out = call->topk_ids_out;
+    src.weights_out = call->topk_weights_out;
+
+    const int fused = t_total <= CUDA_FUSED_FRONT_MAX_TOKENS && t_total <= CUDA_TOKEN_CHUNK;
+    if (!fused) {
+        err = cuda_launch_route(v, t_total, &src, &ws, st->route_warps, st->route_smem, stream);
+        if (err != cudaSuccess) return cuda_fail(plan, err, "routing kernel");
+    }
+    cuda_call_view c;
+    memset(&c, 0, sizeof c);
+    c.hidden = call->hidden_states;
+    c.hidden_dtype = call->hidden_dtype;
+    c.output = call->output;
+    c.output_dtype = call->output_dtype;
+    c.finalize = call->finalize;
+    c.per_token_scale = call->per_token_scale;
+    c.x_per_slot = x_per_slot(v);
+    for (int64_t t0 = 0; t0 < t_total; t0 += CUDA_TOKEN_CHUNK) {
+        c.t0 = t0;
+        c.t1 = t0 + CUDA_TOKEN_CHUNK < t_total ? t0 + CUDA_TOKEN_CHUNK : t_total;
+        err = cuda_launch_front(v, &c, &ws, &src, fused, st->route_warps, st->route_smem, stream);
+        if (err != cudaSuccess) return cuda_fail(plan, err, "front kernel");
+        err = cuda_launch_experts(v, &c, &ws, st->gemv_blocks, stream);
+        if (err != cudaSuccess) return cuda_fail(plan, err, "expert kernels");
+    }
+    return FP4MOE_SUCCESS;
+}
+
+static fp4moe_status cuda_route(fp4moe_plan *plan, int64_t num_tokens, const void *logits,
+                                fp4moe_dtype logits_dtype, int32_t *ids_out, float *weights_out,
+                                void *workspace, size_t workspace_bytes, void *stream_ptr)
+{
+    (void)workspace;
+    (void)workspace_bytes;
+    cuda_state *st = (cuda_state *)plan->backend_state;
+    cudaError_t err = use_device(st->device);
+    if (err != cudaSuccess) return cuda_fail(plan, err, "cudaSetDevice");
+    cuda_route_source src;
+    memset(&src, 0, sizeof src);
+    src.logits = logits;
+    src.logits_dtype = logits_dtype;
+    cuda_workspace ws;
+    memset(&ws, 0, sizeof ws);
+    ws.ids = ids_out;
+    ws.weights = weights_out;
+    err = cuda_launch_route(&st->view, num_tokens, &src, &ws, st->route_warps, st->route_smem,
+                            (cudaStream_t)stream_ptr);
+    if (err != cudaSuccess) return cuda_fail(plan, err, "routing kernel");
+    return FP4MOE_SUCCESS;
+}
+
+static const backend_ops cuda_ops = {"cuda", cuda_prepare, cuda_release, cuda_workspace_size,
+                                     cuda_forward, cuda_route};
+
+extern "C" const backend_ops *cuda_backend_get_ops(void) { return &cuda_ops; }

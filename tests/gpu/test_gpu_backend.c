@@ -1,0 +1,417 @@
+/* The CUDA backend against the CPU backend and the float64 reference, on fresh random layers
+ * and inputs: every routing method and activation, W4A16 / W4A4 / FP8 down input, biases,
+ * per-half and per-expert SwiGLU parameters, local-expert subsets, router weight on the input,
+ * finalize off, per-token scale, routed calls, in-place output, F32/F16/BF16 inputs and
+ * outputs, odd shapes (H = 2688, I = 1856, K not a multiple of 32), T from 1 to 16 and beyond
+ * (the multi-kernel routing path and several token chunks). Outputs are poisoned with NaN
+ * before each call. A CUDA-graph capture of the call is replayed and must equal the direct call
+ * bit for bit. Built only with CUDA and run on the GPU machine (scripts/gpu-check.sh). */
+#include <cuda_runtime.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "ref/ref_moe.h"
+#include "testing.h"
+
+typedef struct gpu_case {
+    const char *name;
+    fp4moe_config cfg;
+    ref_gen_options gen;
+    int64_t tokens;
+    fp4moe_dtype hidden_dtype, output_dtype, logits_dtype;
+    int routed;          /* fp4moe_forward_routed with caller ids (BF16 weights) */
+    int skip_finalize;
+    int per_token_scale;
+    int in_place;
+    int graph;           /* also capture + replay */
+} gpu_case;
+
+static fp4moe_config base_config(int64_t e, int32_t k, int64_t h, int64_t inter)
+{
+    fp4moe_config c;
+    fp4moe_config_init(&c);
+    c.num_experts = e, c.top_k = k, c.hidden_size = h, c.intermediate_size = inter;
+    c.routing = FP4MOE_ROUTING_RENORMALIZE_NAIVE;
+    c.max_tokens = 512;
+    return c;
+}
+
+#define CUDA_OK(st, call)                                                                   \
+    do {                                                                                    \
+        cudaError_t err_ = (call);                                                          \
+        CHECK(st, err_ == cudaSuccess, "%s: %s", #call, cudaGetErrorString(err_));           \
+        if (err_ != cudaSuccess) goto done;                                                 \
+    } while (0)
+
+static float to_f32(const void *p, fp4moe_dtype d, int64_t i)
+{
+    if (d == FP4MOE_DTYPE_BF16) return fp4moe_bf16_to_float(((const uint16_t *)p)[i]);
+    if (d == FP4MOE_DTYPE_F16) return fp4moe_f16_to_float(((const uint16_t *)p)[i]);
+    return ((const float *)p)[i];
+}
+
+static size_t dsize(fp4moe_dtype d) { return d == FP4MOE_DTYPE_F32 ? 4 : 2; }
+
+/* Tolerance on the relative L2 error from the float64 reference. */
+static double tolerance(const gpu_case *c)
+{
+    double tol = c->output_dtype == FP4MOE_DTYPE_BF16 ? 1e-2
+                 : c->output_dtype == FP4MOE_DTYPE_F16 ? 3e-3 : 2e-4;
+    if (c->hidden_dtype != FP4MOE_DTYPE_F32 && tol < 3e-3) tol = 3e-3;
+    if (c->cfg.precision == FP4MOE_PRECISION_W4A4 || c->cfg.fc2_input_fp8) tol = 3e-2;
+    return tol;
+}
+
+static void run_case(testing_state *st, fp4moe_context *cpu, fp4moe_context *gpu, const gpu_case *c,
+                     testing_rng *rng)
+{
+    ref_layer layer;
+    if (ref_layer_generate(&layer, &c->cfg, &c->gen, rng) != 0) {
+        CHECK(st, 0, "%s: layer generation failed", c->name);
+        return;
+    }
+    const fp4moe_config *cfg = &c->cfg;
+    const int64_t t = c->tokens, h = cfg->hidden_size, e = cfg->num_experts, k = cfg->top_k;
+    const int64_t out_rows = c->skip_finalize ? t * k : t;
+    const size_t x_bytes = (size_t)(t * h) * dsize(c->hidden_dtype);
+    const size_t logit_bytes = (size_t)(t * e) * dsize(c->logits_dtype);
+    const size_t out_bytes = (size_t)(out_rows * h) * dsize(c->output_dtype);
+    void *x = malloc(x_bytes), *logits = malloc(logit_bytes), *out_cpu = malloc(out_bytes);
+    void *out_gpu = malloc(out_bytes), *out_graph = malloc(out_bytes);
+    int32_t *ids = malloc((size_t)(t * k) * 4), *ids_cpu = malloc((size_t)(t * k) * 4);
+    int32_t *ids_gpu = malloc((size_t)(t * k) * 4);
+    uint16_t *tw = malloc((size_t)(t * k) * 2);
+    float *pts = malloc((size_t)t * 4), *w_gpu = malloc((size_t)(t * k) * 4);
+    double *ref = malloc((size_t)(out_rows * h) * sizeof(double));
+    float *got = malloc((size_t)(out_rows * h) * 4), *got_cpu = malloc((size_t)(out_rows * h) * 4);
+    fp4moe_plan *pc = NULL, *pg = NULL;
+    void *d_x = NULL, *d_logits = NULL, *d_out = NULL, *d_ids = NULL, *d_tw = NULL, *d_pts = NULL;
+    void *d_ids_out = NULL, *d_w_out = NULL, *d_ws = NULL, *h_ws = NULL;
+    cudaStream_t stream = NULL;
+    cudaGraph_t graph = NULL;
+    cudaGraphExec_t exec = NULL;
+    if (!x || !logits || !out_cpu || !out_gpu || !out_graph || !ids || !ids_cpu || !ids_gpu ||
+        !tw || !pts || !w_gpu || !ref || !got || !got_cpu) {
+        CHECK(st, 0, "%s: out of host memory", c->name);
+        goto done;
+    }
+    ref_random_fill(rng, x, c->hidden_dtype, t * h, 1.0);
+    ref_random_fill(rng, logits, c->logits_dtype, t * e, 2.0);
+    for (int64_t i = 0; i < t; i++) pts[i] = (float)(0.5 + testing_uniform(rng));
+    for (int64_t i = 0; i < t; i++) {
+        /* distinct random ids, some outside the local range when the layer is a subset */
+        for (int64_t j = 0; j < k; j++) {
+            int32_t id;
+            int dup;
+            do {
+                id = (int32_t)testing_int(rng, 0, e - 1);
+                dup = 0;
+                for (int64_t q = 0; q < j; q++) dup |= ids[i * k + q] == id;
+            } while (dup);
+            ids[i * k + j] = id;
+            tw[i * k + j] = fp4moe_float_to_bf16((float)(0.1 + testing_uniform(rng)));
+        }
+    }
+
+    fp4moe_status s = fp4moe_plan_create(cpu, cfg, &layer.w, &pc);
+    CHECK(st, s == FP4MOE_SUCCESS, "%s: cpu plan: %s", c->name, fp4moe_last_error(cpu));
+    s = fp4moe_plan_create(gpu, cfg, &layer.w, &pg);
+    CHECK(st, s == FP4MOE_SUCCESS, "%s: cuda plan: %s", c->name, fp4moe_last_error(gpu));
+    if (pc == NULL || pg == NULL) goto done;
+
+    /* the CPU backend: the library's own oracle */
+    size_t ws_cpu = 0, ws_gpu = 0;
+    fp4moe_plan_workspace_size(pc, t, &ws_cpu);
+    fp4moe_plan_workspace_size(pg, t, &ws_gpu);
+    h_ws = aligned_alloc(256, (ws_cpu + 255) / 256 * 256 + 256);
+    if (h_ws == NULL) goto done;
+    fp4moe_forward_args a;
+    fp4moe_forward_args_init(&a);
+    a.num_tokens = t;
+    a.hidden_states = x;
+    a.hidden_dtype = c->hidden_dtype;
+    a.router_logits = logits;
+    a.router_logits_dtype = c->logits_dtype;
+    a.topk_ids = ids;
+    a.topk_weights = tw;
+    a.topk_weights_dtype = FP4MOE_DTYPE_BF16;
+    a.per_token_scale = c->per_token_scale ? pts : NULL;
+    a.output = out_cpu;
+    a.output_dtype = c->output_dtype;
+    a.skip_finalize = c->skip_finalize;
+    if (!c->routed) a.topk_ids_out = ids_cpu;
+    s = c->routed ? fp4moe_forward_routed(pc, &a, h_ws, ws_cpu, NULL)
+                  : fp4moe_forward(pc, &a, h_ws, ws_cpu, NULL);
+    CHECK(st, s == FP4MOE_SUCCESS, "%s: cpu forward: %s", c->name, fp4moe_last_error(cpu));
+
+    /* the reference */
+    ref_args ra;
+    memset(&ra, 0, sizeof ra);
+    ra.num_tokens = t;
+    ra.hidden_states = x;
+    ra.hidden_dtype = c->hidden_dtype;
+    if (c->routed) {
+        ra.topk_ids = ids;
+        ra.topk_weights = tw;
+        ra.topk_weights_dtype = FP4MOE_DTYPE_BF16;
+    } else {
+        ra.router_logits = logits;
+        ra.router_logits_dtype = c->logits_dtype;
+    }
+    ra.per_token_scale = c->per_token_scale ? pts : NULL;
+    ra.finalize = !c->skip_finalize;
+    ra.output_dtype = c->output_dtype;
+    ref_stats stats;
+    memset(&stats, 0, sizeof stats);
+    if (ref_forward(&layer, &ra, ref, NULL, NULL, &stats) != 0) {
+        CHECK(st, 0, "%s: reference failed", c->name);
+        goto done;
+    }
+
+    /* the GPU: device buffers, NaN-poisoned output */
+    CUDA_OK(st, cudaStreamCreate(&stream));
+    if (fp4moe_buffer_alloc(gpu, x_bytes > out_bytes ? x_bytes : out_bytes, &d_x) ||
+        fp4moe_buffer_alloc(gpu, logit_bytes, &d_logits) ||
+        fp4moe_buffer_alloc(gpu, out_bytes, &d_out) ||
+        fp4moe_buffer_alloc(gpu, (size_t)(t * k) * 4, &d_ids) ||
+        fp4moe_buffer_alloc(gpu, (size_t)(t * k) * 2, &d_tw) ||
+        fp4moe_buffer_alloc(gpu, (size_t)t * 4, &d_pts) ||
+        fp4moe_buffer_alloc(gpu, (size_t)(t * k) * 4, &d_ids_out) ||
+        fp4moe_buffer_alloc(gpu, (size_t)(t * k) * 4, &d_w_out) ||
+        fp4moe_buffer_alloc(gpu, ws_gpu, &d_ws)) {
+        CHECK(st, 0, "%s: device buffers: %s", c->name, fp4moe_last_error(gpu));
+        goto done;
+    }
+    fp4moe_buffer_upload(gpu, d_x, x, x_bytes);
+    fp4moe_buffer_upload(gpu, d_logits, logits, logit_bytes);
+    fp4moe_buffer_upload(gpu, d_ids, ids, (size_t)(t * k) * 4);
+    fp4moe_buffer_upload(gpu, d_tw, tw, (size_t)(t * k) * 2);
+    fp4moe_buffer_upload(gpu, d_pts, pts, (size_t)t * 4);
+    void *dst = c->in_place ? d_x : d_out;
+    CUDA_OK(st, cudaMemset(dst, 0xff, out_bytes)); /* NaN in every dtype */
+    if (c->in_place) fp4moe_buffer_upload(gpu, d_x, x, x_bytes);
+    a.hidden_states = d_x;
+    a.router_logits = d_logits;
+    a.topk_ids = d_ids;
+    a.topk_weights = d_tw;
+    a.per_token_scale = c->per_token_scale ? d_pts : NULL;
+    a.output = dst;
+    a.topk_ids_out = c->routed ? NULL : d_ids_out;
+    a.topk_weights_out = c->routed ? NULL : d_w_out;
+    s = c->routed ? fp4moe_forward_routed(pg, &a, d_ws, ws_gpu, stream)
+                  : fp4moe_forward(pg, &a, d_ws, ws_gpu, stream);
+    CHECK(st, s == FP4MOE_SUCCESS, "%s: cuda forward: %s", c->name, fp4moe_last_error(gpu));
+    CUDA_OK(st, cudaStreamSynchronize(stream));
+    fp4moe_buffer_download(gpu, out_gpu, dst, out_bytes);
+
+    for (int64_t i = 0; i < out_rows * h; i++) {
+        got[i] = to_f32(out_gpu, c->output_dtype, i);
+        got_cpu[i] = to_f32(out_cpu, c->output_dtype, i);
+    }
+    int64_t nans = 0;
+    for (int64_t i = 0; i < out_rows * h; i++) nans += isnan(got[i]);
+    const double err_ref = testing_rel_l2_f32_f64(got, ref, out_rows * h);
+    const double err_cpu = testing_rel_l2_f32(got, got_cpu, out_rows * h);
+    const double tol = tolerance(c);
+    printf("  %-34s T=%-4lld err_ref %.2e err_cpu %.2e (tol %.0e, near ties %lld)\n", c->name,
+           (long long)t, err_ref, err_cpu, tol, (long long)(stats.inner.near_ties));
+    CHECK(st, nans == 0, "%s: %lld NaN outputs (unwritten?)", c->name, (long long)nans);
+    CHECK(st, err_ref <= tol, "%s: GPU vs float64 reference %.3e > %.1e", c->name, err_ref, tol);
+    CHECK(st, err_cpu <= tol, "%s: GPU vs CPU backend %.3e > %.1e", c->name, err_cpu, tol);
+    if (!c->routed) {
+        fp4moe_buffer_download(gpu, ids_gpu, d_ids_out, (size_t)(t * k) * 4);
+        fp4moe_buffer_download(gpu, w_gpu, d_w_out, (size_t)(t * k) * 4);
+        int64_t differ = 0;
+        for (int64_t i = 0; i < t * k; i++) differ += ids_gpu[i] != ids_cpu[i];
+        CHECK(st, differ == 0, "%s: %lld routing replay ids differ from the CPU", c->name,
+              (long long)differ);
+        /* fp4moe_route on the GPU gives the same ids */
+        CUDA_OK(st, cudaMemset(d_ids_out, 0xff, (size_t)(t * k) * 4));
+        s = fp4moe_route(pg, t, d_logits, c->logits_dtype, (int32_t *)d_ids_out, (float *)d_w_out,
+                         d_ws, ws_gpu, stream);
+        CHECK(st, s == FP4MOE_SUCCESS, "%s: cuda route: %s", c->name, fp4moe_last_error(gpu));
+        CUDA_OK(st, cudaStreamSynchronize(stream));
+        fp4moe_buffer_download(gpu, ids_gpu, d_ids_out, (size_t)(t * k) * 4);
+        differ = 0;
+        for (int64_t i = 0; i < t * k; i++) differ += ids_gpu[i] != ids_cpu[i];
+        CHECK(st, differ == 0, "%s: fp4moe_route ids differ from the CPU in %lld places", c->name,
+              (long long)differ);
+    }
+
+    if (c->graph && !c->in_place) {
+        CUDA_OK(st, cudaMemset(dst, 0xff, out_bytes));
+        CUDA_OK(st, cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
+        s = c->routed ? fp4moe_forward_routed(pg, &a, d_ws, ws_gpu, stream)
+                      : fp4moe_forward(pg, &a, d_ws, ws_gpu, stream);
+        cudaError_t cap = cudaStreamEndCapture(stream, &graph);
+        CHECK(st, s == FP4MOE_SUCCESS && cap == cudaSuccess, "%s: capture: %s / %s", c->name,
+              fp4moe_last_error(gpu), cudaGetErrorString(cap));
+        if (cap != cudaSuccess) goto done;
+        CUDA_OK(st, cudaGraphInstantiate(&exec, graph, 0));
+        for (int rep = 0; rep < 3; rep++) CUDA_OK(st, cudaGraphLaunch(exec, stream));
+        CUDA_OK(st, cudaStreamSynchronize(stream));
+        fp4moe_buffer_download(gpu, out_graph, dst, out_bytes);
+        CHECK(st, memcmp(out_graph, out_gpu, out_bytes) == 0,
+              "%s: graph replay differs from the direct call", c->name);
+    }
+done:
+    if (exec) cudaGraphExecDestroy(exec);
+    if (graph) cudaGraphDestroy(graph);
+    if (stream) cudaStreamDestroy(stream);
+    fp4moe_buffer_free(gpu, d_x);
+    fp4moe_buffer_free(gpu, d_logits);
+    fp4moe_buffer_free(gpu, d_out);
+    fp4moe_buffer_free(gpu, d_ids);
+    fp4moe_buffer_free(gpu, d_tw);
+    fp4moe_buffer_free(gpu, d_pts);
+    fp4moe_buffer_free(gpu, d_ids_out);
+    fp4moe_buffer_free(gpu, d_w_out);
+    fp4moe_buffer_free(gpu, d_ws);
+    free(h_ws);
+    fp4moe_plan_destroy(pc);
+    fp4moe_plan_destroy(pg);
+    free(x), free(logits), free(out_cpu), free(out_gpu), free(out_graph), free(ids);
+    free(ids_cpu), free(ids_gpu), free(tw), free(pts), free(w_gpu), free(ref), free(got);
+    free(got_cpu);
+    ref_layer_free(&layer);
+}
+
+static gpu_case make(const char *name, fp4moe_config cfg, int64_t tokens)
+{
+    gpu_case c;
+    memset(&c, 0, sizeof c);
+    c.name = name;
+    c.cfg = cfg;
+    c.tokens = tokens;
+    c.hidden_dtype = c.output_dtype = c.logits_dtype = FP4MOE_DTYPE_F32;
+    c.graph = 1;
+    return c;
+}
+
+int main(void)
+{
+    testing_state st = {0, 0};
+    testing_rng rng = testing_rng_from_env("test_gpu_backend");
+    fp4moe_context *cpu = NULL, *gpu = NULL;
+    fp4moe_context_options o;
+    fp4moe_context_options_init(&o);
+    o.backend = FP4MOE_BACKEND_CPU;
+    if (fp4moe_context_create(&o, &cpu) != FP4MOE_SUCCESS) return 1;
+    o.backend = FP4MOE_BACKEND_CUDA;
+    fp4moe_status s = fp4moe_context_create(&o, &gpu);
+    CHECK(&st, s == FP4MOE_SUCCESS, "no CUDA backend: %s", fp4moe_status_string(s));
+    if (gpu == NULL) return testing_finish(&st, "test_gpu_backend");
+    fp4moe_context_options_init(&o);
+    fp4moe_context *autoctx = NULL;
+    fp4moe_context_create(&o, &autoctx);
+    CHECK(&st, fp4moe_context_backend(autoctx) == FP4MOE_BACKEND_CUDA, "AUTO did not pick CUDA");
+    fp4moe_context_destroy(autoctx);
+    printf("device: %s\n", fp4moe_context_description(gpu));
+
+    gpu_case cases[64];
+    int n = 0;
+    /* decode sizes on a small qwen-like layer */
+    static const int64_t decode_t[] = {1, 2, 3, 4, 5, 8, 11, 16};
+    for (int i = 0; i < 8; i++)
+        cases[n++] = make("qwen-like swiglu renorm_naive", base_config(64, 8, 512, 256), decode_t[i]);
+    /* every routing method */
+    static const struct { fp4moe_routing r; const char *name; } methods[] = {
+        {FP4MOE_ROUTING_SOFTMAX_TOPK, "softmax_topk + bias"}, {FP4MOE_ROUTING_RENORMALIZE, "renormalize + bias"},
+        {FP4MOE_ROUTING_DEEPSEEK_V3, "deepseek_v3 groups 8/4"}, {FP4MOE_ROUTING_LLAMA4, "llama4 (on input)"},
+        {FP4MOE_ROUTING_TOPK, "topk"}, {FP4MOE_ROUTING_SIGMOID_RENORM, "sigmoid_renorm"},
+        {FP4MOE_ROUTING_MINIMAX2, "minimax2 + bias"}, {FP4MOE_ROUTING_SIGMOID, "sigmoid"},
+        {FP4MOE_ROUTING_TOPK_SIGMOID, "topk_sigmoid"}};
+    for (int i = 0; i < 9; i++) {
+        fp4moe_config c = base_config(64, 6, 256, 128);
+        c.routing = methods[i].r;
+        if (c.routing == FP4MOE_ROUTING_LLAMA4) c.top_k = 1;
+        if (c.routing == FP4MOE_ROUTING_DEEPSEEK_V3) c.n_group = 8, c.topk_group = 4, c.routed_scaling_factor = 2.5f;
+        if (c.routing == FP4MOE_ROUTING_MINIMAX2) c.routed_scaling_factor = 1.5f;
+        cases[n] = make(methods[i].name, c, 9);
+        cases[n].gen.routing_bias = c.routing == FP4MOE_ROUTING_SOFTMAX_TOPK ||
+                                    c.routing == FP4MOE_ROUTING_RENORMALIZE ||
+                                    c.routing == FP4MOE_ROUTING_DEEPSEEK_V3 ||
+                                    c.routing == FP4MOE_ROUTING_MINIMAX2;
+        n++;
+    }
+    /* every activation, with biases and per-half scales */
+    static const fp4moe_activation acts[] = {FP4MOE_ACT_SWIGLU, FP4MOE_ACT_GEGLU, FP4MOE_ACT_GEGLU_TANH,
+                                             FP4MOE_ACT_RELU2, FP4MOE_ACT_SILU, FP4MOE_ACT_GELU,
+                                             FP4MOE_ACT_IDENTITY};
+    for (int i = 0; i < 7; i++) {
+        fp4moe_config c = base_config(32, 4, 256, 192);
+        c.activation = acts[i];
+        c.gate_up_order = i % 2 ? FP4MOE_UP_GATE : FP4MOE_GATE_UP;
+        cases[n] = make("activation (+b1/b2, half2, per-expert)", c, 6);
+        cases[n].gen.biases = 1, cases[n].gen.half2_scale = 1, cases[n].gen.per_expert_swiglu = 1;
+        n++;
+    }
+    /* nemotron-nano shape: H = 2688, I = 1856, relu2, deepseek n_group 1 with bias */
+    {
+        fp4moe_config c = base_config(8, 6, 2688, 1856);
+        c.activation = FP4MOE_ACT_RELU2;
+        c.routing = FP4MOE_ROUTING_DEEPSEEK_V3;
+        c.routed_scaling_factor = 2.5f;
+        for (int i = 0; i < 3; i++) {
+            cases[n] = make("nemotron shape 2688x1856", c, i == 0 ? 1 : i == 1 ? 7 : 16);
+            cases[n].gen.routing_bias = 1;
+            n++;
+        }
+    }
+    /* K not a multiple of 32 (padding) */
+    cases[n++] = make("H=272 I=80 (padded K)", base_config(8, 2, 272, 80), 5);
+    /* precision modes */
+    {
+        fp4moe_config c = base_config(32, 4, 512, 256);
+        c.precision = FP4MOE_PRECISION_W4A4;
+        cases[n++] = make("W4A4", c, 1);
+        cases[n++] = make("W4A4", c, 13);
+        c.precision = FP4MOE_PRECISION_W4A16;
+        c.fc2_input_fp8 = 1;
+        cases[n++] = make("FP8 down input", c, 10);
+    }
+    /* dtypes, per-token scale, finalize off, routed, in place, local subset */
+    {
+        fp4moe_config c = base_config(32, 4, 512, 256);
+        gpu_case g = make("bf16 in/out, bf16 logits", c, 12);
+        g.hidden_dtype = g.output_dtype = g.logits_dtype = FP4MOE_DTYPE_BF16;
+        cases[n++] = g;
+        g = make("f16 in, f32 out, f16 logits", c, 7);
+        g.hidden_dtype = g.logits_dtype = FP4MOE_DTYPE_F16;
+        cases[n++] = g;
+        g = make("f16 in/out + per_token_scale", c, 4);
+        g.hidden_dtype = g.output_dtype = FP4MOE_DTYPE_F16;
+        g.per_token_scale = 1;
+        cases[n++] = g;
+        g = make("finalize off", c, 6);
+        g.skip_finalize = 1;
+        cases[n++] = g;
+        g = make("routed, bf16 weights", c, 16);
+        g.routed = 1;
+        cases[n++] = g;
+        g = make("in place bf16", c, 3);
+        g.hidden_dtype = g.output_dtype = FP4MOE_DTYPE_BF16;
+        g.in_place = 1;
+        cases[n++] = g;
+        fp4moe_config sub = c;
+        sub.local_expert_offset = 8, sub.local_num_experts = 12;
+        g = make("local experts 8..19 of 32", sub, 9);
+        cases[n++] = g;
+        g = make("local subset, routed, finalize off", sub, 5);
+        g.routed = 1, g.skip_finalize = 1;
+        cases[n++] = g;
+        g = make("local subset + per_token_scale", sub, 2);
+        g.per_token_scale = 1;
+        cases[n++] = g;
+    }
+    /* beyond the decode threshold: the multi-kernel front and several chunks */
+    cases[n++] = make("T > fused limit", base_config(64, 8, 512, 256), 100);
+    cases[n++] = make("T > one chunk", base_config(64, 8, 256, 128), 300);
+
+    for (int i = 0; i < n; i++) run_case(&st, cpu, gpu, &cases[i], &rng);
+    fp4moe_context_destroy(cpu);
+    fp4moe_context_destroy(gpu);
+    return testing_finish(&st, "test_gpu_backend");
+}
