@@ -13,6 +13,7 @@ OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT"
 PROFILE=0
 if [ "${1:-}" = "--profile" ]; then PROFILE=1; shift; fi
+if [ "${1:-}" = "--stalls" ]; then PROFILE=2; shift; fi
 PRESETS=${1:-qwen3-30b-a3b,nemotron3-nano-30b-a3b,deepseek-v3}
 TOKENS=${2:-1,4,16}
 BUILD=build-gpu
@@ -42,6 +43,17 @@ if [ $? -ne 0 ]; then
   exit 1
 fi
 
+if [ $PROFILE = 2 ]; then
+  # where the warps of each kernel wait (Nsight Compute source counters), first preset/T given
+  for k in front_kernel fc1_kernel fc2_kernel finalize_kernel; do
+    echo "=== $k"
+    ncu -k "regex:$k" --launch-skip 5 --launch-count 1 --section SourceCounters \
+      --section WarpStateStats --section SpeedOfLight "./$BUILD/fp4moe" bench --backend cuda \
+      --preset "${PRESETS%%,*}" --tokens "${TOKENS%%,*}" 2>&1 | tee -a "$OUT/stalls.log" \
+      | grep -E "Duration|Stall|Warp Cycles|Issued Ipc|Location|\.cu:|Throughput" | head -40
+  done
+  exit 0
+fi
 if [ $PROFILE = 1 ]; then
   for p in ${PRESETS//,/ }; do
     for t in ${TOKENS//,/ }; do

@@ -3,6 +3,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+#if defined(FP4MOE_X86)
+#include <cpuid.h>
+#endif
+
 #include "cpu_backend.h"
 #include "cpu_kernels.h"
 
@@ -14,8 +18,10 @@ cpu_isa cpu_isa_detect(void)
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
         return CPU_ISA_AVX512;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-        __builtin_cpu_supports("f16c"))
+    /* clang 14 knows no "f16c" for __builtin_cpu_supports: read CPUID leaf 1 (ECX bit 29). */
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    int f16c = __get_cpuid(1, &eax, &ebx, &ecx, &edx) && (ecx & (1u << 29)) != 0;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && f16c)
         return CPU_ISA_AVX2;
 #endif
     return CPU_ISA_GENERIC;
