@@ -4,7 +4,7 @@ BUILD ?= build
 CMAKE_FLAGS ?=
 JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: all configure demo test bench clean
+.PHONY: all configure demo test bench sanitize fuzz clean
 
 all: configure
 	cmake --build $(BUILD) -j$(JOBS)
@@ -21,5 +21,16 @@ test: all
 bench: all
 	./$(BUILD)/fp4moe bench --preset qwen3-30b-a3b --tokens 1,16,256
 
+# The test suite under AddressSanitizer + UndefinedBehaviorSanitizer (+ LeakSanitizer), CPU only.
+sanitize:
+	@test -f build-asan/CMakeCache.txt || cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+		-DFP4MOE_SANITIZE=ON -DFP4MOE_CUDA=OFF
+	cmake --build build-asan -j$(JOBS)
+	cd build-asan && ctest --output-on-failure -j$(JOBS)
+
+# Short libFuzzer runs of every parser of untrusted bytes (clang); FUZZ_SECONDS per target.
+fuzz:
+	bash scripts/fuzz-short.sh
+
 clean:
-	rm -rf $(BUILD)
+	rm -rf $(BUILD) build-asan build-fuzz

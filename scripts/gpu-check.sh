@@ -52,6 +52,24 @@ if [ $PROFILE = 2 ]; then
       --preset "${PRESETS%%,*}" --tokens "${TOKENS%%,*}" 2>&1 | tee -a "$OUT/stalls.log" \
       | grep -E "Duration|Stall|Warp Cycles|Issued Ipc|Location|\.cu:|Throughput" | head -40
   done
+  for k in front_kernel fc1_kernel; do
+    echo "=== $k: source lines with the most stall samples"
+    ncu -k "regex:$k" --launch-skip 5 --launch-count 1 --section SourceCounters --page source \
+      --csv --print-source cuda "./$BUILD/fp4moe" bench --backend cuda \
+      --preset "${PRESETS%%,*}" --tokens "${TOKENS%%,*}" > "$OUT/source-$k.csv" 2>&1
+    python3 - "$OUT/source-$k.csv" <<'PY'
+import csv, sys
+rows = [r for r in csv.reader(l for l in open(sys.argv[1]) if l.startswith('"'))]
+head = rows[0]
+col = next((i for i, h in enumerate(head) if h.startswith("Warp Stall Sampling (All")), None)
+if col is None:
+    print(head); sys.exit()
+body = [r for r in rows[1:] if len(r) > col and r[col].replace('.', '').isdigit()]
+body.sort(key=lambda r: -float(r[col]))
+for r in body[:25]:
+    print(r[col], "|", r[0], "|", r[1][:110])
+PY
+  done
   exit 0
 fi
 if [ $PROFILE = 1 ]; then
