@@ -26,7 +26,7 @@ sanitize:
 	@test -f build-asan/CMakeCache.txt || cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=RelWithDebInfo \
 		-DFP4MOE_SANITIZE=ON -DFP4MOE_CUDA=OFF
 	cmake --build build-asan -j$(JOBS)
-	cd build-asan && ctest --output-on-failure -j$(JOBS)
+	cd build-asan && ctest --output-on-failure -j$(JOBS) -LE large
 
 # Short libFuzzer runs of every parser of untrusted bytes (clang); FUZZ_SECONDS per target.
 fuzz:

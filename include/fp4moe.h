@@ -22,7 +22,8 @@
  *
  * Pointers passed to forward/route calls live where the plan's backend computes: host memory
  * for the CPU backend, device memory for the CUDA backend. Weights given to fp4moe_plan_create
- * are always host memory.
+ * are always host memory. Every tensor pointer must be aligned to its element size
+ * (INVALID_ARGUMENT otherwise); workspaces to 256 bytes.
  */
 #ifndef FP4MOE_H
 #define FP4MOE_H

@@ -194,6 +194,22 @@ static void weight_errors(env *v, const ref_layer *L)
                     (w.a1_global_scale = L->w.a1_global_scale, w.a2_global_scale = scales));
         BAD_WEIGHTS("bad fc2_input_fp8_scale", c.fc2_input_fp8 = 1, w.fc2_input_fp8_scale = scales);
     }
+    /* a misaligned float array and an E4M3 NaN block scale (0x7f / 0xff) */
+    float unaligned_storage[9];
+    const float *unaligned = (const float *)((const char *)unaligned_storage + 2);
+    BAD_WEIGHTS("w2_global_scale misaligned", (void)0, w.w2_global_scale = unaligned);
+    {
+        const int64_t n1 = c.intermediate_size * 2, scale_bytes = c.local_num_experts
+                               ? c.local_num_experts * n1 * (c.hidden_size / 16)
+                               : c.num_experts * n1 * (c.hidden_size / 16);
+        uint8_t *nan_scales = malloc((size_t)scale_bytes);
+        if (nan_scales != NULL && w0.w1_scale != NULL) {
+            memcpy(nan_scales, w0.w1_scale, (size_t)scale_bytes);
+            nan_scales[testing_int(&v->rng, 0, scale_bytes - 1)] = testing_int(&v->rng, 0, 1) ? 0x7f : 0xff;
+            BAD_WEIGHTS("NaN block scale in w1_scale", (void)0, w.w1_scale = nan_scales);
+        }
+        free(nan_scales);
+    }
 #undef BAD_WEIGHTS
 
     fp4moe_plan *plan = (fp4moe_plan *)(uintptr_t)0x1;
@@ -326,6 +342,15 @@ static void forward_errors(env *v, const ref_layer *L)
         BAD_FORWARD(what " (forward_routed)", want, mutation, fp4moe_forward_routed, b.ws_bytes); \
     } while (0)
     BAD_BOTH("hidden NULL", BAD, a.hidden_states = NULL);
+    /* misaligned tensors (one byte off their element size) */
+    BAD_BOTH("hidden misaligned", BAD, a.hidden_states = (const char *)b.hidden + 1);
+    BAD_BOTH("output misaligned", BAD, a.output = (char *)b.out + 2);
+    BAD_BOTH("per_token_scale misaligned", BAD, a.per_token_scale = (const float *)((const char *)b.pts + 1));
+    BAD_FORWARD("logits misaligned", BAD, a.router_logits = (const char *)b.logits + 3, fp4moe_forward, b.ws_bytes);
+    BAD_FORWARD("topk_ids misaligned", BAD, a.topk_ids = (const int32_t *)((const char *)b.ids + 2),
+                fp4moe_forward_routed, b.ws_bytes);
+    expect(v, fp4moe_forward(plan, &good, (char *)b.ws + 16, b.ws_bytes, NULL), BAD,
+           "workspace not 256-byte aligned");
     BAD_BOTH("output NULL", BAD, a.output = NULL);
     BAD_BOTH("T 0", BAD, a.num_tokens = 0);
     BAD_BOTH("T -1", BAD, a.num_tokens = -1);

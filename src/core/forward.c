@@ -21,6 +21,16 @@ static int is_activation_dtype(fp4moe_dtype d)
     return d == FP4MOE_DTYPE_F32 || d == FP4MOE_DTYPE_F16 || d == FP4MOE_DTYPE_BF16;
 }
 
+/* Tensors must be aligned to their element size (a misaligned float is undefined behaviour on
+ * the host and a fault on the GPU). Returns the name of the first offender, or NULL. */
+static const char *misaligned(const void *const *ptrs, const size_t *align, const char *const *names,
+                              int count)
+{
+    for (int i = 0; i < count; i++)
+        if (ptrs[i] != NULL && align[i] > 1 && (uintptr_t)ptrs[i] % align[i] != 0) return names[i];
+    return NULL;
+}
+
 /* Two byte ranges [a, a+na) and [b, b+nb) overlap. */
 static int overlaps(const void *a, size_t na, const void *b, size_t nb)
 {
@@ -88,6 +98,21 @@ static fp4moe_status forward_common(fp4moe_plan *plan, const fp4moe_forward_args
         if (!is_activation_dtype(a->router_logits_dtype))
             return fp4moe_fail(ctx, bad, "router_logits_dtype = %d must be F32, F16 or BF16",
                                (int)a->router_logits_dtype);
+    }
+
+    {
+        const void *ptrs[] = {a->hidden_states, a->output, routed ? NULL : a->router_logits,
+                              routed ? a->topk_ids : NULL, routed ? a->topk_weights : NULL,
+                              a->per_token_scale, a->topk_ids_out, a->topk_weights_out};
+        const size_t align[] = {dtype_size(a->hidden_dtype), dtype_size(a->output_dtype),
+                                dtype_size(a->router_logits_dtype), 4,
+                                dtype_size(a->topk_weights_dtype), 4, 4, 4};
+        static const char *const names[] = {"hidden_states", "output", "router_logits", "topk_ids",
+                                            "topk_weights", "per_token_scale", "topk_ids_out",
+                                            "topk_weights_out"};
+        const char *which = misaligned(ptrs, align, names, 8);
+        if (which != NULL)
+            return fp4moe_fail(ctx, bad, "%s is not aligned to its element size", which);
     }
 
     /* The output may replace the input in place (same pointer, same shape and dtype), and must
@@ -166,6 +191,14 @@ fp4moe_status fp4moe_route(fp4moe_plan *plan, int64_t num_tokens, const void *ro
                            (int)router_logits_dtype);
     if (topk_ids_out == NULL) return fp4moe_fail(ctx, bad, "topk_ids_out is NULL");
     if (topk_weights_out == NULL) return fp4moe_fail(ctx, bad, "topk_weights_out is NULL");
+    {
+        const void *ptrs[] = {router_logits, topk_ids_out, topk_weights_out};
+        const size_t align[] = {dtype_size(router_logits_dtype), 4, 4};
+        static const char *const names[] = {"router_logits", "topk_ids_out", "topk_weights_out"};
+        const char *which = misaligned(ptrs, align, names, 3);
+        if (which != NULL)
+            return fp4moe_fail(ctx, bad, "%s is not aligned to its element size", which);
+    }
     size_t n = (size_t)(num_tokens * plan->cfg.top_k) * 4;
     if (overlaps(topk_ids_out, n, topk_weights_out, n))
         return fp4moe_fail(ctx, bad, "topk_ids_out overlaps topk_weights_out");

@@ -1,6 +1,7 @@
 /* Plans: validate the caller's weights, keep an owned canonical copy (linear scales), hand it
  * to the backend to repack, and release everything on destroy. */
 #include <math.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -46,6 +47,8 @@ static const char *rule_text(value_rule rule)
 static fp4moe_status copy_floats(fp4moe_context *ctx, const char *name, const float *src,
                                  int64_t count, value_rule rule, float **dst)
 {
+    if ((uintptr_t)src % sizeof(float) != 0)
+        return fp4moe_fail(ctx, FP4MOE_ERROR_INVALID_ARGUMENT, "%s is not 4-byte aligned", name);
     for (int64_t i = 0; i < count; i++)
         if (!value_ok(src[i], rule))
             return fp4moe_fail(ctx, FP4MOE_ERROR_INVALID_ARGUMENT, "%s[%lld] = %g must be %s",

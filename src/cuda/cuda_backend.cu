@@ -18,7 +18,6 @@ typedef struct cuda_state {
     int sm_count;
     int route_warps;
     size_t route_smem;
-    int gemv_blocks;
     void *arrays[MAX_DEVICE_ARRAYS];
     int num_arrays;
     cuda_plan_view view;
@@ -66,59 +65,50 @@ static fp4moe_status upload(fp4moe_plan *plan, cuda_state *st, const void *host,
     return FP4MOE_SUCCESS;
 }
 
-// A stack of [experts][rows][k/2] codes and [experts][rows][k/16] scales, each row padded to
-// kp columns with zero codes and zero scales (value 0), uploaded expert by expert.
-static fp4moe_status upload_padded(fp4moe_plan *plan, cuda_state *st, const uint8_t *codes,
-                                   const uint8_t *scales, int64_t rows, int64_t k, int64_t kp,
-                                   const uint8_t **codes_out, const uint8_t **scales_out)
+// A stack of [experts][rows][k/2] codes and [experts][rows][k/16] linear scales, uploaded
+// expert by expert through one device staging buffer and repacked on the GPU into the tile
+// layout (cuda_repack.cu). Plan creation only: the staging buffer is freed before returning.
+static fp4moe_status upload_tiles(fp4moe_plan *plan, cuda_state *st, const uint8_t *codes,
+                                  const uint8_t *scales, int64_t rows, int64_t k, int64_t kp,
+                                  int gated_fc1, const uint8_t **codes_out,
+                                  const uint8_t **scales_out)
 {
     const int64_t experts = plan->e_loc;
-    if (k == kp) {
-        void *c = NULL, *s = NULL;
-        fp4moe_status status = upload(plan, st, codes, (size_t)(experts * rows * k / 2), &c);
-        if (status == FP4MOE_SUCCESS)
-            status = upload(plan, st, scales, (size_t)(experts * rows * k / 16), &s);
-        *codes_out = (const uint8_t *)c;
-        *scales_out = (const uint8_t *)s;
-        return status;
-    }
-    const size_t code_bytes = (size_t)(rows * kp / 2), scale_bytes = (size_t)(rows * kp / 16);
-    uint8_t *host = (uint8_t *)calloc(code_bytes + scale_bytes, 1);
-    if (host == NULL)
-        return fp4moe_fail(plan->ctx, FP4MOE_ERROR_OUT_OF_MEMORY, "cuda backend: repack buffer");
-    void *c = NULL, *s = NULL;
-    // arrays of the padded size, filled expert by expert through one host row buffer
-    fp4moe_status status = FP4MOE_SUCCESS;
-    if (st->num_arrays + 2 > MAX_DEVICE_ARRAYS) {
-        free(host);
+    const size_t src_codes = (size_t)(rows * k / 2), src_scales = (size_t)(rows * k / 16);
+    const size_t tile_codes = (size_t)(rows / CUDA_TILE_ROWS * (kp / CUDA_KGROUP) * 512);
+    const size_t tile_scales = (size_t)(rows / CUDA_TILE_ROWS * (kp / CUDA_KGROUP) * 64);
+    if (st->num_arrays + 2 > MAX_DEVICE_ARRAYS)
         return fp4moe_fail(plan->ctx, FP4MOE_ERROR_INTERNAL, "cuda backend: too many arrays");
-    }
-    cudaError_t err = cudaMalloc(&c, code_bytes * (size_t)experts);
+    void *c = NULL, *s = NULL, *staging = NULL;
+    cudaError_t err = cudaMalloc(&c, tile_codes * (size_t)experts);
     if (err == cudaSuccess) st->arrays[st->num_arrays++] = c;
-    if (err == cudaSuccess) err = cudaMalloc(&s, scale_bytes * (size_t)experts);
+    if (err == cudaSuccess) err = cudaMalloc(&s, tile_scales * (size_t)experts);
     if (err == cudaSuccess) st->arrays[st->num_arrays++] = s;
+    if (err == cudaSuccess) err = cudaMalloc(&staging, src_codes + src_scales);
     if (err != cudaSuccess) {
         (void)cudaGetLastError();
-        free(host);
+        cudaFree(staging);
         return fp4moe_fail(plan->ctx, FP4MOE_ERROR_OUT_OF_MEMORY, "cuda backend: cudaMalloc: %s",
                            cudaGetErrorString(err));
     }
-    for (int64_t e = 0; e < experts && status == FP4MOE_SUCCESS; e++) {
-        for (int64_t r = 0; r < rows; r++) {
-            memcpy(host + r * (kp / 2), codes + (e * rows + r) * (k / 2), (size_t)(k / 2));
-            memcpy(host + code_bytes + r * (kp / 16), scales + (e * rows + r) * (k / 16),
-                   (size_t)(k / 16));
-        }
-        err = cudaMemcpy((uint8_t *)c + e * code_bytes, host, code_bytes, cudaMemcpyHostToDevice);
+    const int gate_first = plan->cfg.gate_up_order == FP4MOE_GATE_UP;
+    for (int64_t e = 0; e < experts && err == cudaSuccess; e++) {
+        err = cudaMemcpy(staging, codes + (size_t)e * src_codes, src_codes, cudaMemcpyHostToDevice);
         if (err == cudaSuccess)
-            err = cudaMemcpy((uint8_t *)s + e * scale_bytes, host + code_bytes, scale_bytes,
-                             cudaMemcpyHostToDevice);
-        if (err != cudaSuccess) status = cuda_fail(plan, err, "cudaMemcpy (padded weights)");
+            err = cudaMemcpy((uint8_t *)staging + src_codes, scales + (size_t)e * src_scales,
+                             src_scales, cudaMemcpyHostToDevice);
+        if (err == cudaSuccess)
+            err = cuda_launch_repack((const uint8_t *)staging, (const uint8_t *)staging + src_codes,
+                                     rows, k, kp, gated_fc1, gate_first, plan->cfg.intermediate_size,
+                                     (uint8_t *)c + (size_t)e * tile_codes,
+                                     (uint8_t *)s + (size_t)e * tile_scales);
     }
-    free(host);
+    if (err == cudaSuccess) err = cudaDeviceSynchronize();
+    cudaFree(staging);
     *codes_out = (const uint8_t *)c;
     *scales_out = (const uint8_t *)s;
-    return status;
+    if (err != cudaSuccess) return cuda_fail(plan, err, "weight upload / repack");
+    return FP4MOE_SUCCESS;
 }
 
 static fp4moe_status cuda_prepare(fp4moe_plan *plan)
@@ -136,14 +126,13 @@ static fp4moe_status cuda_prepare(fp4moe_plan *plan)
         cuda_release(plan);
         return s;
     }
-    st->gemv_blocks = st->sm_count * CUDA_GEMV_MIN_BLOCKS;
 
     const int64_t e_loc = plan->e_loc, n1 = plan->n1, h = cfg->hidden_size;
     const int64_t inter = cfg->intermediate_size, e = cfg->num_experts;
     cuda_plan_view *v = &st->view;
     v->num_experts = e, v->e_loc = e_loc, v->e0 = cfg->local_expert_offset;
     v->top_k = cfg->top_k, v->h = h, v->inter = inter, v->n1 = n1;
-    v->k1p = round_up(h, CUDA_CHUNK_VALUES), v->k2p = round_up(inter, CUDA_CHUNK_VALUES);
+    v->k1p = round_up(h, CUDA_KGROUP), v->k2p = round_up(inter, CUDA_KGROUP);
     v->gated = plan->gated, v->gate_first = cfg->gate_up_order == FP4MOE_GATE_UP;
     v->activation = cfg->activation, v->routing = cfg->routing;
     v->n_group = cfg->n_group, v->topk_group = cfg->topk_group;
@@ -173,11 +162,11 @@ static fp4moe_status cuda_prepare(fp4moe_plan *plan)
     const plan_weights *w = &plan->w;
     const size_t fe = (size_t)e_loc * sizeof(float);
     void *p = NULL;
-    fp4moe_status status = upload_padded(plan, st, w->w1, w->w1_scale, n1, h, v->k1p, &v->w1_codes,
-                                         &v->w1_scales);
+    fp4moe_status status = upload_tiles(plan, st, w->w1, w->w1_scale, n1, h, v->k1p, plan->gated,
+                                        &v->w1_codes, &v->w1_scales);
     if (status == FP4MOE_SUCCESS)
-        status = upload_padded(plan, st, w->w2, w->w2_scale, h, inter, v->k2p, &v->w2_codes,
-                               &v->w2_scales);
+        status = upload_tiles(plan, st, w->w2, w->w2_scale, h, inter, v->k2p, 0, &v->w2_codes,
+                              &v->w2_scales);
 #define UPLOAD(field, host, bytes)                                                         \
     if (status == FP4MOE_SUCCESS) {                                                        \
         status = upload(plan, st, host, bytes, &p);                                        \
@@ -205,21 +194,26 @@ static size_t align256(size_t n) { return (n + 255) / 256 * 256; }
 
 static int x_per_slot(const cuda_plan_view *v) { return v->on_input || v->w4a4; }
 
+#define WS_REGIONS 16
+
 // Offsets of every region for num_tokens tokens; returns the total.
-static size_t layout(const cuda_plan_view *v, int64_t num_tokens, size_t off[11])
+static size_t layout(const cuda_plan_view *v, int64_t num_tokens, size_t off[WS_REGIONS])
 {
     const int64_t k = v->top_k;
     const int64_t chunk = num_tokens < CUDA_TOKEN_CHUNK ? num_tokens : CUDA_TOKEN_CHUNK;
     const int64_t slots = chunk * k;
     const int64_t x_rows = x_per_slot(v) ? slots : chunk;
-    const size_t sizes[11] = {
+    const size_t sizes[WS_REGIONS] = {
         (size_t)(num_tokens * k) * 4, (size_t)(num_tokens * k) * 4, (size_t)slots * 4,
         (size_t)v->e_loc * 4,         (size_t)v->e_loc * 4,         (size_t)(1 + slots) * 4,
-        (size_t)(slots + 1) * 4,      (size_t)slots * 4,            (size_t)(x_rows * v->k1p) * 4,
-        (size_t)(slots * v->k2p) * 4, (size_t)(slots * v->h) * 4,
+        (size_t)(slots + 1) * 4,      (size_t)slots * 4,
+        (size_t)(x_rows * v->k1p) * 4, (size_t)(x_rows * v->k1p) * 4, (size_t)x_rows * 4,
+        (size_t)x_rows * 4,
+        (size_t)(slots * v->k2p) * 4, (size_t)(slots * v->k2p) * 4, (size_t)slots * 4,
+        (size_t)(slots * v->h) * 4,
     };
     size_t total = 0;
-    for (int i = 0; i < 11; i++) {
+    for (int i = 0; i < WS_REGIONS; i++) {
         off[i] = total;
         total += align256(sizes[i]);
     }
@@ -228,13 +222,13 @@ static size_t layout(const cuda_plan_view *v, int64_t num_tokens, size_t off[11]
 
 static size_t cuda_workspace_size(const fp4moe_plan *plan, int64_t num_tokens)
 {
-    size_t off[11];
+    size_t off[WS_REGIONS];
     return layout(&((const cuda_state *)plan->backend_state)->view, num_tokens, off);
 }
 
 static cuda_workspace carve(const cuda_plan_view *v, int64_t num_tokens, void *base)
 {
-    size_t off[11];
+    size_t off[WS_REGIONS];
     layout(v, num_tokens, off);
     uint8_t *b = (uint8_t *)base;
     cuda_workspace ws;
@@ -247,8 +241,13 @@ static cuda_workspace carve(const cuda_plan_view *v, int64_t num_tokens, void *b
     ws.touched_begin = (int32_t *)(b + off[6]);
     ws.entries = (int32_t *)(b + off[7]);
     ws.x = (float *)(b + off[8]);
-    ws.u = (float *)(b + off[9]);
-    ws.y = (float *)(b + off[10]);
+    ws.xh = (uint4 *)(b + off[9]);
+    ws.x_amax = (int32_t *)(b + off[10]);
+    ws.x_scale = (float *)(b + off[11]);
+    ws.u = (float *)(b + off[12]);
+    ws.uh = (uint4 *)(b + off[13]);
+    ws.u_scale = (float *)(b + off[14]);
+    ws.y = (float *)(b + off[15]);
     return ws;
 }
 
@@ -302,7 +301,7 @@ static fp4moe_status cuda_forward(fp4moe_plan *plan, const forward_call *call, v
         c.t1 = t0 + CUDA_TOKEN_CHUNK < t_total ? t0 + CUDA_TOKEN_CHUNK : t_total;
         err = cuda_launch_front(v, &c, &ws, &src, fused, st->route_warps, st->route_smem, stream);
         if (err != cudaSuccess) return cuda_fail(plan, err, "front kernel");
-        err = cuda_launch_experts(v, &c, &ws, st->gemv_blocks, stream);
+        err = cuda_launch_experts(v, &c, &ws, stream);
         if (err != cudaSuccess) return cuda_fail(plan, err, "expert kernels");
     }
     return FP4MOE_SUCCESS;

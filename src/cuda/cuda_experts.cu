@@ -1,12 +1,14 @@
-// The experts of a token chunk on the GPU, as W4A16-style GEMVs: every warp owns a few weight
-// rows of one touched expert and runs them against every (token, slot) that chose the expert,
-// so each touched expert's weights are read from memory once per chunk. Warps of all touched
-// experts are spread over the whole grid (a grid-stride loop over (expert, row group) items).
+// The experts of a token chunk on the GPU, as tensor-core GEMVs: a block owns one 16-row tile
+// of one touched expert and runs it against up to 8 (token, slot) pairs of that expert per
+// mma.sync.m16n8k16 (weights as the M operand, "swap A/B"), its 8 warps splitting K; so each
+// touched expert's weights are read from memory once per pass of 8 slots.
 //
-// Decoding: an E2M1 nibble pair (values j and j+4 of a 32-bit word) is placed in a half2 with
-// the magnitude bits at 11..9 and the sign at 15, which is the value times 2^-14 exactly (0.5
-// lands on the FP16 subnormal 2^-15); the 2^14 goes into the block scale. Products and sums
-// are FP32 (the CPU backend's semantics); the block partial sums are scaled by their E4M3 scale.
+// Decoding: an E2M1 nibble pair is placed in a half2 with the magnitude bits at 11..9 and the
+// sign at 15, which is the value times 2^-14 exactly (0.5 lands on the FP16 subnormal 2^-15):
+// one shift and two masks per 2 values, no conversion instruction. The block scale (times
+// 2^14) multiplies the FP32 partial sum of each 16-value k step. Activations enter as FP16
+// hi + lo parts of the row scaled by a power of two (22 significant bits, FP32 range), so the
+// products are as exact as FP32 ones and the sums are FP32: docs/DESIGN.md "CUDA backend".
 #include <math.h>
 
 #include "cuda_internal.cuh"
@@ -23,67 +25,102 @@ static __device__ __forceinline__ uint4 load_weights16(const void *ptr)
     return v;
 }
 
-// sum_j x[j] * e2m1(nibble j of w) * 2^-14 over the 8 nibbles of w.
-static __device__ __forceinline__ float dot8(uint32_t w, const float *x)
+static __device__ __forceinline__ uint2 load_scales8(const void *ptr)
 {
-    float sum = 0.0f;
-#pragma unroll
-    for (int j = 0; j < 4; j++) {
-        const uint32_t t = w >> (4 * j);
-        const uint32_t bits = ((t & 0x00070007u) << 9) | ((t & 0x00080008u) << 12);
-        const float2 q = __half22float2(*reinterpret_cast<const __half2 *>(&bits));
-        sum = fmaf(x[j], q.x, sum);
-        sum = fmaf(x[j + 4], q.y, sum);
-    }
-    return sum;
+    uint2 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];"
+                 : "=r"(v.x), "=r"(v.y)
+                 : "l"(ptr));
+    return v;
 }
 
-// acc[r][s] += sum over K of in_s[col] * W[row_r][col] (block scales applied, global not),
-// this lane's chunks only (the caller reduces over the warp).
-static __device__ __forceinline__ void gemv_rows(const uint8_t *codes, const uint8_t *scales,
-                                                 int64_t kp, const int64_t *rows,
-                                                 const float *const *in, int nslots,
-                                                 float acc[CUDA_ROWS_PER_WARP][CUDA_SLOTS_PER_PASS],
-                                                 int lane)
+// Register i (0..3) of a repacked word: nibbles i (even k) and i+4 (odd k) as a half2 of
+// e2m1 * 2^-14.
+static __device__ __forceinline__ uint32_t decode_pair(uint32_t w, int i)
 {
-    const int64_t chunks = kp / CUDA_CHUNK_VALUES, code_stride = kp / 2, scale_stride = kp / 16;
-    for (int64_t c = lane; c < chunks; c += 32) {
-        uint4 q[CUDA_ROWS_PER_WARP];
-        float s_lo[CUDA_ROWS_PER_WARP], s_hi[CUDA_ROWS_PER_WARP];
-#pragma unroll
-        for (int r = 0; r < CUDA_ROWS_PER_WARP; r++)
-            q[r] = load_weights16(codes + rows[r] * code_stride + c * 16);
-#pragma unroll
-        for (int r = 0; r < CUDA_ROWS_PER_WARP; r++) {
-            const uint16_t sc = *(const uint16_t *)(scales + rows[r] * scale_stride + c * 2);
-            s_lo[r] = e4m3_value(sc & 0xffu) * 16384.0f;
-            s_hi[r] = e4m3_value(sc >> 8) * 16384.0f;
+    const uint32_t t = w >> (4 * i);
+    return ((t & 0x00070007u) << 9) | ((t & 0x00080008u) << 12);
+}
+
+static __device__ __forceinline__ void mma_16816(float d[4], const uint32_t a[4], uint32_t b0,
+                                                 uint32_t b1)
+{
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, "
+                 "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// One warp's share of a tile: K groups kg = warp, warp + CUDA_GEMV_WARPS, ... against the B
+// rows of up to 8 slots (b_row NULL for columns without a slot). acc: this lane's C fragment
+// (rows g, g+8; columns 2q, 2q+1), block scales applied, row scales not.
+static __device__ __forceinline__ void tile_partial(const uint8_t *codes, const uint8_t *scales,
+                                                    int64_t groups, const uint4 *b_row, int warp,
+                                                    int lane, float acc[4])
+{
+    const uint4 *tile_codes = reinterpret_cast<const uint4 *>(codes);
+    const uint2 *tile_scales = reinterpret_cast<const uint2 *>(scales);
+    const int g = lane / 4, q = lane % 4;
+    int64_t kg = warp;
+    if (kg >= groups) return;
+    uint4 w = load_weights16(tile_codes + kg * 32 + lane);
+    uint2 sc = load_scales8(tile_scales + kg * 8 + g);
+    for (; kg < groups; kg += CUDA_GEMV_WARPS) {
+        // the next group's weights are in flight while this one computes
+        const int64_t next = kg + CUDA_GEMV_WARPS;
+        uint4 w_next = w;
+        uint2 sc_next = sc;
+        if (next < groups) {
+            w_next = load_weights16(tile_codes + next * 32 + lane);
+            sc_next = load_scales8(tile_scales + next * 8 + g);
         }
-        // One 32-bit word (8 values) at a time, so few activations are live at once.
+        uint4 b[4] = {};
+        if (b_row != NULL) {
 #pragma unroll
-        for (int word = 0; word < 4; word++) {
-#pragma unroll
-            for (int s = 0; s < CUDA_SLOTS_PER_PASS; s++) {
-                if (s >= nslots) break;
-                const float4 *xp =
-                    reinterpret_cast<const float4 *>(in[s] + c * CUDA_CHUNK_VALUES + word * 8);
-                const float4 v0 = __ldg(xp), v1 = __ldg(xp + 1);
-                const float x[8] = {v0.x, v0.y, v0.z, v0.w, v1.x, v1.y, v1.z, v1.w};
-#pragma unroll
-                for (int r = 0; r < CUDA_ROWS_PER_WARP; r++) {
-                    const uint32_t w = word == 0 ? q[r].x : word == 1 ? q[r].y : word == 2 ? q[r].z : q[r].w;
-                    acc[r][s] = fmaf(dot8(w, x), word < 2 ? s_lo[r] : s_hi[r], acc[r][s]);
-                }
-            }
+            for (int s = 0; s < 4; s++) b[s] = __ldg(b_row + (kg * 4 + s) * 4 + q);
         }
+        const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+        for (int s = 0; s < 4; s++) {
+            uint32_t a[4];
+#pragma unroll
+            for (int i = 0; i < 4; i++) a[i] = decode_pair(words[s], i);
+            float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            mma_16816(d, a, b[s].x, b[s].y); // hi parts
+            mma_16816(d, a, b[s].z, b[s].w); // lo parts
+            const float s_g = e4m3_value((sc.x >> (8 * s)) & 0xffu) * 16384.0f;
+            const float s_g8 = e4m3_value((sc.y >> (8 * s)) & 0xffu) * 16384.0f;
+            acc[0] = fmaf(d[0], s_g, acc[0]);
+            acc[1] = fmaf(d[1], s_g, acc[1]);
+            acc[2] = fmaf(d[2], s_g8, acc[2]);
+            acc[3] = fmaf(d[3], s_g8, acc[3]);
+        }
+        w = w_next;
+        sc = sc_next;
     }
+}
+
+// The whole tile for one pass: every warp's partial, summed in warp order by warp 0 (fixed
+// order: deterministic). Returns in warp 0's acc; red: CUDA_GEMV_WARPS * 32 * 4 floats of
+// shared memory.
+static __device__ __forceinline__ void tile_product(const uint8_t *codes, const uint8_t *scales,
+                                                    int64_t groups, const uint4 *b_row, float acc[4],
+                                                    float *red)
+{
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    acc[0] = acc[1] = acc[2] = acc[3] = 0.0f;
+    tile_partial(codes, scales, groups, b_row, warp, lane, acc);
+    __syncthreads(); // red is free (the previous pass's epilogue is done)
+    if (warp > 0) {
 #pragma unroll
-    for (int r = 0; r < CUDA_ROWS_PER_WARP; r++)
+        for (int i = 0; i < 4; i++) red[(warp * 32 + lane) * 4 + i] = acc[i];
+    }
+    __syncthreads();
+    if (warp == 0) {
+        for (int w = 1; w < CUDA_GEMV_WARPS; w++)
 #pragma unroll
-        for (int s = 0; s < CUDA_SLOTS_PER_PASS; s++)
-#pragma unroll
-            for (int off = 16; off > 0; off >>= 1)
-                acc[r][s] += __shfl_xor_sync(FULL_MASK, acc[r][s], off);
+            for (int i = 0; i < 4; i++) acc[i] += red[(w * 32 + lane) * 4 + i];
+    }
 }
 
 // ------------------------------------------------------------------ activations (as cpu_activation.c)
@@ -120,152 +157,147 @@ static __device__ float activation_plain(const cuda_plan_view &p, float x)
 }
 
 // ------------------------------------------------------------------ FC1 + activation
-__global__ void __launch_bounds__(CUDA_GEMV_THREADS, CUDA_GEMV_MIN_BLOCKS)
+// One block per (touched expert, 16-row tile); blocks past the touched experts exit at once.
+__global__ void __launch_bounds__(CUDA_GEMV_WARPS * 32)
 fc1_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws)
 {
-    const int lane = threadIdx.x % 32;
-    const int64_t warp = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) / 32;
-    const int64_t warps = (int64_t)gridDim.x * blockDim.x / 32;
-    const int64_t inter = p.inter, k = p.top_k;
-    // channels per warp: gated FC1 reads the gate and up rows of 2 channels, plain FC1 4 rows
-    const int64_t per_warp = p.gated ? CUDA_ROWS_PER_WARP / 2 : CUDA_ROWS_PER_WARP;
-    const int64_t groups = inter / per_warp;
-    const int64_t items = (int64_t)ws.touched[0] * groups;
-    const int64_t code_bytes = p.n1 * (p.k1p / 2), scale_bytes = p.n1 * (p.k1p / 16);
-    const int w4a4 = p.w4a4;
-    for (int64_t item = warp; item < items; item += warps) {
-        const int64_t u = item / groups, g = item % groups;
-        const int64_t e = ws.touched[1 + u];
-        const int begin = ws.touched_begin[u], end = ws.touched_begin[u + 1];
-        int64_t rows[CUDA_ROWS_PER_WARP];
-        if (p.gated) {
-            for (int i = 0; i < 2; i++) {
-                const int64_t ch = g * 2 + i;
-                rows[2 * i] = p.gate_first ? ch : ch + inter;
-                rows[2 * i + 1] = p.gate_first ? ch + inter : ch;
-            }
-        } else {
-            for (int i = 0; i < 4; i++) rows[i] = g * 4 + i;
+    __shared__ float red[CUDA_GEMV_WARPS * 32 * 4];
+    const int64_t tiles = p.n1 / CUDA_TILE_ROWS, groups = p.k1p / CUDA_KGROUP;
+    const int64_t u = blockIdx.x / tiles, tile = blockIdx.x % tiles;
+    if (u >= ws.touched[0]) return;
+    const int64_t e = ws.touched[1 + u];
+    const int begin = ws.touched_begin[u], end = ws.touched_begin[u + 1];
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, q = lane % 4;
+    const int64_t k = p.top_k, inter = p.inter;
+    const uint8_t *codes = p.w1_codes + (e * tiles + tile) * groups * 512;
+    const uint8_t *scales = p.w1_scales + (e * tiles + tile) * groups * 64;
+    const float sa = p.w4a4 ? 1.0f / p.a1_global[e] : 1.0f;
+    const float scale_low = __fmul_rn(sa, p.w1_global[e]);
+    const float scale_high = __fmul_rn(sa, p.w1_global_half2[e]);
+    for (int pos = begin; pos < end; pos += CUDA_SLOTS_PER_PASS) {
+        const int nslots = min(CUDA_SLOTS_PER_PASS, end - pos);
+        const uint4 *b_row = NULL;
+        if (g < nslots) {
+            const int64_t slot = ws.entries[pos + g];
+            b_row = ws.xh + (c.x_per_slot ? slot : slot / k) * (p.k1p / 4);
         }
-        const float sa = w4a4 ? 1.0f / p.a1_global[e] : 1.0f;
-        const float scale_low = __fmul_rn(sa, p.w1_global[e]);
-        const float scale_high = __fmul_rn(sa, p.w1_global_half2[e]);
-        for (int pos = begin; pos < end; pos += CUDA_SLOTS_PER_PASS) {
-            const int nslots = min(CUDA_SLOTS_PER_PASS, end - pos);
-            int64_t slot[CUDA_SLOTS_PER_PASS];
-            const float *in[CUDA_SLOTS_PER_PASS];
-#pragma unroll
-            for (int s = 0; s < CUDA_SLOTS_PER_PASS; s++) {
-                slot[s] = ws.entries[pos + min(s, nslots - 1)];
-                in[s] = ws.x + (c.x_per_slot ? slot[s] : slot[s] / k) * p.k1p;
-            }
-            float acc[CUDA_ROWS_PER_WARP][CUDA_SLOTS_PER_PASS] = {};
-            gemv_rows(p.w1_codes + e * code_bytes, p.w1_scales + e * scale_bytes, p.k1p, rows,
-                      in, nslots, acc, lane);
-            // lane (i, s): channel i of the warp for slot s
-            const int s_lane = lane % CUDA_SLOTS_PER_PASS, i_lane = lane / CUDA_SLOTS_PER_PASS;
-            if (s_lane >= nslots || i_lane >= per_warp) continue;
-            float h_row[CUDA_ROWS_PER_WARP];
-#pragma unroll
-            for (int r = 0; r < CUDA_ROWS_PER_WARP; r++) {
-                float v = 0.0f;
-#pragma unroll
-                for (int s = 0; s < CUDA_SLOTS_PER_PASS; s++)
-                    if (s == s_lane) v = acc[r][s];
-                const int64_t n = rows[r];
-                v = __fmul_rn(v, n < inter ? scale_low : scale_high);
-                if (p.b1) v = __fadd_rn(v, p.b1[e * p.n1 + n]);
-                h_row[r] = v;
-            }
-            float a;
-            int64_t ch;
+        float acc[4];
+        tile_product(codes, scales, groups, b_row, acc, red);
+        if (warp != 0) continue;
+        // lane: rows g, g+8 of the tile; columns (slots) 2q, 2q+1
+        for (int j = 0; j < 2; j++) {
+            const int col = 2 * q + j;
+            if (col >= nslots) continue;
+            const int64_t slot = ws.entries[pos + col];
+            const float xs = ws.x_scale[c.x_per_slot ? slot : slot / k];
+            float h[2];
+            int64_t n[2];
             if (p.gated) {
-                const float gate = i_lane == 0 ? h_row[0] : h_row[2];
-                const float up = i_lane == 0 ? h_row[1] : h_row[3];
-                a = activation_gated(p, e, gate, up);
-                ch = g * 2 + i_lane;
+                const int64_t ch = tile * 8 + g;
+                n[0] = p.gate_first ? ch : ch + inter; // gate row
+                n[1] = p.gate_first ? ch + inter : ch; // up row
             } else {
-                float x = h_row[0];
-#pragma unroll
-                for (int r = 1; r < CUDA_ROWS_PER_WARP; r++)
-                    if (r == i_lane) x = h_row[r];
-                a = activation_plain(p, x);
-                ch = g * 4 + i_lane;
+                n[0] = tile * CUDA_TILE_ROWS + g;
+                n[1] = n[0] + 8;
             }
-            a = round_to_dtype_dev(a, c.hidden_dtype);
-            if (p.fp8_down) {
-                const float s8 = p.fp8_scale[e];
-                a = e4m3_value(e4m3_encode_satfinite(__fmul_rn(a, s8)));
+            for (int r = 0; r < 2; r++) {
+                float v = __fmul_rn(acc[2 * r + j], xs);
+                v = __fmul_rn(v, n[r] < inter ? scale_low : scale_high);
+                if (p.b1) v = __fadd_rn(v, p.b1[e * p.n1 + n[r]]);
+                h[r] = v;
             }
-            ws.u[slot[s_lane] * p.k2p + ch] = a;
+            float a[2];
+            int64_t ch[2];
+            int outputs;
+            if (p.gated) {
+                a[0] = activation_gated(p, e, h[0], h[1]);
+                ch[0] = tile * 8 + g;
+                outputs = 1;
+            } else {
+                a[0] = activation_plain(p, h[0]);
+                a[1] = activation_plain(p, h[1]);
+                ch[0] = n[0], ch[1] = n[1];
+                outputs = 2;
+            }
+            for (int o = 0; o < outputs; o++) {
+                float v = round_to_dtype_dev(a[o], c.hidden_dtype);
+                if (p.fp8_down) v = e4m3_value(e4m3_encode_satfinite(__fmul_rn(v, p.fp8_scale[e])));
+                ws.u[slot * p.k2p + ch[o]] = v;
+            }
         }
     }
 }
 
-// W4A4: the FC2 input quantised per 16-value block with the expert's a2 scale, in place.
-__global__ void fc2_input_quantize_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws)
+// FC2 inputs: W4A4 quantisation (in place, per 16-value block with the expert's a2 scale), then
+// the FP16 hi/lo B-fragment rows with their power-of-two scales. One block per slot.
+__global__ void fc2_input_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws)
 {
-    const int64_t blocks = p.inter / 16, slots = (c.t1 - c.t0) * p.top_k;
-    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < slots * blocks;
-         i += (int64_t)gridDim.x * blockDim.x) {
-        const int64_t s = i / blocks, b = i % blocks;
-        const int local = ws.slot_local[s];
-        if (local < 0) continue;
-        float *row = ws.u + s * p.k2p + b * 16;
-        float v[16];
+    __shared__ float warp_max[32];
+    const int64_t s = blockIdx.x;
+    const int local = ws.slot_local[s];
+    if (local < 0) return;
+    float *row = ws.u + s * p.k2p;
+    if (p.w4a4) {
+        for (int64_t b = threadIdx.x; b < p.inter / 16; b += blockDim.x) {
+            float v[16];
 #pragma unroll
-        for (int j = 0; j < 16; j++) v[j] = row[j];
-        nvfp4_fake_quantize16(v, p.a2_global[local]);
+            for (int j = 0; j < 16; j++) v[j] = row[b * 16 + j];
+            nvfp4_fake_quantize16(v, p.a2_global[local]);
 #pragma unroll
-        for (int j = 0; j < 16; j++) row[j] = v[j];
+            for (int j = 0; j < 16; j++) row[b * 16 + j] = v[j];
+        }
+        __syncthreads();
     }
+    float amax = 0.0f;
+    for (int64_t i = threadIdx.x; i < p.k2p; i += blockDim.x) amax = fmaxf(amax, fabsf(row[i]));
+    for (int off = 16; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(FULL_MASK, amax, off));
+    if (threadIdx.x % 32 == 0) warp_max[threadIdx.x / 32] = amax;
+    __syncthreads();
+    amax = 0.0f;
+    for (int w = 0; w < (int)(blockDim.x / 32); w++) amax = fmaxf(amax, warp_max[w]);
+    float inverse;
+    const float scale = row_scale_from_amax(amax, &inverse);
+    if (threadIdx.x == 0) ws.u_scale[s] = scale;
+    uint4 *dst = ws.uh + s * (p.k2p / 4);
+    for (int64_t i = threadIdx.x; i < p.k2p / 4; i += blockDim.x) dst[i] = hilo_unit(row, i, inverse);
 }
 
 // ------------------------------------------------------------------ FC2
-__global__ void __launch_bounds__(CUDA_GEMV_THREADS, CUDA_GEMV_MIN_BLOCKS)
+__global__ void __launch_bounds__(CUDA_GEMV_WARPS * 32)
 fc2_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws)
 {
-    const int lane = threadIdx.x % 32;
-    const int64_t warp = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) / 32;
-    const int64_t warps = (int64_t)gridDim.x * blockDim.x / 32;
+    __shared__ float red[CUDA_GEMV_WARPS * 32 * 4];
+    const int64_t tiles = p.h / CUDA_TILE_ROWS, groups = p.k2p / CUDA_KGROUP;
+    const int64_t u = blockIdx.x / tiles, tile = blockIdx.x % tiles;
+    if (u >= ws.touched[0]) return;
+    const int64_t e = ws.touched[1 + u];
+    const int begin = ws.touched_begin[u], end = ws.touched_begin[u + 1];
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, q = lane % 4;
     const int64_t h = p.h;
-    const int64_t groups = h / CUDA_ROWS_PER_WARP;
-    const int64_t items = (int64_t)ws.touched[0] * groups;
-    const int64_t code_bytes = h * (p.k2p / 2), scale_bytes = h * (p.k2p / 16);
-    for (int64_t item = warp; item < items; item += warps) {
-        const int64_t u = item / groups, g = item % groups;
-        const int64_t e = ws.touched[1 + u];
-        const int begin = ws.touched_begin[u], end = ws.touched_begin[u + 1];
-        int64_t rows[CUDA_ROWS_PER_WARP];
-        for (int r = 0; r < CUDA_ROWS_PER_WARP; r++) rows[r] = g * CUDA_ROWS_PER_WARP + r;
-        float sc = 1.0f;
-        if (p.w4a4) sc = 1.0f / p.a2_global[e];
-        else if (p.fp8_down) sc = 1.0f / p.fp8_scale[e];
-        const float scale = __fmul_rn(sc, p.w2_global[e]);
-        for (int pos = begin; pos < end; pos += CUDA_SLOTS_PER_PASS) {
-            const int nslots = min(CUDA_SLOTS_PER_PASS, end - pos);
-            int64_t slot[CUDA_SLOTS_PER_PASS];
-            const float *in[CUDA_SLOTS_PER_PASS];
-#pragma unroll
-            for (int s = 0; s < CUDA_SLOTS_PER_PASS; s++) {
-                slot[s] = ws.entries[pos + min(s, nslots - 1)];
-                in[s] = ws.u + slot[s] * p.k2p;
+    const uint8_t *codes = p.w2_codes + (e * tiles + tile) * groups * 512;
+    const uint8_t *scales = p.w2_scales + (e * tiles + tile) * groups * 64;
+    float sc = 1.0f;
+    if (p.w4a4) sc = 1.0f / p.a2_global[e];
+    else if (p.fp8_down) sc = 1.0f / p.fp8_scale[e];
+    const float scale = __fmul_rn(sc, p.w2_global[e]);
+    for (int pos = begin; pos < end; pos += CUDA_SLOTS_PER_PASS) {
+        const int nslots = min(CUDA_SLOTS_PER_PASS, end - pos);
+        const uint4 *b_row = NULL;
+        if (g < nslots) b_row = ws.uh + (int64_t)ws.entries[pos + g] * (p.k2p / 4);
+        float acc[4];
+        tile_product(codes, scales, groups, b_row, acc, red);
+        if (warp != 0) continue;
+        for (int j = 0; j < 2; j++) {
+            const int col = 2 * q + j;
+            if (col >= nslots) continue;
+            const int64_t slot = ws.entries[pos + col];
+            const float us = ws.u_scale[slot];
+            for (int r = 0; r < 2; r++) {
+                const int64_t n = tile * CUDA_TILE_ROWS + g + 8 * r;
+                float v = __fmul_rn(__fmul_rn(acc[2 * r + j], us), scale);
+                if (p.b2) v = __fadd_rn(v, p.b2[e * h + n]);
+                ws.y[slot * h + n] = v;
             }
-            float acc[CUDA_ROWS_PER_WARP][CUDA_SLOTS_PER_PASS] = {};
-            gemv_rows(p.w2_codes + e * code_bytes, p.w2_scales + e * scale_bytes, p.k2p, rows,
-                      in, nslots, acc, lane);
-            const int s_lane = lane % CUDA_SLOTS_PER_PASS, r_lane = lane / CUDA_SLOTS_PER_PASS;
-            if (s_lane >= nslots || r_lane >= CUDA_ROWS_PER_WARP) continue;
-            float v = 0.0f;
-#pragma unroll
-            for (int r = 0; r < CUDA_ROWS_PER_WARP; r++)
-#pragma unroll
-                for (int s = 0; s < CUDA_SLOTS_PER_PASS; s++)
-                    if (r == r_lane && s == s_lane) v = acc[r][s];
-            const int64_t n = rows[r_lane];
-            v = __fmul_rn(v, scale);
-            if (p.b2) v = __fadd_rn(v, p.b2[e * h + n]);
-            ws.y[slot[s_lane] * h + n] = v;
         }
     }
 }
@@ -287,49 +319,45 @@ __global__ void finalize_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspa
         }
         return;
     }
+    // All slots' loads first (independent), then the sum in slot order.
     float sum = 0.0f;
     bool any = false;
-    for (int64_t j = 0; j < k; j++) {
-        if (ws.slot_local[s0 + j] < 0) continue;
-        const float w = p.on_input ? 1.0f : ws.weights[t * k + j];
-        const float term = __fmul_rn(w, ws.y[(s0 + j) * h + col]);
-        sum = any ? __fadd_rn(sum, term) : term;
-        any = true;
+    for (int64_t j0 = 0; j0 < k; j0 += 8) {
+        float yv[8], wv[8];
+        int lv[8];
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            const int64_t j = j0 + i;
+            lv[i] = j < k ? ws.slot_local[s0 + j] : -1;
+            wv[i] = j < k ? (p.on_input ? 1.0f : ws.weights[t * k + j]) : 0.0f;
+            yv[i] = j < k ? ws.y[(s0 + j) * h + col] : 0.0f;
+        }
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            if (lv[i] < 0) continue;
+            const float term = __fmul_rn(wv[i], yv[i]);
+            sum = any ? __fadd_rn(sum, term) : term;
+            any = true;
+        }
     }
     if (c.per_token_scale) sum = __fmul_rn(c.per_token_scale[t], sum);
     store_from_f32(c.output, c.output_dtype, t * h + col, sum);
 }
 
 // ------------------------------------------------------------------ host side
-static unsigned gemv_grid(int64_t items, int gemv_blocks)
-{
-    const int64_t warps_per_block = CUDA_GEMV_THREADS / 32;
-    int64_t blocks = (items + warps_per_block - 1) / warps_per_block;
-    if (blocks > gemv_blocks) blocks = gemv_blocks;
-    return (unsigned)(blocks > 0 ? blocks : 1);
-}
-
 extern "C" cudaError_t cuda_launch_experts(const cuda_plan_view *p, const cuda_call_view *c,
-                                           const cuda_workspace *ws, int gemv_blocks,
-                                           cudaStream_t stream)
+                                           const cuda_workspace *ws, cudaStream_t stream)
 {
     const int64_t slots = (c->t1 - c->t0) * p->top_k;
     const int64_t most_touched = slots < p->e_loc ? slots : p->e_loc;
-    const int64_t fc1_groups = p->inter / (p->gated ? CUDA_ROWS_PER_WARP / 2 : CUDA_ROWS_PER_WARP);
-    fc1_kernel<<<gemv_grid(most_touched * fc1_groups, gemv_blocks), CUDA_GEMV_THREADS, 0, stream>>>(
-        *p, *c, *ws);
+    const unsigned threads = CUDA_GEMV_WARPS * 32;
+    fc1_kernel<<<(unsigned)(most_touched * (p->n1 / CUDA_TILE_ROWS)), threads, 0, stream>>>(*p, *c, *ws);
     cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
-    if (p->w4a4) {
-        const int64_t work = slots * (p->inter / 16);
-        const int64_t blocks = (work + 255) / 256;
-        fc2_input_quantize_kernel<<<(unsigned)(blocks < gemv_blocks ? blocks : gemv_blocks), 256, 0,
-                                    stream>>>(*p, *c, *ws);
-        err = cudaGetLastError();
-        if (err != cudaSuccess) return err;
-    }
-    fc2_kernel<<<gemv_grid(most_touched * (p->h / CUDA_ROWS_PER_WARP), gemv_blocks),
-                 CUDA_GEMV_THREADS, 0, stream>>>(*p, *c, *ws);
+    fc2_input_kernel<<<(unsigned)slots, 256, 0, stream>>>(*p, *c, *ws);
+    err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+    fc2_kernel<<<(unsigned)(most_touched * (p->h / CUDA_TILE_ROWS)), threads, 0, stream>>>(*p, *c, *ws);
     err = cudaGetLastError();
     if (err != cudaSuccess) return err;
     const dim3 grid((unsigned)(c->t1 - c->t0), (unsigned)((p->h + 255) / 256));

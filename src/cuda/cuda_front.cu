@@ -342,12 +342,15 @@ static __device__ void build_slot_lists(const cuda_plan_view &p, const cuda_call
 }
 
 // FC1 inputs in FP32, rows padded to k1p with zeros: per token, or per slot when the router
-// weight scales the input or W4A4 quantises it with the expert's scale.
+// weight scales the input or W4A4 quantises it with the expert's scale. Then each row as FP16
+// hi/lo B fragments with its power-of-two scale (cuda_internal.cuh).
 static __device__ void prepare_fc1_inputs(const cuda_plan_view &p, const cuda_call_view &c,
                                           const cuda_workspace &ws)
 {
     const int64_t k = p.top_k, h = p.h, blocks = p.k1p / 16;
     const int64_t rows = c.x_per_slot ? (c.t1 - c.t0) * k : (c.t1 - c.t0);
+    for (int64_t r = threadIdx.x; r < rows; r += blockDim.x) ws.x_amax[r] = 0;
+    __syncthreads();
     for (int64_t i = threadIdx.x; i < rows * blocks; i += blockDim.x) {
         const int64_t row = i / blocks, b = i % blocks;
         const int64_t t = c.t0 + (c.x_per_slot ? row / k : row);
@@ -371,9 +374,26 @@ static __device__ void prepare_fc1_inputs(const cuda_plan_view &p, const cuda_ca
             }
             if (p.w4a4) nvfp4_fake_quantize16(v, p.a1_global[local]);
         }
+        float amax = 0.0f;
         float4 *dst = (float4 *)(ws.x + row * p.k1p + b * 16);
 #pragma unroll
-        for (int j = 0; j < 4; j++) dst[j] = make_float4(v[4 * j], v[4 * j + 1], v[4 * j + 2], v[4 * j + 3]);
+        for (int j = 0; j < 4; j++) {
+            dst[j] = make_float4(v[4 * j], v[4 * j + 1], v[4 * j + 2], v[4 * j + 3]);
+            amax = fmaxf(amax, fmaxf(fmaxf(fabsf(v[4 * j]), fabsf(v[4 * j + 1])),
+                                     fmaxf(fabsf(v[4 * j + 2]), fabsf(v[4 * j + 3]))));
+        }
+        // amax >= 0 (or NaN, which then wins and gives scale 1): int order is float order
+        atomicMax(&ws.x_amax[row], __float_as_int(amax));
+    }
+    __syncthreads();
+    const int64_t units = p.k1p / 4;
+    for (int64_t i = threadIdx.x; i < rows * units; i += blockDim.x) {
+        const int64_t row = i / units, unit = i % units;
+        if (c.x_per_slot && ws.slot_local[row] < 0) continue;
+        float inverse;
+        const float scale = row_scale_from_amax(__int_as_float(ws.x_amax[row]), &inverse);
+        if (unit == 0) ws.x_scale[row] = scale;
+        ws.xh[row * units + unit] = hilo_unit(ws.x + row * p.k1p, unit, inverse);
     }
 }
 

@@ -16,15 +16,15 @@ extern "C" {
 #include "cuda_backend.h"
 }
 
-// Weights are read in 16-byte chunks of 32 values; K is padded to a multiple of 32 at repack
-// time (zero codes, zero scales) so any K that is a multiple of 16 works.
-#define CUDA_CHUNK_VALUES 32
-// A warp computes this many weight rows at once (one 16-byte load per row per chunk in flight),
-// for up to CUDA_SLOTS_PER_PASS (token, slot) pairs of the same expert per pass.
-#define CUDA_ROWS_PER_WARP 4
-#define CUDA_SLOTS_PER_PASS 4
-#define CUDA_GEMV_THREADS 256
-#define CUDA_GEMV_MIN_BLOCKS 2
+// Weights are repacked into 16-row tiles of mma.sync m16n8k16 A fragments: per (tile, group of
+// 64 K values) 512 bytes of codes (one 16-byte load per lane covers 4 MMAs) and 64 bytes of
+// E4M3 scales. K is padded to a multiple of 64 with zero codes and zero scales, so any K that is
+// a multiple of 16 works. Gated FC1 tiles hold the gate rows of 8 channels (tile rows 0-7) and
+// the up rows of the same channels (8-15), so one thread holds both halves of its channels.
+#define CUDA_KGROUP 64
+#define CUDA_TILE_ROWS 16
+#define CUDA_SLOTS_PER_PASS 8 /* the N of one MMA */
+#define CUDA_GEMV_WARPS 8     /* a block splits K of one tile over its warps */
 // Tokens per pass of the expert kernels (bounds the per-slot workspace).
 #define CUDA_TOKEN_CHUNK 256
 // Routing and planning run in one block when the call has at most this many tokens.
@@ -33,11 +33,9 @@ extern "C" {
 
 // The plan as the kernels see it: device pointers and sizes, passed by value.
 typedef struct cuda_plan_view {
-    // repacked weights: rows padded to kp columns
-    const uint8_t *w1_codes;  // [E_loc][n1][k1p/2]
-    const uint8_t *w1_scales; // [E_loc][n1][k1p/16]
-    const uint8_t *w2_codes;  // [E_loc][h][k2p/2]
-    const uint8_t *w2_scales; // [E_loc][h][k2p/16]
+    // repacked weights: [E_loc][tiles][kp/64] x (512 code bytes | 64 scale bytes)
+    const uint8_t *w1_codes, *w1_scales; // tiles = n1 / 16
+    const uint8_t *w2_codes, *w2_scales; // tiles = h / 16
     const float *w1_global, *w1_global_half2, *w2_global; // [E_loc]
     const float *b1, *b2;                                 // optional [E_loc][n1], [E_loc][h]
     const float *routing_bias;                            // optional [E]
@@ -46,7 +44,7 @@ typedef struct cuda_plan_view {
     int64_t num_experts, e_loc, e0;
     int32_t top_k;
     int64_t h, inter, n1;
-    int64_t k1p, k2p; // padded K of FC1 (h) and FC2 (inter)
+    int64_t k1p, k2p; // K of FC1 (h) and FC2 (inter) padded to 64
     int gated, gate_first, activation;
     int routing, n_group, topk_group, norm_topk_prob;
     float routed_scaling_factor;
@@ -63,8 +61,16 @@ typedef struct cuda_workspace {
     int32_t *touched;    // [1 + C*k]: count, then touched local experts in ascending order
     int32_t *touched_begin; // [C*k + 1] first entry of each touched expert
     int32_t *entries;    // [C*k] chunk slots grouped by expert
+    // GEMM inputs: FP32 rows, then as FP16 hi + lo parts of (row * 2^-s) in B-fragment order
+    // (per 16 values and lane quad index q: hi(2q,2q+1), hi(2q+8,2q+9), lo(..), lo(..)), with
+    // the row's power-of-two scale 2^s, chosen so the row's amax fits FP16 with room to spare.
     float *x;            // [C*k or C][k1p] FC1 inputs (FP32)
-    float *u;            // [C*k][k2p] FC2 inputs
+    uint4 *xh;           // [C*k or C][k1p/4]
+    int32_t *x_amax;     // [C*k or C] (float bits, atomicMax)
+    float *x_scale;      // [C*k or C]
+    float *u;            // [C*k][k2p] FC2 inputs (FP32)
+    uint4 *uh;           // [C*k][k2p/4]
+    float *u_scale;      // [C*k]
     float *y;            // [C*k][h] FC2 outputs
 } cuda_workspace;
 
@@ -152,6 +158,38 @@ static __device__ __forceinline__ void nvfp4_fake_quantize16(float *x, float g)
     for (int i = 0; i < 16; i++) x[i] = __fmul_rn(e2m1_round_value(__fmul_rn(x[i], out_scale)), s);
 }
 
+// Row -> FP16 hi/lo B-fragment layout (see cuda_workspace). Threads [first, .., step) of the
+// caller each convert 4-value units; scale is 2^-s of the row.
+static __device__ __forceinline__ float row_scale_from_amax(float amax, float *inverse)
+{
+    int e = 0;
+    if (amax > 0.0f && isfinite(amax)) e = ilogbf(amax) - 14; // amax * 2^-e in [2^14, 2^15)
+    e = max(-126, min(127, e));
+    *inverse = ldexpf(1.0f, -e);
+    return ldexpf(1.0f, e);
+}
+
+static __device__ __forceinline__ uint32_t pack_half2(__half lo, __half hi)
+{
+    return (uint32_t)__half_as_ushort(lo) | ((uint32_t)__half_as_ushort(hi) << 16);
+}
+
+// Unit i of a row (i = kstep * 4 + q): the 16 bytes lane quad q reads for that k step.
+static __device__ __forceinline__ uint4 hilo_unit(const float *row, int64_t i, float inverse)
+{
+    const int64_t base = (i / 4) * 16 + (i % 4) * 2;
+    const float v[4] = {row[base] * inverse, row[base + 1] * inverse, row[base + 8] * inverse,
+                        row[base + 9] * inverse};
+    __half hi[4], lo[4];
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        hi[j] = __float2half_rn(v[j]);
+        lo[j] = __float2half_rn(v[j] - __half2float(hi[j]));
+    }
+    return make_uint4(pack_half2(hi[0], hi[1]), pack_half2(hi[2], hi[3]), pack_half2(lo[0], lo[1]),
+                      pack_half2(lo[2], lo[3]));
+}
+
 // ------------------------------------------------------------------ host entry points
 #ifdef __cplusplus
 extern "C" {
@@ -182,8 +220,11 @@ size_t cuda_route_smem_bytes(int64_t num_experts, int warps);
 cudaError_t cuda_front_set_smem(size_t bytes);
 // cuda_experts.cu: FC1 + activation, W4A4 FC2-input quantisation, FC2, finalize.
 cudaError_t cuda_launch_experts(const cuda_plan_view *p, const cuda_call_view *c,
-                                const cuda_workspace *ws, int gemv_blocks,
-                                cudaStream_t stream);
+                                const cuda_workspace *ws, cudaStream_t stream);
+// cuda_repack.cu: one expert's canonical codes + linear scales (device) -> tile layout.
+cudaError_t cuda_launch_repack(const uint8_t *codes, const uint8_t *scales, int64_t rows,
+                               int64_t k, int64_t kp, int gated_fc1, int gate_first,
+                               int64_t inter, uint8_t *tile_codes, uint8_t *tile_scales);
 #ifdef __cplusplus
 }
 #endif

@@ -10,7 +10,7 @@
 
 /* Scalar conversions (definitions in convert.c; the public fp4moe_* ones call these). */
 float e2m1_to_float(uint8_t code);   /* low nibble */
-uint8_t float_to_e2m1(float x);      /* RNE, saturating at +-6, NaN -> 0x6 */
+uint8_t float_to_e2m1(float x);      /* RNE, saturating at +-6, NaN -> 0x7 (+6) */
 float e4m3_to_float(uint8_t code);   /* NaN for 0x7f / 0xff */
 uint8_t float_to_e4m3(float x);      /* RNE, satfinite at +-448, NaN -> 0x7f */
 float bf16_to_float(uint16_t bits);

@@ -21,7 +21,7 @@ static const float e2m1_values[16] = {0.0f,  0.5f,  1.0f,  1.5f,  2.0f,  3.0f,  
 static inline uint8_t encode_e2m1(float x)
 {
     float a = fabsf(x);
-    if (isnan(x)) return 0x6; /* NaN -> +6, as the header documents */
+    if (isnan(x)) return 0x7; /* NaN -> +6 (code 7), as the header documents */
     uint8_t magnitude = (uint8_t)((a > 0.25f) + (a >= 0.75f) + (a > 1.25f) + (a >= 1.75f) +
                                   (a > 2.5f) + (a >= 3.5f) + (a > 5.0f));
     return (uint8_t)((signbit(x) ? 0x8 : 0x0) | magnitude);

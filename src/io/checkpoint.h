@@ -18,6 +18,7 @@
 #define CKPT_MAX_NAME 512
 #define CKPT_MAX_SHARDS 100000
 #define CKPT_MAX_PROBLEMS 10000
+#define CKPT_MAX_EXPERTS 65536
 
 /* ------------------------------------------------------------------ config.json */
 typedef struct ckpt_model_config {
@@ -59,6 +60,10 @@ int ckpt_parse_model_config(const char *text, size_t len, ckpt_model_config *mod
 int ckpt_parse_quant_config(const char *text, size_t len, ckpt_quant_config *quant, char *err,
                             size_t err_bytes);
 void ckpt_quant_config_free(ckpt_quant_config *quant);
+/* Parses a JSON object with bounded memory; NULL with err naming `what` otherwise. */
+struct cJSON;
+struct cJSON *ckpt_parse_json(const char *text, size_t len, const char *what, char *err,
+                              size_t err_bytes);
 /* 1 when module (e.g. "model.layers.0.mlp.gate") matches an exclude_modules pattern ('*' any). */
 int ckpt_is_excluded(const ckpt_quant_config *quant, const char *module);
 int ckpt_glob_match(const char *pattern, const char *text);
@@ -153,6 +158,34 @@ void ckpt_free(fp4moe_checkpoint *ckpt);
  * empty), -1 on error (err set), 0 on success. */
 int ckpt_read_text_file(const char *path, size_t max_bytes, char **text, size_t *len, char *err,
                         size_t err_bytes);
+
+/* Measured activation scales (checkpoint_calibrate.c): per layer index of ckpt->layers, FC1's
+ * input_scale and FC2's per expert (NULL for layers already quantised). */
+typedef struct ckpt_calibration {
+    float *fc1;
+    float **down;
+    int layer_count;
+} ckpt_calibration;
+int ckpt_calibrate(const fp4moe_checkpoint *ckpt, const char *path, ckpt_calibration *out, char *err,
+                   size_t err_bytes);
+void ckpt_calibration_free(ckpt_calibration *calibration);
+
+/* ModelOpt's NVFP4 weight quantiser on a float matrix [rows, cols] (cols % 16 == 0), data possibly
+ * unaligned: weight_scale_2 = amax / (6*448); per block of 16 s = e4m3(block_amax / (6 *
+ * weight_scale_2)) (1.0 for an all-zero block); q = e2m1(x / (s * weight_scale_2)). Fills
+ * packed [rows, cols/2], scales [rows, cols/16], *ws2 and the error figures. -1 when a value is
+ * not finite. */
+int ckpt_quantize_matrix(const void *data, fp4moe_dtype dtype, int64_t rows, int64_t cols,
+                         uint8_t *packed, uint8_t *scales, float *ws2, double *amax,
+                         double *rel_l2_error, double *max_abs_error);
+
+/* checkpoint_export.c. out_dir ends with '/'. in_config_path: the input's config.json, copied
+ * with a quantization_config when it exists (NULL: none). */
+int ckpt_write_quant_configs(const char *out_dir, const char *in_config_path,
+                             const char *const *exclude, int exclude_count, char *err,
+                             size_t err_bytes);
+int ckpt_write_index(const char *path, const char *const *names, const char *const *shards,
+                     int64_t count, uint64_t total_bytes, char *err, size_t err_bytes);
 
 /* Element i of a float tensor (F32/F16/BF16) whose data may be unaligned. */
 float ckpt_load_float(const void *data, fp4moe_dtype dtype, int64_t i);

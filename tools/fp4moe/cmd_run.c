@@ -10,6 +10,7 @@
 #include <string.h>
 
 #include "commands.h"
+#include "fp4moe_checkpoint.h"
 #include "io/layer_json.h"
 #include "io/safetensors.h"
 
@@ -20,6 +21,9 @@ typedef struct run_options {
     const char *config_path;
     const char *tensors_path;
     const char *out_path;
+    const char *checkpoint_path; /* with layer: the layer's weights and routing from a checkpoint */
+    long long layer;
+    fp4moe_precision precision;
     fp4moe_backend backend;
     long long repeat;
     long long threads;
@@ -29,7 +33,13 @@ static void usage(FILE *out)
 {
     fprintf(out,
             "usage: fp4moe run --config layer.json --tensors in.safetensors --out out.safetensors\n"
+            "       fp4moe run --checkpoint DIR --layer L --tensors in.safetensors --out out.safetensors\n"
+            "                  [--precision w4a16|w4a4]\n"
             "                  [--backend auto|cpu|cuda] [--repeat N] [--threads N]\n"
+            "With --checkpoint, the weights, routing bias and layer attributes come from the MoE\n"
+            "layer L of an NVFP4 checkpoint (see fp4moe info) and the tensors file needs only\n"
+            "hidden_states; without router_logits (or topk_ids + topk_weights) the logits are\n"
+            "computed from hidden_states and the router weight, and written as router_logits.\n"
             "Runs one layer. Inputs by name: hidden_states [T,H] (F32/F16/BF16); router_logits\n"
             "[T,E] (F32/F16/BF16) or topk_ids [T,k] I32 + topk_weights [T,k]; w1 [E_loc,N1,H/2]\n"
             "U8, w1_scale [E_loc,N1,H/16] F8_E4M3, w1_global_scale [E_loc] F32, w2 [E_loc,H,I/2]\n"
@@ -47,6 +57,8 @@ static int parse_options(int argc, char **argv, run_options *o)
     memset(o, 0, sizeof *o);
     o->backend = FP4MOE_BACKEND_AUTO;
     o->repeat = 1;
+    o->layer = -1;
+    o->precision = FP4MOE_PRECISION_W4A16;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         if (strcmp(a, "--help") == 0 || strcmp(a, "-h") == 0) {
@@ -62,6 +74,12 @@ static int parse_options(int argc, char **argv, run_options *o)
         if (strcmp(a, "--config") == 0) o->config_path = v;
         else if (strcmp(a, "--tensors") == 0) o->tensors_path = v;
         else if (strcmp(a, "--out") == 0) o->out_path = v;
+        else if (strcmp(a, "--checkpoint") == 0) o->checkpoint_path = v;
+        else if (strcmp(a, "--layer") == 0) {
+            if (cli_parse_int(v, 0, (1ll << 40), &o->layer)) goto bad;
+        } else if (strcmp(a, "--precision") == 0) {
+            if (precision_from_name(v, &o->precision)) goto bad;
+        }
         else if (strcmp(a, "--backend") == 0) {
             if (cli_parse_backend(v, &o->backend)) return 2;
         } else if (strcmp(a, "--repeat") == 0) {
@@ -77,6 +95,14 @@ static int parse_options(int argc, char **argv, run_options *o)
     bad:
         fprintf(stderr, "fp4moe run: bad value '%s' for %s\n", v, a);
         return 2;
+    }
+    if (o->checkpoint_path != NULL) {
+        if (o->layer < 0 || o->config_path != NULL || o->tensors_path == NULL || o->out_path == NULL) {
+            fprintf(stderr, "fp4moe run: --checkpoint needs --layer, --tensors and --out (and no --config)\n");
+            usage(stderr);
+            return 2;
+        }
+        return 0;
     }
     if (o->config_path == NULL || o->tensors_path == NULL || o->out_path == NULL) {
         fprintf(stderr, "fp4moe run: --config, --tensors and --out are required\n");
@@ -253,9 +279,10 @@ static float to_f32(const void *base, fp4moe_dtype dtype, size_t i)
     }
 }
 
-/* Everything after the configuration: inputs, plan, forward calls, output file. */
+/* Everything after the configuration: inputs, plan, forward calls, output file. With a
+ * checkpoint, `plan` is the layer's (owned from here on) and the weights are not read from file. */
 static int run_layer(const run_options *o, fp4moe_context *ctx, const fp4moe_config *cfg,
-                     const st_file *file)
+                     const st_file *file, fp4moe_plan *given_plan, const fp4moe_checkpoint *ckpt)
 {
     const int64_t e = cfg->num_experts, k = cfg->top_k, h = cfg->hidden_size;
     const int64_t i_size = cfg->intermediate_size;
@@ -263,7 +290,7 @@ static int run_layer(const run_options *o, fp4moe_context *ctx, const fp4moe_con
     const int64_t n1 = fp4moe_config_fc1_rows(cfg);
     loader l = {.file = file, .path = o->tensors_path};
     placement p = {.ctx = ctx, .cuda = fp4moe_context_backend(ctx) == FP4MOE_BACKEND_CUDA};
-    fp4moe_plan *plan = NULL;
+    fp4moe_plan *plan = given_plan;
     int rc = 1;
 
     const st_tensor *hs = st_find(file, "hidden_states");
@@ -296,7 +323,17 @@ static int run_layer(const run_options *o, fp4moe_context *ctx, const fp4moe_con
         l.failed = 1;
     }
     void *logits = NULL, *ids = NULL, *weights_in = NULL;
-    if (!has_ids)
+    const int router_from_checkpoint = ckpt != NULL && !has_ids && !has_logits;
+    if (router_from_checkpoint && hidden != NULL) {
+        logits = loader_keep(&l, (size_t)(t_count * e) * sizeof(float));
+        args.router_logits_dtype = FP4MOE_DTYPE_F32;
+        if (logits != NULL &&
+            fp4moe_checkpoint_router_logits(ctx, ckpt, o->layer, t_count, hidden, args.hidden_dtype,
+                                            logits) != FP4MOE_SUCCESS) {
+            fprintf(stderr, "fp4moe run: router logits: %s\n", fp4moe_last_error(ctx));
+            l.failed = 1;
+        }
+    } else if (!has_ids && !router_from_checkpoint)
         logits = load(&l, "router_logits", 1, FLOATS, 3, 2, s_te, &args.router_logits_dtype);
     else {
         ids = load(&l, "topk_ids", 1, I32_ONLY, 1, 2, s_tkk, NULL);
@@ -306,27 +343,29 @@ static int run_layer(const run_options *o, fp4moe_context *ctx, const fp4moe_con
 
     fp4moe_weights w;
     memset(&w, 0, sizeof w);
-    w.w1 = load(&l, "w1", 1, U8_ONLY, 1, 3, s_w1, NULL);
-    w.w1_scale = load(&l, "w1_scale", 1, E4M3_ONLY, 1, 3, s_w1s, NULL);
-    w.w1_global_scale = load(&l, "w1_global_scale", 1, F32_ONLY, 1, 1, s_el, NULL);
-    w.w1_global_scale_half2 = load(&l, "w1_global_scale_half2", 0, F32_ONLY, 1, 1, s_el, NULL);
-    w.w2 = load(&l, "w2", 1, U8_ONLY, 1, 3, s_w2, NULL);
-    w.w2_scale = load(&l, "w2_scale", 1, E4M3_ONLY, 1, 3, s_w2s, NULL);
-    w.w2_global_scale = load(&l, "w2_global_scale", 1, F32_ONLY, 1, 1, s_el, NULL);
-    w.w1_scale_layout = FP4MOE_SCALE_LINEAR;
-    w.w2_scale_layout = FP4MOE_SCALE_LINEAR;
-    w.b1 = load(&l, "b1", 0, F32_ONLY, 1, 2, s_b1, NULL);
-    w.b2 = load(&l, "b2", 0, F32_ONLY, 1, 2, s_b2, NULL);
-    w.routing_bias = load(&l, "routing_bias", 0, F32_ONLY, 1, 1, s_e, NULL);
-    w.a1_global_scale = load(&l, "a1_global_scale", cfg->precision == FP4MOE_PRECISION_W4A4,
-                             F32_ONLY, 1, 1, s_el, NULL);
-    w.a2_global_scale = load(&l, "a2_global_scale", cfg->precision == FP4MOE_PRECISION_W4A4,
-                             F32_ONLY, 1, 1, s_el, NULL);
-    w.fc2_input_fp8_scale = load(&l, "fc2_input_fp8_scale", cfg->fc2_input_fp8, F32_ONLY, 1, 1,
-                                 s_el, NULL);
-    w.swiglu_alpha = load(&l, "swiglu_alpha", 0, F32_ONLY, 1, 1, s_el, NULL);
-    w.swiglu_beta = load(&l, "swiglu_beta", 0, F32_ONLY, 1, 1, s_el, NULL);
-    w.swiglu_limit = load(&l, "swiglu_limit", 0, F32_ONLY, 1, 1, s_el, NULL);
+    if (given_plan == NULL) {
+        w.w1 = load(&l, "w1", 1, U8_ONLY, 1, 3, s_w1, NULL);
+        w.w1_scale = load(&l, "w1_scale", 1, E4M3_ONLY, 1, 3, s_w1s, NULL);
+        w.w1_global_scale = load(&l, "w1_global_scale", 1, F32_ONLY, 1, 1, s_el, NULL);
+        w.w1_global_scale_half2 = load(&l, "w1_global_scale_half2", 0, F32_ONLY, 1, 1, s_el, NULL);
+        w.w2 = load(&l, "w2", 1, U8_ONLY, 1, 3, s_w2, NULL);
+        w.w2_scale = load(&l, "w2_scale", 1, E4M3_ONLY, 1, 3, s_w2s, NULL);
+        w.w2_global_scale = load(&l, "w2_global_scale", 1, F32_ONLY, 1, 1, s_el, NULL);
+        w.w1_scale_layout = FP4MOE_SCALE_LINEAR;
+        w.w2_scale_layout = FP4MOE_SCALE_LINEAR;
+        w.b1 = load(&l, "b1", 0, F32_ONLY, 1, 2, s_b1, NULL);
+        w.b2 = load(&l, "b2", 0, F32_ONLY, 1, 2, s_b2, NULL);
+        w.routing_bias = load(&l, "routing_bias", 0, F32_ONLY, 1, 1, s_e, NULL);
+        w.a1_global_scale = load(&l, "a1_global_scale", cfg->precision == FP4MOE_PRECISION_W4A4,
+                                 F32_ONLY, 1, 1, s_el, NULL);
+        w.a2_global_scale = load(&l, "a2_global_scale", cfg->precision == FP4MOE_PRECISION_W4A4,
+                                 F32_ONLY, 1, 1, s_el, NULL);
+        w.fc2_input_fp8_scale = load(&l, "fc2_input_fp8_scale", cfg->fc2_input_fp8, F32_ONLY, 1, 1,
+                                     s_el, NULL);
+        w.swiglu_alpha = load(&l, "swiglu_alpha", 0, F32_ONLY, 1, 1, s_el, NULL);
+        w.swiglu_beta = load(&l, "swiglu_beta", 0, F32_ONLY, 1, 1, s_el, NULL);
+        w.swiglu_limit = load(&l, "swiglu_limit", 0, F32_ONLY, 1, 1, s_el, NULL);
+    }
     if (l.failed) goto done;
 
     /* A misspelt optional tensor would otherwise be silently left out. */
@@ -339,11 +378,12 @@ static int run_layer(const run_options *o, fp4moe_context *ctx, const fp4moe_con
         const char *name = st_get(file, i)->name;
         size_t j = 0;
         while (j < sizeof KNOWN / sizeof KNOWN[0] && strcmp(KNOWN[j], name) != 0) j++;
-        if (j == sizeof KNOWN / sizeof KNOWN[0])
+        /* With a checkpoint only the inputs (the first five names) are read. */
+        if (j == sizeof KNOWN / sizeof KNOWN[0] || (given_plan != NULL && j >= 5))
             fprintf(stderr, "fp4moe run: warning: ignoring tensor '%s'\n", name);
     }
 
-    if (fp4moe_plan_create(ctx, cfg, &w, &plan) != FP4MOE_SUCCESS) {
+    if (plan == NULL && fp4moe_plan_create(ctx, cfg, &w, &plan) != FP4MOE_SUCCESS) {
         fprintf(stderr, "fp4moe run: plan: %s\n", fp4moe_last_error(ctx));
         goto done;
     }
@@ -406,7 +446,9 @@ static int run_layer(const run_options *o, fp4moe_context *ctx, const fp4moe_con
     char err[512];
     if (writer == NULL || st_writer_add(writer, "output", FP4MOE_DTYPE_F32, 2, s_tk, output) ||
         st_writer_add(writer, "topk_ids", FP4MOE_DTYPE_I32, 2, s_tkk, ids_out) ||
-        st_writer_add(writer, "topk_weights", FP4MOE_DTYPE_F32, 2, s_tkk, weights_out)) {
+        st_writer_add(writer, "topk_weights", FP4MOE_DTYPE_F32, 2, s_tkk, weights_out) ||
+        (router_from_checkpoint &&
+         st_writer_add(writer, "router_logits", FP4MOE_DTYPE_F32, 2, s_te, logits))) {
         fprintf(stderr, "fp4moe run: out of memory preparing %s\n", o->out_path);
         st_writer_destroy(writer);
         goto done;
@@ -420,7 +462,9 @@ static int run_layer(const run_options *o, fp4moe_context *ctx, const fp4moe_con
     qsort(times, (size_t)o->repeat, sizeof(double), compare_double);
     printf("fp4moe run: backend %s, T=%lld, %s, median %.3f ms over %lld call%s\n",
            fp4moe_context_description(ctx), (long long)t_count,
-           logits != NULL ? "router logits" : "pre-routed", 1e3 * 0.5 * (times[(o->repeat - 1) / 2] + times[o->repeat / 2]),
+           router_from_checkpoint ? "logits from the checkpoint's router"
+           : logits != NULL      ? "router logits"
+                                 : "pre-routed", 1e3 * 0.5 * (times[(o->repeat - 1) / 2] + times[o->repeat / 2]),
            o->repeat, o->repeat == 1 ? "" : "s");
     rc = 0;
 done:
@@ -430,11 +474,46 @@ done:
     return rc;
 }
 
+/* The --checkpoint mode: the layer's plan from the checkpoint, then the common path. */
+static int run_checkpoint(const run_options *o)
+{
+    fp4moe_context *ctx = cli_create_context(o->backend, (int)o->threads);
+    if (ctx == NULL) return 1;
+    fp4moe_checkpoint *ckpt = NULL;
+    fp4moe_plan *plan = NULL;
+    st_file *file = NULL;
+    char err[512];
+    int rc = 1;
+    fp4moe_checkpoint_plan_options po;
+    fp4moe_checkpoint_plan_options_init(&po);
+    po.precision = o->precision;
+    fp4moe_config cfg;
+    if (fp4moe_checkpoint_open(ctx, o->checkpoint_path, &ckpt) != FP4MOE_SUCCESS ||
+        fp4moe_checkpoint_plan_create(ctx, ckpt, o->layer, &po, &plan) != FP4MOE_SUCCESS ||
+        fp4moe_plan_get_config(plan, &cfg) != FP4MOE_SUCCESS) {
+        fprintf(stderr, "fp4moe run: %s\n", fp4moe_last_error(ctx));
+        goto done;
+    }
+    if (st_open(o->tensors_path, &file, err, sizeof err) != 0) {
+        fprintf(stderr, "fp4moe run: %s\n", err);
+        goto done;
+    }
+    rc = run_layer(o, ctx, &cfg, file, plan, ckpt);
+    plan = NULL; /* run_layer destroyed it */
+done:
+    fp4moe_plan_destroy(plan);
+    st_close(file);
+    fp4moe_checkpoint_close(ckpt);
+    fp4moe_context_destroy(ctx);
+    return rc;
+}
+
 int cmd_run(int argc, char **argv)
 {
     run_options o;
     int rc = parse_options(argc, argv, &o);
     if (rc != 0) return rc < 0 ? 0 : rc;
+    if (o.checkpoint_path != NULL) return run_checkpoint(&o);
     fp4moe_config cfg;
     if (read_config(o.config_path, &cfg) != 0) return 1;
     fp4moe_context *ctx = cli_create_context(o.backend, (int)o.threads);
@@ -451,7 +530,7 @@ int cmd_run(int argc, char **argv)
         fp4moe_context_destroy(ctx);
         return 1;
     }
-    rc = run_layer(&o, ctx, &cfg, file);
+    rc = run_layer(&o, ctx, &cfg, file, NULL, NULL);
     st_close(file);
     fp4moe_context_destroy(ctx);
     return rc;

@@ -8,6 +8,8 @@
 int cmd_demo(int argc, char **argv);  /* cmd_demo.c */
 int cmd_run(int argc, char **argv);   /* cmd_run.c */
 int cmd_bench(int argc, char **argv); /* cmd_bench.c */
+int cmd_info(int argc, char **argv);     /* cmd_info.c */
+int cmd_quantize(int argc, char **argv); /* cmd_quantize.c */
 
 /* Shared helpers (cli_common.c). */
 /* "auto" | "cpu" | "cuda" -> backend; returns 0 on success. */
