@@ -76,20 +76,23 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     ckpt->shards = calloc(1, sizeof(st_file *));
     ckpt->shard_names = calloc(1, sizeof(char *));
     static const char shard_name[] = "model.safetensors";
-    if (ckpt->shards == NULL || ckpt->shard_names == NULL ||
-        (ckpt->shard_names[0] = malloc(sizeof shard_name)) == NULL) {
+    if (ckpt->shards == NULL || ckpt->shard_names == NULL) {
         ckpt_free(ckpt);
         return 0;
     }
-    memcpy(ckpt->shard_names[0], shard_name, sizeof shard_name);
     ckpt_index index;
     memset(&index, 0, sizeof index);
     int have_index = part[2] != NULL && len[2] > 0;
     int rc = 0;
     /* Without a fourth part the checkpoint has no shard: the configuration files alone. */
     if (part[3] != NULL) {
-        rc = st_parse(part[3], len[3], &ckpt->shards[0], err, sizeof err);
+        if ((ckpt->shard_names[0] = malloc(sizeof shard_name)) == NULL) {
+            ckpt_free(ckpt);
+            return 0;
+        }
+        memcpy(ckpt->shard_names[0], shard_name, sizeof shard_name);
         ckpt->shard_count = 1;
+        rc = st_parse(part[3], len[3], &ckpt->shards[0], err, sizeof err);
     }
     if (rc == 0 && have_index) rc = ckpt_parse_index(part[2], len[2], &index, err, sizeof err);
     if (rc == 0)

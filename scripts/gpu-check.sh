@@ -79,7 +79,9 @@ if [ $PROFILE = 1 ]; then
   for p in ${PRESETS//,/ }; do
     for t in ${TOKENS//,/ }; do
       echo "== $p T=$t"
-      ncu --metrics gpu__time_duration.sum --launch-skip 60 --launch-count 12 \
+      ncu --clock-control none --cache-control none --metrics gpu__time_duration.sum \
+        -k "regex:front_kernel|fc1_kernel|fc2_|finalize_kernel" \
+        --launch-skip 60 --launch-count 10 \
         "./$BUILD/fp4moe" bench --backend cuda --preset "$p" --tokens "$t" 2>&1 \
         | grep -E "^  [a-z_0-9]+\(|gpu__time_duration" | paste - - \
         | awk '{print $1, $(NF-1), $NF}' | tee -a "$OUT/profile.log"
@@ -99,6 +101,7 @@ echo "== GPU tests"
 "./$BUILD/test_gpu_backend" > "$OUT/gpu-tests.log" 2>&1
 tests_rc=$?
 grep -E "check failed|passed" "$OUT/gpu-tests.log" | tail -25
+if [ "${GPU_CHECK_TESTS_ONLY:-0}" = 1 ]; then exit $tests_rc; fi
 
 echo "== fp4moe bench (cuda)"
 "./$BUILD/fp4moe" bench --backend cuda --preset "$PRESETS" --tokens "$TOKENS" 2>&1 | tee "$OUT/bench.log"

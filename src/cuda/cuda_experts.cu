@@ -34,6 +34,30 @@ static __device__ __forceinline__ uint2 load_scales8(const void *ptr)
     return v;
 }
 
+// Programmatic dependent launch: each expert kernel is launched while the previous kernel of
+// the call finishes (hiding the launch gap) and waits here until that kernel's results are
+// visible; each lets the next one launch once its own main work is issued.
+// (sm_90+; older GPUs serialise the launches anyway, and the calls compile to nothing.)
+static __device__ __forceinline__ void wait_for_previous_kernel()
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+static __device__ __forceinline__ void allow_next_kernel()
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;");
+#endif
+}
+
+// Two E4M3 codes (low 16 bits) as floats.
+static __device__ __forceinline__ float2 e4m3x2_values(uint32_t codes)
+{
+    const __half2_raw raw = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(codes & 0xffffu), __NV_E4M3);
+    return __half22float2(__half2(raw));
+}
+
 // Register i (0..3) of a repacked word: nibbles i (even k) and i+4 (odd k) as a half2 of
 // e2m1 * 2^-14.
 static __device__ __forceinline__ uint32_t decode_pair(uint32_t w, int i)
@@ -80,6 +104,14 @@ static __device__ __forceinline__ void tile_partial(const uint8_t *codes, const 
             for (int s = 0; s < 4; s++) b[s] = __ldg(b_row + (kg * 4 + s) * 4 + q);
         }
         const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+        // the 8 block scales of this group, two E4M3 codes per conversion
+        float s_g[4], s_g8[4];
+#pragma unroll
+        for (int pair = 0; pair < 2; pair++) {
+            const float2 a = e4m3x2_values(sc.x >> (16 * pair)), b = e4m3x2_values(sc.y >> (16 * pair));
+            s_g[2 * pair] = a.x, s_g[2 * pair + 1] = a.y;
+            s_g8[2 * pair] = b.x, s_g8[2 * pair + 1] = b.y;
+        }
 #pragma unroll
         for (int s = 0; s < 4; s++) {
             uint32_t a[4];
@@ -88,12 +120,10 @@ static __device__ __forceinline__ void tile_partial(const uint8_t *codes, const 
             float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
             mma_16816(d, a, b[s].x, b[s].y); // hi parts
             mma_16816(d, a, b[s].z, b[s].w); // lo parts
-            const float s_g = e4m3_value((sc.x >> (8 * s)) & 0xffu) * 16384.0f;
-            const float s_g8 = e4m3_value((sc.y >> (8 * s)) & 0xffu) * 16384.0f;
-            acc[0] = fmaf(d[0], s_g, acc[0]);
-            acc[1] = fmaf(d[1], s_g, acc[1]);
-            acc[2] = fmaf(d[2], s_g8, acc[2]);
-            acc[3] = fmaf(d[3], s_g8, acc[3]);
+            acc[0] = fmaf(d[0], s_g[s], acc[0]);
+            acc[1] = fmaf(d[1], s_g[s], acc[1]);
+            acc[2] = fmaf(d[2], s_g8[s], acc[2]);
+            acc[3] = fmaf(d[3], s_g8[s], acc[3]);
         }
         w = w_next;
         sc = sc_next;
@@ -120,6 +150,9 @@ static __device__ __forceinline__ void tile_product(const uint8_t *codes, const 
         for (int w = 1; w < CUDA_GEMV_WARPS; w++)
 #pragma unroll
             for (int i = 0; i < 4; i++) acc[i] += red[(w * 32 + lane) * 4 + i];
+        // the weights were decoded as value * 2^-14: undo it (exact)
+#pragma unroll
+        for (int i = 0; i < 4; i++) acc[i] *= 16384.0f;
     }
 }
 
@@ -162,6 +195,7 @@ __global__ void __launch_bounds__(CUDA_GEMV_WARPS * 32)
 fc1_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws)
 {
     __shared__ float red[CUDA_GEMV_WARPS * 32 * 4];
+    wait_for_previous_kernel();
     const int64_t tiles = p.n1 / CUDA_TILE_ROWS, groups = p.k1p / CUDA_KGROUP;
     const int64_t u = blockIdx.x / tiles, tile = blockIdx.x % tiles;
     if (u >= ws.touched[0]) return;
@@ -183,6 +217,7 @@ fc1_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws)
         }
         float acc[4];
         tile_product(codes, scales, groups, b_row, acc, red);
+        if (pos + CUDA_SLOTS_PER_PASS >= end) allow_next_kernel(); // last pass: epilogue left
         if (warp != 0) continue;
         // lane: rows g, g+8 of the tile; columns (slots) 2q, 2q+1
         for (int j = 0; j < 2; j++) {
@@ -233,6 +268,8 @@ fc1_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws)
 __global__ void fc2_input_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws)
 {
     __shared__ float warp_max[32];
+    wait_for_previous_kernel();
+    allow_next_kernel();
     const int64_t s = blockIdx.x;
     const int local = ws.slot_local[s];
     if (local < 0) return;
@@ -267,6 +304,7 @@ __global__ void __launch_bounds__(CUDA_GEMV_WARPS * 32)
 fc2_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws)
 {
     __shared__ float red[CUDA_GEMV_WARPS * 32 * 4];
+    wait_for_previous_kernel();
     const int64_t tiles = p.h / CUDA_TILE_ROWS, groups = p.k2p / CUDA_KGROUP;
     const int64_t u = blockIdx.x / tiles, tile = blockIdx.x % tiles;
     if (u >= ws.touched[0]) return;
@@ -286,6 +324,7 @@ fc2_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws)
         if (g < nslots) b_row = ws.uh + (int64_t)ws.entries[pos + g] * (p.k2p / 4);
         float acc[4];
         tile_product(codes, scales, groups, b_row, acc, red);
+        if (pos + CUDA_SLOTS_PER_PASS >= end) allow_next_kernel(); // last pass: epilogue left
         if (warp != 0) continue;
         for (int j = 0; j < 2; j++) {
             const int col = 2 * q + j;
@@ -307,6 +346,7 @@ fc2_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws)
 // as cpu_experts.c's finalize_token (no contraction into FMAs), or the per-slot rows.
 __global__ void finalize_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws)
 {
+    wait_for_previous_kernel();
     const int64_t h = p.h, k = p.top_k;
     const int64_t col = (int64_t)blockIdx.y * blockDim.x + threadIdx.x;
     const int64_t t = c.t0 + blockIdx.x;
@@ -345,22 +385,39 @@ __global__ void finalize_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspa
 }
 
 // ------------------------------------------------------------------ host side
+template <typename... Params, typename... Args>
+static cudaError_t launch_dependent(void (*kernel)(Params...), dim3 grid, dim3 block,
+                                    cudaStream_t stream, Args... args)
+{
+    cudaLaunchConfig_t config = {};
+    config.gridDim = grid;
+    config.blockDim = block;
+    config.dynamicSmemBytes = 0;
+    config.stream = stream;
+    cudaLaunchAttribute attribute[1];
+    attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attribute[0].val.programmaticStreamSerializationAllowed = 1;
+    config.attrs = attribute;
+    config.numAttrs = 1;
+    cudaError_t err = cudaLaunchKernelEx(&config, kernel, args...);
+    return err != cudaSuccess ? err : cudaGetLastError();
+}
+
 extern "C" cudaError_t cuda_launch_experts(const cuda_plan_view *p, const cuda_call_view *c,
                                            const cuda_workspace *ws, cudaStream_t stream)
 {
     const int64_t slots = (c->t1 - c->t0) * p->top_k;
     const int64_t most_touched = slots < p->e_loc ? slots : p->e_loc;
-    const unsigned threads = CUDA_GEMV_WARPS * 32;
-    fc1_kernel<<<(unsigned)(most_touched * (p->n1 / CUDA_TILE_ROWS)), threads, 0, stream>>>(*p, *c, *ws);
-    cudaError_t err = cudaGetLastError();
-    if (err != cudaSuccess) return err;
-    fc2_input_kernel<<<(unsigned)slots, 256, 0, stream>>>(*p, *c, *ws);
-    err = cudaGetLastError();
-    if (err != cudaSuccess) return err;
-    fc2_kernel<<<(unsigned)(most_touched * (p->h / CUDA_TILE_ROWS)), threads, 0, stream>>>(*p, *c, *ws);
-    err = cudaGetLastError();
-    if (err != cudaSuccess) return err;
-    const dim3 grid((unsigned)(c->t1 - c->t0), (unsigned)((p->h + 255) / 256));
-    finalize_kernel<<<grid, 256, 0, stream>>>(*p, *c, *ws);
-    return cudaGetLastError();
+    const dim3 threads(CUDA_GEMV_WARPS * 32);
+    cudaError_t err = launch_dependent(fc1_kernel, dim3((unsigned)(most_touched * (p->n1 / CUDA_TILE_ROWS))),
+                                       threads, stream, *p, *c, *ws);
+    if (err == cudaSuccess)
+        err = launch_dependent(fc2_input_kernel, dim3((unsigned)slots), dim3(256), stream, *p, *c, *ws);
+    if (err == cudaSuccess)
+        err = launch_dependent(fc2_kernel, dim3((unsigned)(most_touched * (p->h / CUDA_TILE_ROWS))),
+                               threads, stream, *p, *c, *ws);
+    if (err == cudaSuccess)
+        err = launch_dependent(finalize_kernel, dim3((unsigned)(c->t1 - c->t0), (unsigned)((p->h + 255) / 256)),
+                               dim3(256), stream, *p, *c, *ws);
+    return err;
 }

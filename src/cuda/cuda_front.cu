@@ -341,10 +341,10 @@ static __device__ void build_slot_lists(const cuda_plan_view &p, const cuda_call
     }
 }
 
-// FC1 inputs in FP32, rows padded to k1p with zeros: per token, or per slot when the router
-// weight scales the input or W4A4 quantises it with the expert's scale. Then each row as FP16
-// hi/lo B fragments with its power-of-two scale (cuda_internal.cuh).
-static __device__ void prepare_fc1_inputs(const cuda_plan_view &p, const cuda_call_view &c,
+// FC1 inputs per slot (the router weight scales the input, or W4A4 quantises it with the
+// expert's scale), by the routing block: FP32 rows padded to k1p with zeros, then each row as
+// FP16 hi/lo B fragments with its power-of-two scale (cuda_internal.cuh).
+static __device__ void prepare_slot_inputs(const cuda_plan_view &p, const cuda_call_view &c,
                                           const cuda_workspace &ws)
 {
     const int64_t k = p.top_k, h = p.h, blocks = p.k1p / 16;
@@ -397,11 +397,56 @@ static __device__ void prepare_fc1_inputs(const cuda_plan_view &p, const cuda_ca
     }
 }
 
+// FC1 input of one token (the plain case): one block per row, straight from hidden_states to
+// the FP16 hi/lo B fragments (no FP32 copy), the row's amax reduced in the block.
+static __device__ void prepare_token_input(const cuda_plan_view &p, const cuda_call_view &c,
+                                           const cuda_workspace &ws, int row)
+{
+    __shared__ float warp_max[CUDA_FRONT_THREADS / 32];
+    const int h = (int)p.h, units = (int)(p.k1p / 4);
+    const int64_t t = c.t0 + row;
+    const char *x = (const char *)c.hidden;
+    float amax = 0.0f;
+    for (int i = threadIdx.x; i < h; i += blockDim.x)
+        amax = fmaxf(amax, fabsf(load_as_f32(x, c.hidden_dtype, t * h + i)));
+    for (int off = 16; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
+    if (threadIdx.x % 32 == 0) warp_max[threadIdx.x / 32] = amax;
+    __syncthreads();
+    amax = 0.0f;
+    for (int w = 0; w < (int)(blockDim.x / 32); w++) amax = fmaxf(amax, warp_max[w]);
+    float inverse;
+    const float scale = row_scale_from_amax(amax, &inverse);
+    if (threadIdx.x == 0) ws.x_scale[row] = scale;
+    for (int i = threadIdx.x; i < units; i += blockDim.x) {
+        const int base = (i / 4) * 16 + (i % 4) * 2;
+        float v[4];
+        const int cols[4] = {base, base + 1, base + 8, base + 9};
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+            v[j] = cols[j] < h ? load_as_f32(x, c.hidden_dtype, t * h + cols[j]) * inverse : 0.0f;
+        __half hi[4], lo[4];
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            hi[j] = __float2half_rn(v[j]);
+            lo[j] = __float2half_rn(v[j] - __half2float(hi[j]));
+        }
+        ws.xh[(int64_t)row * units + i] = make_uint4(pack_half2(hi[0], hi[1]), pack_half2(hi[2], hi[3]),
+                                                      pack_half2(lo[0], lo[1]), pack_half2(lo[2], lo[3]));
+    }
+}
+
 __global__ void __launch_bounds__(CUDA_FRONT_THREADS)
 front_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws, cuda_route_source src,
              int route_in_block, int route_warps)
 {
     extern __shared__ float front_smem[];
+    if (blockIdx.x > 0) { // blocks 1..: one token row each (inputs shared by the token's slots)
+        prepare_token_input(p, c, ws, blockIdx.x - 1);
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+        asm volatile("griddepcontrol.launch_dependents;");
+#endif
+        return;
+    }
     if (route_in_block) {
         const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
         if (warp < route_warps) {
@@ -413,11 +458,16 @@ front_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws, cuda_route_s
     }
     build_slot_lists(p, c, ws);
     __syncthreads();
-    prepare_fc1_inputs(p, c, ws);
+    if (c.x_per_slot) prepare_slot_inputs(p, c, ws);
     // FC2 reads its inputs' padding columns (against zero weights): they must be numbers.
     const int64_t pad = p.k2p - p.inter, slots = (c.t1 - c.t0) * p.top_k;
     for (int64_t i = threadIdx.x; i < slots * pad; i += blockDim.x)
         ws.u[(i / pad) * p.k2p + p.inter + i % pad] = 0.0f;
+    // FC1 (launched as a programmatic dependent) may start its launch now; it waits for all of
+    // this kernel's writes before reading them.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;");
+#endif
 }
 
 // ------------------------------------------------------------------ host side
@@ -448,7 +498,9 @@ extern "C" cudaError_t cuda_launch_front(const cuda_plan_view *p, const cuda_cal
                                          int route_in_block, int route_warps, size_t route_smem,
                                          cudaStream_t stream)
 {
-    front_kernel<<<1, CUDA_FRONT_THREADS, route_in_block ? route_smem : 0, stream>>>(
+    // block 0 routes and groups the slots; blocks 1.. prepare the token rows (plain inputs)
+    const unsigned blocks = 1 + (c->x_per_slot ? 0 : (unsigned)(c->t1 - c->t0));
+    front_kernel<<<blocks, CUDA_FRONT_THREADS, route_in_block ? route_smem : 0, stream>>>(
         *p, *c, *ws, *src, route_in_block, route_warps);
     return cudaGetLastError();
 }

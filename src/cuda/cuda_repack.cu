@@ -48,12 +48,15 @@ __global__ void repack_kernel(const uint8_t *codes, const uint8_t *scales, int64
     }
     tile_codes[(tile * groups + kg) * 32 + lane] = make_uint4(words[0], words[1], words[2], words[3]);
     if (lane < 8) {
+        // scale entry r (read by the lanes of group g = r): tile rows r and r + 8
+        const int64_t row_r = source_row(tile, lane, gated_fc1, gate_first, inter);
+        const int64_t row_r8 = source_row(tile, lane + 8, gated_fc1, gate_first, inter);
         uint32_t lo = 0, hi = 0;
         for (int s = 0; s < 4; s++) {
             const int64_t ks = kg * 4 + s;
             if (ks < k / 16) {
-                lo |= (uint32_t)scales[row_g * (k / 16) + ks] << (8 * s);
-                hi |= (uint32_t)scales[row_g8 * (k / 16) + ks] << (8 * s);
+                lo |= (uint32_t)scales[row_r * (k / 16) + ks] << (8 * s);
+                hi |= (uint32_t)scales[row_r8 * (k / 16) + ks] << (8 * s);
             }
         }
         tile_scales[(tile * groups + kg) * 8 + lane] = make_uint2(lo, hi);

@@ -217,6 +217,9 @@ static void run_case(testing_state *st, fp4moe_context *cpu, fp4moe_context *gpu
     const double tol = tolerance(c);
     printf("  %-34s T=%-4lld err_ref %.2e err_cpu %.2e (tol %.0e, near ties %lld)\n", c->name,
            (long long)t, err_ref, err_cpu, tol, (long long)(stats.inner.near_ties));
+    if (getenv("FP4MOE_GPU_DEBUG") && err_ref > tol)
+        for (int64_t i = 0; i < 8 && i < out_rows * h; i++)
+            printf("    out[%lld]: gpu %.6g cpu %.6g ref %.6g\n", (long long)i, got[i], got_cpu[i], ref[i]);
     CHECK(st, nans == 0, "%s: %lld NaN outputs (unwritten?)", c->name, (long long)nans);
     CHECK(st, err_ref <= tol, "%s: GPU vs float64 reference %.3e > %.1e", c->name, err_ref, tol);
     CHECK(st, err_cpu <= tol, "%s: GPU vs CPU backend %.3e > %.1e", c->name, err_cpu, tol);

@@ -124,8 +124,10 @@ def route(logits, method, k, bias=None, n_group=1, topk_group=1, norm=True, scal
     return ids, weights
 
 
-def moe_reference(x, ids, weights, fc1, fc2, activation):
-    """out[t] = sum_j w[t,j] * FC2_e(act(FC1_e(x[t]))), float64. fc1[e]: (gate, up) or up alone."""
+def moe_reference(x, ids, weights, fc1, fc2, activation, bf16_fc2_input=False):
+    """out[t] = sum_j w[t,j] * FC2_e(act(FC1_e(x[t]))), float64. fc1[e]: (gate, up) or up alone.
+    bf16_fc2_input: the activation's output rounded to BF16, as docs/DESIGN.md has it on a BF16
+    call (FC2's input is 16-bit, as on tensor cores)."""
     out = np.zeros((x.shape[0], fc2[0].shape[0]))
     for t in range(x.shape[0]):
         for j in range(ids.shape[1]):
@@ -137,6 +139,8 @@ def moe_reference(x, ids, weights, fc1, fc2, activation):
                 a = np.maximum(fc1[e] @ x[t], 0) ** 2
             else:
                 raise ValueError(activation)
+            if bf16_fc2_input:
+                a = bf16_decode(bf16_encode(a)).astype(np.float64)
             out[t] += weights[t, j] * (fc2[e] @ a)
     return out
 

@@ -209,11 +209,11 @@ def test_nemotron_relu2_sigmoid_bias(tmp_path, rng):
                                   st.as_array(out[b + "weight_scale_2"])[()])
     fc1 = [deq(f"{p}.experts.{e}.up_proj.") for e in range(8)]
     fc2 = [deq(f"{p}.experts.{e}.down_proj.") for e in range(8)]
-    ref = st.moe_reference(x, ids, weights, fc1, fc2, "relu2")
-    # FC2's input is rounded to BF16 on a BF16 call (docs/DESIGN.md), the reference keeps it exact.
+    ref = st.moe_reference(x, ids, weights, fc1, fc2, "relu2", bf16_fc2_input=True)
     err = st.rel_l2(st.as_array(res["output"]).astype(np.float64), ref)
     print(f"nemotron layer 3: relative L2 error {err:.3e}")
-    assert err < 1e-2
+    # A BF16 rounding of FC2's input may land on the other side of a tie (FP32 vs float64 sums).
+    assert err < 1e-4
 
 
 def random_modelopt(rng, rows, cols):

@@ -1,0 +1,68 @@
+/* The expert-parallel layer's state and the pieces its files share: growable staging buffers,
+ * the exchange through the transport, and the W4A4 row codec. */
+#ifndef FP4MOE_EP_INTERNAL_H
+#define FP4MOE_EP_INTERNAL_H
+
+#include "../core/plan.h"
+#include "fp4moe_ep.h"
+
+/* A buffer that grows to the largest request and is reused; host (aligned_alloc) or the
+ * context's backend memory (fp4moe_buffer_alloc). */
+typedef struct ep_buffer {
+    void *data;
+    size_t capacity;
+    int backend_memory;
+} ep_buffer;
+
+struct fp4moe_ep {
+    fp4moe_context *ctx;
+    fp4moe_ep_transport transport;
+    fp4moe_config cfg;         /* normalised, this rank's range */
+    fp4moe_plan *route_plan;   /* top_k = K, the routing parameters, one dummy 16x16 expert */
+    fp4moe_plan *expert_plan;  /* top_k = 1, this rank's experts: one received row per token */
+    int64_t expert_rows_max;   /* rows per expert-plan call (its max_tokens) */
+    void *route_workspace;     /* backend memory */
+    size_t route_workspace_bytes;
+    void *expert_workspace;    /* backend memory */
+    size_t expert_workspace_bytes;
+    int32_t *owner;            /* [E] rank holding each expert */
+    float *a1_global_all;      /* [E] W4A4 input scales of every expert (NULL in W4A16) */
+    fp4moe_ep_stats stats;
+
+    /* Host staging (per call, grown as needed). */
+    ep_buffer ids, weights, dest, slot_row, hidden_in, token_scale;
+    ep_buffer send, recv, rows_hidden, rows_ids, rows_ones, rows_out, results, out_host;
+    ep_buffer scratch; /* per-row FP32 work */
+    /* Backend-memory staging (CUDA backend): routing outputs, expert-plan inputs/outputs. */
+    ep_buffer dev_ids, dev_weights, dev_rows_hidden, dev_rows_ids, dev_rows_ones, dev_rows_out;
+    /* Device-transport staging. */
+    ep_buffer dev_send, dev_recv;
+};
+
+/* Makes b hold at least bytes (contents not kept). */
+fp4moe_status ep_buffer_reserve(fp4moe_ep *ep, ep_buffer *b, size_t bytes);
+void ep_buffer_release(fp4moe_ep *ep, ep_buffer *b);
+
+/* One all-to-all-v of host buffers through the transport (staged through device memory for
+ * device transports). send_bytes/recv_bytes: [size]. */
+fp4moe_status ep_exchange(fp4moe_ep *ep, const void *send, const size_t *send_bytes, void *recv,
+                          const size_t *recv_bytes, void *stream);
+
+/* Copies between backend memory and the host (memcpy on the CPU backend; on CUDA, the stream
+ * is synchronised first so that queued work is done). */
+fp4moe_status ep_to_host(fp4moe_ep *ep, void *host, const void *src, size_t bytes, void *stream);
+fp4moe_status ep_from_host(fp4moe_ep *ep, void *dst, const void *host, size_t bytes);
+
+/* W4A4 row codec. The payload is H/2 packed E2M1 codes, H/16 E4M3 block scales and H/16 block
+ * maxima (max |x| over the block's non-NaN values) in the hidden dtype. */
+size_t ep_w4a4_payload_bytes(int64_t hidden, fp4moe_dtype dtype);
+/* x: [H] FP32 values exactly representable in dtype (the FC1 input before quantisation). */
+void ep_w4a4_encode_row(const float *x, int64_t hidden, fp4moe_dtype dtype, float g,
+                        uint8_t *payload);
+/* Writes a row in dtype whose NVFP4 quantisation with g gives exactly the encoded codes and
+ * scales (so the expert's own quantisation reproduces the sender's).
+ * Returns 0, or -1 when no such row exists (the payload was not made by encode with g). */
+int ep_w4a4_decode_row(const uint8_t *payload, int64_t hidden, fp4moe_dtype dtype, float g,
+                       void *row);
+
+#endif
