@@ -372,7 +372,9 @@ static int reference_route(const route_params *p, const float *logits, int64_t *
         case FP4MOE_ROUTING_SOFTMAX_TOPK:
         case FP4MOE_ROUTING_RENORMALIZE:
         case FP4MOE_ROUTING_RENORMALIZE_NAIVE:
-            key[e] = x + b;
+            /* the biased logit is an FP32 input of the softmax (scores are FP32): round it as the
+             * library must, or its ulp (~1e-6 at |x| ~ 8) shows as a 1e-6 weight difference */
+            key[e] = (double)(float)(x + b);
             break;
         case FP4MOE_ROUTING_SIGMOID:
         case FP4MOE_ROUTING_SIGMOID_RENORM:

@@ -13,24 +13,11 @@
 #include <cjson/cJSON.h>
 
 #include "io/checkpoint.h"
+#include "io/io_error.h"
 
 /* Bounds the parser's memory: every JSON value needs a ',', ':', '[' or '{' before it (except the
  * first), so this count + 1 bounds the number of values cJSON will allocate. */
 #define CKPT_MAX_JSON_VALUES ((uint64_t)8 * 1000 * 1000)
-
-static int fail(char *err, size_t err_bytes, const char *format, ...)
-#if defined(__GNUC__)
-    __attribute__((format(printf, 3, 4)))
-#endif
-    ;
-static int fail(char *err, size_t err_bytes, const char *format, ...)
-{
-    va_list ap;
-    va_start(ap, format);
-    if (err != NULL && err_bytes > 0) vsnprintf(err, err_bytes, format, ap);
-    va_end(ap);
-    return -1;
-}
 
 cJSON *ckpt_parse_json(const char *text, size_t len, const char *what, char *err, size_t err_bytes)
 {
@@ -38,7 +25,7 @@ cJSON *ckpt_parse_json(const char *text, size_t len, const char *what, char *err
     for (size_t i = 0; i < len; i++)
         values += text[i] == ',' || text[i] == ':' || text[i] == '[' || text[i] == '{';
     if (values > CKPT_MAX_JSON_VALUES) {
-        fail(err, err_bytes, "%s: more than %llu JSON values", what,
+        io_fail(-1, err, err_bytes, "%s: more than %llu JSON values", what,
              (unsigned long long)CKPT_MAX_JSON_VALUES);
         return NULL;
     }
@@ -46,21 +33,21 @@ cJSON *ckpt_parse_json(const char *text, size_t len, const char *what, char *err
     cJSON *root = cJSON_ParseWithLengthOpts(text, len, &end, 0);
     if (root == NULL) {
         size_t at = end != NULL && end >= text && end <= text + len ? (size_t)(end - text) : 0;
-        fail(err, err_bytes, "%s: invalid JSON near byte %zu", what, at);
+        io_fail(-1, err, err_bytes, "%s: invalid JSON near byte %zu", what, at);
         return NULL;
     }
     /* Only whitespace (or a NUL terminator) may follow the value. */
     for (const char *p = end; p != NULL && p < text + len && *p != '\0'; p++) {
         if (!isspace((unsigned char)*p)) {
             cJSON_Delete(root);
-            fail(err, err_bytes, "%s: text after the JSON value at byte %zu", what,
+            io_fail(-1, err, err_bytes, "%s: text after the JSON value at byte %zu", what,
                  (size_t)(p - text));
             return NULL;
         }
     }
     if (!cJSON_IsObject(root)) {
         cJSON_Delete(root);
-        fail(err, err_bytes, "%s: not a JSON object", what);
+        io_fail(-1, err, err_bytes, "%s: not a JSON object", what);
         return NULL;
     }
     return root;
@@ -74,7 +61,7 @@ static int get_int(const cJSON *obj, const char *key, int64_t min, int64_t max, 
     if (item == NULL || cJSON_IsNull(item)) return 0;
     double v = cJSON_IsNumber(item) ? item->valuedouble : NAN;
     if (!(v >= (double)min && v <= (double)max) || v != floor(v))
-        return fail(err, err_bytes, "%s: \"%s\" must be an integer in [%lld, %lld]", what, key,
+        return io_fail(-1, err, err_bytes, "%s: \"%s\" must be an integer in [%lld, %lld]", what, key,
                     (long long)min, (long long)max);
     *out = (int64_t)v;
     return 1;
@@ -86,7 +73,7 @@ static int get_number(const cJSON *obj, const char *key, double *out, const char
     const cJSON *item = cJSON_GetObjectItemCaseSensitive(obj, key);
     if (item == NULL || cJSON_IsNull(item)) return 0;
     if (!cJSON_IsNumber(item) || !isfinite(item->valuedouble))
-        return fail(err, err_bytes, "%s: \"%s\" must be a finite number", what, key);
+        return io_fail(-1, err, err_bytes, "%s: \"%s\" must be a finite number", what, key);
     *out = item->valuedouble;
     return 1;
 }
@@ -96,7 +83,7 @@ static int get_bool(const cJSON *obj, const char *key, int *out, const char *wha
 {
     const cJSON *item = cJSON_GetObjectItemCaseSensitive(obj, key);
     if (item == NULL || cJSON_IsNull(item)) return 0;
-    if (!cJSON_IsBool(item)) return fail(err, err_bytes, "%s: \"%s\" must be true or false", what, key);
+    if (!cJSON_IsBool(item)) return io_fail(-1, err, err_bytes, "%s: \"%s\" must be true or false", what, key);
     *out = cJSON_IsTrue(item) ? 1 : 0;
     return 1;
 }
@@ -107,9 +94,9 @@ static int get_string(const cJSON *obj, const char *key, char *out, size_t out_b
     const cJSON *item = cJSON_GetObjectItemCaseSensitive(obj, key);
     if (item == NULL || cJSON_IsNull(item)) return 0;
     if (!cJSON_IsString(item) || item->valuestring == NULL)
-        return fail(err, err_bytes, "%s: \"%s\" must be a string", what, key);
+        return io_fail(-1, err, err_bytes, "%s: \"%s\" must be a string", what, key);
     if (strlen(item->valuestring) >= out_bytes)
-        return fail(err, err_bytes, "%s: \"%s\" is longer than %zu characters", what, key,
+        return io_fail(-1, err, err_bytes, "%s: \"%s\" is longer than %zu characters", what, key,
                     out_bytes - 1);
     strcpy(out, item->valuestring);
     return 1;
@@ -148,43 +135,43 @@ static int parse_quant_block(const cJSON *block, ckpt_quant_config *q, const cha
     if (excl == NULL) excl = cJSON_GetObjectItemCaseSensitive(block, "ignore");
     if (excl != NULL && !cJSON_IsNull(excl)) {
         if (!cJSON_IsArray(excl))
-            return fail(err, err_bytes, "%s: \"exclude_modules\" must be an array of strings", what);
+            return io_fail(-1, err, err_bytes, "%s: \"exclude_modules\" must be an array of strings", what);
         int n = cJSON_GetArraySize(excl);
         q->exclude_modules = calloc((size_t)n + 1, sizeof(char *));
-        if (q->exclude_modules == NULL) return fail(err, err_bytes, "%s: out of memory", what);
+        if (q->exclude_modules == NULL) return io_fail(-1, err, err_bytes, "%s: out of memory", what);
         const cJSON *item;
         cJSON_ArrayForEach(item, excl) {
             if (!cJSON_IsString(item) || item->valuestring == NULL)
-                return fail(err, err_bytes, "%s: \"exclude_modules\" entry %d is not a string", what,
+                return io_fail(-1, err, err_bytes, "%s: \"exclude_modules\" entry %d is not a string", what,
                             q->exclude_count);
             if ((q->exclude_modules[q->exclude_count] = dup_string(item->valuestring)) == NULL)
-                return fail(err, err_bytes, "%s: out of memory", what);
+                return io_fail(-1, err, err_bytes, "%s: out of memory", what);
             q->exclude_count++;
         }
     }
     const cJSON *layers = cJSON_GetObjectItemCaseSensitive(block, "quantized_layers");
     if (layers != NULL && !cJSON_IsNull(layers)) {
         if (!cJSON_IsObject(layers))
-            return fail(err, err_bytes, "%s: \"quantized_layers\" must be an object", what);
+            return io_fail(-1, err, err_bytes, "%s: \"quantized_layers\" must be an object", what);
         int n = cJSON_GetArraySize(layers);
         q->layer_names = calloc((size_t)n + 1, sizeof(char *));
         q->layer_algos = calloc((size_t)n + 1, sizeof(char *));
         if (q->layer_names == NULL || q->layer_algos == NULL)
-            return fail(err, err_bytes, "%s: out of memory", what);
+            return io_fail(-1, err, err_bytes, "%s: out of memory", what);
         const cJSON *item;
         cJSON_ArrayForEach(item, layers) {
             const cJSON *algo = cJSON_IsObject(item)
                                     ? cJSON_GetObjectItemCaseSensitive(item, "quant_algo")
                                     : NULL;
             if (item->string == NULL || !cJSON_IsString(algo) || algo->valuestring == NULL)
-                return fail(err, err_bytes,
+                return io_fail(-1, err, err_bytes,
                             "%s: \"quantized_layers\" entry %d must be {\"quant_algo\": \"...\"}",
                             what, q->layer_count);
             q->layer_names[q->layer_count] = dup_string(item->string);
             q->layer_algos[q->layer_count] = dup_string(algo->valuestring);
             q->layer_count++;
             if (q->layer_names[q->layer_count - 1] == NULL || q->layer_algos[q->layer_count - 1] == NULL)
-                return fail(err, err_bytes, "%s: out of memory", what);
+                return io_fail(-1, err, err_bytes, "%s: out of memory", what);
             for (char *p = q->layer_algos[q->layer_count - 1]; *p; p++) *p = (char)toupper((unsigned char)*p);
         }
     }
@@ -201,7 +188,7 @@ int ckpt_parse_quant_config(const char *text, size_t len, ckpt_quant_config *q, 
     if (root == NULL) return -1;
     int rc = 0;
     const cJSON *block = cJSON_GetObjectItemCaseSensitive(root, "quantization");
-    if (!cJSON_IsObject(block)) rc = fail(err, err_bytes, "%s: no \"quantization\" object", what);
+    if (!cJSON_IsObject(block)) rc = io_fail(-1, err, err_bytes, "%s: no \"quantization\" object", what);
     else rc = parse_quant_block(block, q, what, err, err_bytes);
     if (rc == 0) snprintf(q->source, sizeof q->source, "%s", what);
     else ckpt_quant_config_free(q);
@@ -251,7 +238,7 @@ int ckpt_parse_model_config(const char *text, size_t len, ckpt_model_config *m,
     const cJSON *qc = cJSON_GetObjectItemCaseSensitive(root, "quantization_config");
     if (qc != NULL && !cJSON_IsNull(qc)) {
         if (!cJSON_IsObject(qc)) {
-            fail(err, err_bytes, "%s: \"quantization_config\" must be an object", what);
+            io_fail(-1, err, err_bytes, "%s: \"quantization_config\" must be an object", what);
             goto done;
         }
         char method[48] = "";

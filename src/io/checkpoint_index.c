@@ -10,20 +10,7 @@
 #include <cjson/cJSON.h>
 
 #include "io/checkpoint.h"
-
-static int fail(char *err, size_t err_bytes, const char *format, ...)
-#if defined(__GNUC__)
-    __attribute__((format(printf, 3, 4)))
-#endif
-    ;
-static int fail(char *err, size_t err_bytes, const char *format, ...)
-{
-    va_list ap;
-    va_start(ap, format);
-    if (err != NULL && err_bytes > 0) vsnprintf(err, err_bytes, format, ap);
-    va_end(ap);
-    return -1;
-}
+#include "io/io_error.h"
 
 void ckpt_index_free(ckpt_index *x)
 {
@@ -57,7 +44,7 @@ int ckpt_parse_index(const char *text, size_t len, ckpt_index *x, char *err, siz
     int rc = -1;
     const cJSON *map = cJSON_GetObjectItemCaseSensitive(root, "weight_map");
     if (!cJSON_IsObject(map)) {
-        fail(err, err_bytes, "%s: no \"weight_map\" object", what);
+        io_fail(-1, err, err_bytes, "%s: no \"weight_map\" object", what);
         goto done;
     }
     int n = cJSON_GetArraySize(map);
@@ -66,7 +53,7 @@ int ckpt_parse_index(const char *text, size_t len, ckpt_index *x, char *err, siz
     char **files = calloc((size_t)n + 1, sizeof(char *)); /* borrowed from the JSON */
     if (x->tensor_names == NULL || x->tensor_shard == NULL || files == NULL) {
         free(files);
-        fail(err, err_bytes, "%s: out of memory", what);
+        io_fail(-1, err, err_bytes, "%s: out of memory", what);
         goto done;
     }
     const cJSON *item;
@@ -74,7 +61,7 @@ int ckpt_parse_index(const char *text, size_t len, ckpt_index *x, char *err, siz
     cJSON_ArrayForEach(item, map) {
         if (item->string == NULL || !cJSON_IsString(item) || item->valuestring == NULL ||
             !valid_shard_name(item->valuestring)) {
-            fail(err, err_bytes, "%s: weight_map entry '%.200s' must name a file of the folder",
+            io_fail(-1, err, err_bytes, "%s: weight_map entry '%.200s' must name a file of the folder",
                  what, item->string ? item->string : "");
             free(files);
             goto done;
@@ -82,7 +69,7 @@ int ckpt_parse_index(const char *text, size_t len, ckpt_index *x, char *err, siz
         size_t name_len = strlen(item->string) + 1;
         if ((x->tensor_names[count] = malloc(name_len)) == NULL) {
             free(files);
-            fail(err, err_bytes, "%s: out of memory", what);
+            io_fail(-1, err, err_bytes, "%s: out of memory", what);
             goto done;
         }
         memcpy(x->tensor_names[count], item->string, name_len);
@@ -95,7 +82,7 @@ int ckpt_parse_index(const char *text, size_t len, ckpt_index *x, char *err, siz
     if (sorted == NULL || x->shard_names == NULL) {
         free(sorted);
         free(files);
-        fail(err, err_bytes, "%s: out of memory", what);
+        io_fail(-1, err, err_bytes, "%s: out of memory", what);
         goto done;
     }
     memcpy(sorted, files, (size_t)count * sizeof(char *));
@@ -118,7 +105,7 @@ int ckpt_parse_index(const char *text, size_t len, ckpt_index *x, char *err, siz
     }
     free(files);
     if (!ok) {
-        fail(err, err_bytes, "%s: out of memory or more than %d shards", what, CKPT_MAX_SHARDS);
+        io_fail(-1, err, err_bytes, "%s: out of memory or more than %d shards", what, CKPT_MAX_SHARDS);
         goto done;
     }
     rc = 0;
@@ -243,7 +230,7 @@ int ckpt_assemble(fp4moe_checkpoint *ckpt, const char *config_text, size_t confi
     int64_t total = 0;
     for (int s = 0; s < ckpt->shard_count; s++) total += st_count(ckpt->shards[s]);
     ckpt->entries = malloc((size_t)total * sizeof(ckpt_entry) + 1);
-    if (ckpt->entries == NULL) return fail(err, err_bytes, "out of memory (%lld tensors)", (long long)total);
+    if (ckpt->entries == NULL) return io_fail(-1, err, err_bytes, "out of memory (%lld tensors)", (long long)total);
     for (int s = 0; s < ckpt->shard_count; s++)
         for (int i = 0; i < st_count(ckpt->shards[s]); i++) {
             const st_tensor *t = st_get(ckpt->shards[s], i);
@@ -252,11 +239,11 @@ int ckpt_assemble(fp4moe_checkpoint *ckpt, const char *config_text, size_t confi
     qsort(ckpt->entries, (size_t)ckpt->entry_count, sizeof(ckpt_entry), compare_entries);
     for (int64_t i = 1; i < ckpt->entry_count; i++)
         if (strcmp(ckpt->entries[i - 1].name, ckpt->entries[i].name) == 0)
-            return fail(err, err_bytes, "tensor '%.300s' is in both '%.200s' and '%.200s'",
+            return io_fail(-1, err, err_bytes, "tensor '%.300s' is in both '%.200s' and '%.200s'",
                         ckpt->entries[i].name, ckpt->shard_names[ckpt->entries[i - 1].shard],
                         ckpt->shard_names[ckpt->entries[i].shard]);
     if (index != NULL && check_index(ckpt, index))
-        return fail(err, err_bytes, "out of memory checking the index");
+        return io_fail(-1, err, err_bytes, "out of memory checking the index");
     return ckpt_find_layers(ckpt, err, err_bytes);
 }
 

@@ -10,6 +10,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include "io/io_error.h"
 
 #define KEY_IN_MESSAGE 64
 /* Larger magnitudes are not exact in cJSON's doubles. */
@@ -145,23 +146,6 @@ static const config_key KEYS[] = {
 #undef KEY
 #define KEY_COUNT ((int)(sizeof(KEYS) / sizeof(KEYS[0])))
 
-static int fail(char *err, size_t err_bytes, const char *format, ...)
-#if defined(__GNUC__)
-    __attribute__((format(printf, 3, 4)))
-#endif
-    ;
-
-static int fail(char *err, size_t err_bytes, const char *format, ...)
-{
-    if (err != NULL && err_bytes > 0) {
-        va_list args;
-        va_start(args, format);
-        vsnprintf(err, err_bytes, format, args);
-        va_end(args);
-    }
-    return 1;
-}
-
 static const enum_name *enum_table(key_kind kind)
 {
     switch (kind) {
@@ -196,9 +180,9 @@ static int apply_key(const config_key *key, const cJSON *item, fp4moe_config *cf
         double limit = key->kind == KEY_INT32 ? 2147483647.0 : JSON_MAX_EXACT_INTEGER;
         double low = key->kind == KEY_INT32 ? -2147483648.0 : -JSON_MAX_EXACT_INTEGER;
         if (!cJSON_IsNumber(item))
-            return fail(err, err_bytes, "config key '%s': expected an integer", key->name);
+            return io_fail(1, err, err_bytes, "config key '%s': expected an integer", key->name);
         if (!(v >= low && v <= limit) || (double)(int64_t)v != v)
-            return fail(err, err_bytes, "config key '%s': %g is not an integer in [%.0f, %.0f]",
+            return io_fail(1, err, err_bytes, "config key '%s': %g is not an integer in [%.0f, %.0f]",
                         key->name, v, low, limit);
         if (key->kind == KEY_INT32) *(int32_t *)field = (int32_t)v;
         else *(int64_t *)field = (int64_t)v;
@@ -212,7 +196,7 @@ static int apply_key(const config_key *key, const cJSON *item, fp4moe_config *cf
         /* fall through */
     case KEY_FLOAT: {
         if (!cJSON_IsNumber(item))
-            return fail(err, err_bytes, "config key '%s': expected a number%s", key->name,
+            return io_fail(1, err, err_bytes, "config key '%s': expected a number%s", key->name,
                         key->kind == KEY_FLOAT_NULL_INF ? " or null" : "");
         double v = item->valuedouble;
         /* Values up to FLT_MAX + half an ulp round to FLT_MAX (printed floats come back that
@@ -220,14 +204,14 @@ static int apply_key(const config_key *key, const cJSON *item, fp4moe_config *cf
          * undefined behaviour, so those are clamped by hand. */
         const double overflow = 340282356779733661637539395458142568448.0; /* 2^128 - 2^103 */
         if (!(v > -overflow && v < overflow))
-            return fail(err, err_bytes, "config key '%s': %g is outside the float range",
+            return io_fail(1, err, err_bytes, "config key '%s': %g is outside the float range",
                         key->name, v);
         *(float *)field = v > FLT_MAX ? FLT_MAX : v < -FLT_MAX ? -FLT_MAX : (float)v;
         return 0;
     }
     case KEY_BOOL:
         if (!cJSON_IsBool(item))
-            return fail(err, err_bytes, "config key '%s': expected true or false", key->name);
+            return io_fail(1, err, err_bytes, "config key '%s': expected true or false", key->name);
         *(int32_t *)field = cJSON_IsTrue(item) ? 1 : 0;
         return 0;
     default: {
@@ -245,9 +229,9 @@ static int apply_key(const config_key *key, const cJSON *item, fp4moe_config *cf
         }
         list_names(table, names, sizeof names);
         if (!cJSON_IsString(item))
-            return fail(err, err_bytes, "config key '%s': expected a string (one of %s)",
+            return io_fail(1, err, err_bytes, "config key '%s': expected a string (one of %s)",
                         key->name, names);
-        return fail(err, err_bytes, "config key '%s': unknown value '%.*s' (expected one of %s)",
+        return io_fail(1, err, err_bytes, "config key '%s': unknown value '%.*s' (expected one of %s)",
                     key->name, KEY_IN_MESSAGE, item->valuestring, names);
     }
     }
@@ -256,27 +240,27 @@ static int apply_key(const config_key *key, const cJSON *item, fp4moe_config *cf
 int layer_config_from_json(const char *text, size_t len, fp4moe_config *cfg, char *err,
                            size_t err_bytes)
 {
-    if (cfg == NULL || (text == NULL && len > 0)) return fail(err, err_bytes, "text or cfg is NULL");
+    if (cfg == NULL || (text == NULL && len > 0)) return io_fail(1, err, err_bytes, "text or cfg is NULL");
     fp4moe_config_init(cfg);
-    if (len == 0) return fail(err, err_bytes, "config JSON is empty");
+    if (len == 0) return io_fail(1, err, err_bytes, "config JSON is empty");
     if (len > LAYER_JSON_MAX_BYTES)
-        return fail(err, err_bytes, "config JSON of %zu bytes exceeds the limit of %d", len,
+        return io_fail(1, err, err_bytes, "config JSON of %zu bytes exceeds the limit of %d", len,
                     LAYER_JSON_MAX_BYTES);
     const char *end = NULL;
     cJSON *root = cJSON_ParseWithLengthOpts(text, len, &end, 0);
     if (root == NULL) {
         long at = end != NULL && end >= text && end <= text + len ? (long)(end - text) : -1;
-        return fail(err, err_bytes, "config is not valid JSON (near byte %ld)", at);
+        return io_fail(1, err, err_bytes, "config is not valid JSON (near byte %ld)", at);
     }
     for (; end < text + len; end++)
         if (*end != ' ' && *end != '\t' && *end != '\n' && *end != '\r' && *end != '\0') {
             cJSON_Delete(root);
-            return fail(err, err_bytes, "config has data after the JSON object (byte %ld)",
+            return io_fail(1, err, err_bytes, "config has data after the JSON object (byte %ld)",
                         (long)(end - text));
         }
     if (!cJSON_IsObject(root)) {
         cJSON_Delete(root);
-        return fail(err, err_bytes, "config JSON is not an object");
+        return io_fail(1, err, err_bytes, "config JSON is not an object");
     }
     int seen[KEY_COUNT] = {0};
     int status = 0;
@@ -284,10 +268,10 @@ int layer_config_from_json(const char *text, size_t len, fp4moe_config *cfg, cha
         int k = 0;
         while (k < KEY_COUNT && strcmp(KEYS[k].name, item->string) != 0) k++;
         if (k == KEY_COUNT)
-            status = fail(err, err_bytes, "config key '%.*s': unknown key", KEY_IN_MESSAGE,
+            status = io_fail(1, err, err_bytes, "config key '%.*s': unknown key", KEY_IN_MESSAGE,
                           item->string);
         else if (seen[k]++)
-            status = fail(err, err_bytes, "config key '%s': given twice", KEYS[k].name);
+            status = io_fail(1, err, err_bytes, "config key '%s': given twice", KEYS[k].name);
         else
             status = apply_key(&KEYS[k], item, cfg, err, err_bytes);
     }

@@ -12,6 +12,7 @@
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
+#include "io/io_error.h"
 
 /* Names are cut to this many bytes in messages, so a hostile name cannot hide the problem. */
 #define NAME_IN_MESSAGE 120
@@ -59,23 +60,6 @@ struct st_file {
     void *mapping; /* st_open only */
     size_t mapping_bytes;
 };
-
-static int fail(char *err, size_t err_bytes, const char *format, ...)
-#if defined(__GNUC__)
-    __attribute__((format(printf, 3, 4)))
-#endif
-    ;
-
-static int fail(char *err, size_t err_bytes, const char *format, ...)
-{
-    if (err != NULL && err_bytes > 0) {
-        va_list args;
-        va_start(args, format);
-        vsnprintf(err, err_bytes, format, args);
-        va_end(args);
-    }
-    return 1;
-}
 
 const char *st_dtype_name(fp4moe_dtype dtype)
 {
@@ -158,24 +142,24 @@ static int compare_ranges(const void *a, const void *b)
 
 static int parse_metadata(st_file *f, const cJSON *object, char *err, size_t err_bytes)
 {
-    if (!cJSON_IsObject(object)) return fail(err, err_bytes, "__metadata__ is not an object");
+    if (!cJSON_IsObject(object)) return io_fail(1, err, err_bytes, "__metadata__ is not an object");
     int n = cJSON_GetArraySize(object);
     if (n == 0) return 0;
     f->metadata = calloc((size_t)n, sizeof(metadata_entry));
-    if (f->metadata == NULL) return fail(err, err_bytes, "out of memory");
+    if (f->metadata == NULL) return io_fail(1, err, err_bytes, "out of memory");
     for (const cJSON *item = object->child; item != NULL; item = item->next) {
         if (!cJSON_IsString(item))
-            return fail(err, err_bytes, "__metadata__ '%.*s': value is not a string",
+            return io_fail(1, err, err_bytes, "__metadata__ '%.*s': value is not a string",
                         NAME_IN_MESSAGE, item->string);
         for (int i = 0; i < f->metadata_count; i++)
             if (strcmp(f->metadata[i].key, item->string) == 0)
-                return fail(err, err_bytes, "__metadata__ '%.*s': duplicate key",
+                return io_fail(1, err, err_bytes, "__metadata__ '%.*s': duplicate key",
                             NAME_IN_MESSAGE, item->string);
         metadata_entry *e = &f->metadata[f->metadata_count];
         e->key = copy_string(item->string);
         e->value = copy_string(item->valuestring);
         f->metadata_count++; /* counted before the check so st_close frees a partial entry */
-        if (e->key == NULL || e->value == NULL) return fail(err, err_bytes, "out of memory");
+        if (e->key == NULL || e->value == NULL) return io_fail(1, err, err_bytes, "out of memory");
     }
     return 0;
 }
@@ -186,7 +170,7 @@ static int parse_tensor(const cJSON *entry, st_tensor *t, byte_range *range, uin
 {
     const char *name = t->name;
     if (!cJSON_IsObject(entry))
-        return fail(err, err_bytes, "tensor '%.*s': entry is not an object", NAME_IN_MESSAGE, name);
+        return io_fail(1, err, err_bytes, "tensor '%.*s': entry is not an object", NAME_IN_MESSAGE, name);
     const cJSON *dtype = NULL, *shape = NULL, *offsets = NULL;
     for (const cJSON *field = entry->child; field != NULL; field = field->next) {
         const cJSON **slot = strcmp(field->string, "dtype") == 0          ? &dtype
@@ -194,32 +178,32 @@ static int parse_tensor(const cJSON *entry, st_tensor *t, byte_range *range, uin
                              : strcmp(field->string, "data_offsets") == 0 ? &offsets
                                                                           : NULL;
         if (slot == NULL)
-            return fail(err, err_bytes, "tensor '%.*s': unknown field '%.*s'", NAME_IN_MESSAGE,
+            return io_fail(1, err, err_bytes, "tensor '%.*s': unknown field '%.*s'", NAME_IN_MESSAGE,
                         name, NAME_IN_MESSAGE, field->string);
         if (*slot != NULL)
-            return fail(err, err_bytes, "tensor '%.*s': duplicate field '%s'", NAME_IN_MESSAGE,
+            return io_fail(1, err, err_bytes, "tensor '%.*s': duplicate field '%s'", NAME_IN_MESSAGE,
                         name, field->string);
         *slot = field;
     }
     if (dtype == NULL || shape == NULL || offsets == NULL)
-        return fail(err, err_bytes, "tensor '%.*s': missing field '%s'", NAME_IN_MESSAGE, name,
+        return io_fail(1, err, err_bytes, "tensor '%.*s': missing field '%s'", NAME_IN_MESSAGE, name,
                     dtype == NULL ? "dtype" : shape == NULL ? "shape" : "data_offsets");
 
     if (!cJSON_IsString(dtype))
-        return fail(err, err_bytes, "tensor '%.*s': dtype is not a string", NAME_IN_MESSAGE, name);
+        return io_fail(1, err, err_bytes, "tensor '%.*s': dtype is not a string", NAME_IN_MESSAGE, name);
     const dtype_info *info = dtype_by_name(dtype->valuestring);
     if (info == NULL)
-        return fail(err, err_bytes, "tensor '%.*s': unknown dtype '%.*s'", NAME_IN_MESSAGE, name,
+        return io_fail(1, err, err_bytes, "tensor '%.*s': unknown dtype '%.*s'", NAME_IN_MESSAGE, name,
                     NAME_IN_MESSAGE, dtype->valuestring);
     t->dtype_name = info->name; /* the static copy, so the string outlives the JSON tree */
     t->dtype_known = info->known;
     t->dtype = info->dtype;
 
     if (!cJSON_IsArray(shape))
-        return fail(err, err_bytes, "tensor '%.*s': shape is not an array", NAME_IN_MESSAGE, name);
+        return io_fail(1, err, err_bytes, "tensor '%.*s': shape is not an array", NAME_IN_MESSAGE, name);
     int ndim = cJSON_GetArraySize(shape);
     if (ndim > ST_MAX_NDIM)
-        return fail(err, err_bytes, "tensor '%.*s': %d dimensions, at most %d are supported",
+        return io_fail(1, err, err_bytes, "tensor '%.*s': %d dimensions, at most %d are supported",
                     NAME_IN_MESSAGE, name, ndim, ST_MAX_NDIM);
     t->ndim = ndim;
     uint64_t elements = 1;
@@ -227,10 +211,10 @@ static int parse_tensor(const cJSON *entry, st_tensor *t, byte_range *range, uin
     for (const cJSON *dim = shape->child; dim != NULL; dim = dim->next, d++) {
         uint64_t v;
         if (cJSON_IsNumber(dim) && dim->valuedouble < 0)
-            return fail(err, err_bytes, "tensor '%.*s': negative dimension %d (%.0f)",
+            return io_fail(1, err, err_bytes, "tensor '%.*s': negative dimension %d (%.0f)",
                         NAME_IN_MESSAGE, name, d, dim->valuedouble);
         if (!json_exact_u64(dim, &v))
-            return fail(err, err_bytes, "tensor '%.*s': dimension %d is not an integer in [0, 2^53]",
+            return io_fail(1, err, err_bytes, "tensor '%.*s': dimension %d is not an integer in [0, 2^53]",
                         NAME_IN_MESSAGE, name, d);
         t->shape[d] = (int64_t)v;
         if (v == 0) elements = 0;
@@ -239,31 +223,31 @@ static int parse_tensor(const cJSON *entry, st_tensor *t, byte_range *range, uin
     }
     /* A zero dimension makes the tensor empty however large the others are. */
     if (elements != 0 && (overflow || elements > UINT64_MAX / info->bits))
-        return fail(err, err_bytes, "tensor '%.*s': shape's element count overflows",
+        return io_fail(1, err, err_bytes, "tensor '%.*s': shape's element count overflows",
                     NAME_IN_MESSAGE, name);
     uint64_t bits = elements * info->bits;
     if (bits % 8 != 0)
-        return fail(err, err_bytes, "tensor '%.*s': %llu %s elements do not fill whole bytes",
+        return io_fail(1, err, err_bytes, "tensor '%.*s': %llu %s elements do not fill whole bytes",
                     NAME_IN_MESSAGE, name, (unsigned long long)elements, info->name);
 
     if (!cJSON_IsArray(offsets) || cJSON_GetArraySize(offsets) != 2)
-        return fail(err, err_bytes, "tensor '%.*s': data_offsets is not an array of 2 integers",
+        return io_fail(1, err, err_bytes, "tensor '%.*s': data_offsets is not an array of 2 integers",
                     NAME_IN_MESSAGE, name);
     uint64_t begin, end;
     if (!json_exact_u64(offsets->child, &begin) || !json_exact_u64(offsets->child->next, &end))
-        return fail(err, err_bytes,
+        return io_fail(1, err, err_bytes,
                     "tensor '%.*s': data_offsets are not integers in [0, 2^53]", NAME_IN_MESSAGE,
                     name);
     if (end < begin)
-        return fail(err, err_bytes, "tensor '%.*s': data_offsets [%llu, %llu] end before begin",
+        return io_fail(1, err, err_bytes, "tensor '%.*s': data_offsets [%llu, %llu] end before begin",
                     NAME_IN_MESSAGE, name, (unsigned long long)begin, (unsigned long long)end);
     if (end > buffer_bytes)
-        return fail(err, err_bytes,
+        return io_fail(1, err, err_bytes,
                     "tensor '%.*s': data_offsets [%llu, %llu] outside the %llu-byte data buffer",
                     NAME_IN_MESSAGE, name, (unsigned long long)begin, (unsigned long long)end,
                     (unsigned long long)buffer_bytes);
     if (end - begin != bits / 8)
-        return fail(err, err_bytes,
+        return io_fail(1, err, err_bytes,
                     "tensor '%.*s': data_offsets span %llu bytes, shape and dtype %s need %llu",
                     NAME_IN_MESSAGE, name, (unsigned long long)(end - begin), info->name,
                     (unsigned long long)(bits / 8));
@@ -282,7 +266,7 @@ static int check_names_and_ranges(st_file *f, byte_range *ranges, char *err, siz
     qsort(f->sorted, (size_t)f->count, sizeof(name_index), compare_names);
     for (int i = 1; i < f->count; i++)
         if (strcmp(f->sorted[i - 1].name, f->sorted[i].name) == 0)
-            return fail(err, err_bytes, "tensor '%.*s': duplicate name", NAME_IN_MESSAGE,
+            return io_fail(1, err, err_bytes, "tensor '%.*s': duplicate name", NAME_IN_MESSAGE,
                         f->sorted[i].name);
 
     qsort(ranges, (size_t)f->count, sizeof(byte_range), compare_ranges);
@@ -291,7 +275,7 @@ static int check_names_and_ranges(st_file *f, byte_range *ranges, char *err, siz
     for (int i = 0; i < f->count; i++) {
         if (ranges[i].begin == ranges[i].end) continue;
         if (previous != NULL && ranges[i].begin < previous->end)
-            return fail(err, err_bytes, "tensor '%.*s': data_offsets [%llu, %llu] overlap tensor "
+            return io_fail(1, err, err_bytes, "tensor '%.*s': data_offsets [%llu, %llu] overlap tensor "
                         "'%.*s' [%llu, %llu]", NAME_IN_MESSAGE, f->tensors[ranges[i].index].name,
                         (unsigned long long)ranges[i].begin, (unsigned long long)ranges[i].end,
                         NAME_IN_MESSAGE, f->tensors[previous->index].name,
@@ -304,11 +288,11 @@ static int check_names_and_ranges(st_file *f, byte_range *ranges, char *err, siz
 static int parse_header(st_file *f, const cJSON *root, const unsigned char *buffer,
                         uint64_t buffer_bytes, char *err, size_t err_bytes)
 {
-    if (!cJSON_IsObject(root)) return fail(err, err_bytes, "header JSON is not an object");
+    if (!cJSON_IsObject(root)) return io_fail(1, err, err_bytes, "header JSON is not an object");
     int tensors = 0, metadata_seen = 0;
     for (const cJSON *item = root->child; item != NULL; item = item->next) {
         if (strcmp(item->string, "__metadata__") != 0) tensors++;
-        else if (metadata_seen++) return fail(err, err_bytes, "duplicate __metadata__");
+        else if (metadata_seen++) return io_fail(1, err, err_bytes, "duplicate __metadata__");
         else if (parse_metadata(f, item, err, err_bytes) != 0) return 1;
     }
     if (tensors == 0) return 0;
@@ -317,7 +301,7 @@ static int parse_header(st_file *f, const cJSON *root, const unsigned char *buff
     byte_range *ranges = calloc((size_t)tensors, sizeof(byte_range));
     if (f->tensors == NULL || f->sorted == NULL || ranges == NULL) {
         free(ranges);
-        return fail(err, err_bytes, "out of memory for %d tensors", tensors);
+        return io_fail(1, err, err_bytes, "out of memory for %d tensors", tensors);
     }
     int status = 0;
     for (const cJSON *item = root->child; item != NULL && status == 0; item = item->next) {
@@ -325,7 +309,7 @@ static int parse_header(st_file *f, const cJSON *root, const unsigned char *buff
         st_tensor *t = &f->tensors[f->count];
         t->name = copy_string(item->string);
         if (t->name == NULL) {
-            status = fail(err, err_bytes, "out of memory");
+            status = io_fail(1, err, err_bytes, "out of memory");
             break;
         }
         ranges[f->count].index = f->count;
@@ -366,29 +350,29 @@ static uint64_t json_value_bound(const char *text, size_t bytes)
 
 int st_parse(const void *bytes, size_t size, st_file **out, char *err, size_t err_bytes)
 {
-    if (out == NULL) return fail(err, err_bytes, "out is NULL");
+    if (out == NULL) return io_fail(1, err, err_bytes, "out is NULL");
     *out = NULL;
-    if (bytes == NULL && size != 0) return fail(err, err_bytes, "bytes is NULL");
+    if (bytes == NULL && size != 0) return io_fail(1, err, err_bytes, "bytes is NULL");
     if (size < 8)
-        return fail(err, err_bytes, "truncated: %zu bytes, the header length alone needs 8", size);
+        return io_fail(1, err, err_bytes, "truncated: %zu bytes, the header length alone needs 8", size);
     const unsigned char *p = bytes;
     uint64_t header_bytes = 0;
     for (int i = 7; i >= 0; i--) header_bytes = header_bytes << 8 | p[i];
     if (header_bytes > size - 8)
-        return fail(err, err_bytes, "header length %llu exceeds the %zu bytes after it",
+        return io_fail(1, err, err_bytes, "header length %llu exceeds the %zu bytes after it",
                     (unsigned long long)header_bytes, size - 8);
     if (header_bytes > ST_MAX_HEADER_BYTES)
-        return fail(err, err_bytes, "header length %llu exceeds the limit of %llu bytes",
+        return io_fail(1, err, err_bytes, "header length %llu exceeds the limit of %llu bytes",
                     (unsigned long long)header_bytes, (unsigned long long)ST_MAX_HEADER_BYTES);
-    if (header_bytes < 2) return fail(err, err_bytes, "header of %llu bytes cannot hold a JSON object",
+    if (header_bytes < 2) return io_fail(1, err, err_bytes, "header of %llu bytes cannot hold a JSON object",
                                       (unsigned long long)header_bytes);
     const char *header = (const char *)p + 8;
     if (memchr(header, '\0', (size_t)header_bytes) != NULL)
-        return fail(err, err_bytes, "header contains a NUL byte");
+        return io_fail(1, err, err_bytes, "header contains a NUL byte");
 
     uint64_t values = json_value_bound(header, (size_t)header_bytes);
     if (values > ST_MAX_HEADER_VALUES)
-        return fail(err, err_bytes, "header holds %llu JSON values, more than the limit of %llu",
+        return io_fail(1, err, err_bytes, "header holds %llu JSON values, more than the limit of %llu",
                     (unsigned long long)values, (unsigned long long)ST_MAX_HEADER_VALUES);
 
     const char *json_end = NULL;
@@ -398,20 +382,20 @@ int st_parse(const void *bytes, size_t size, st_file **out, char *err, size_t er
          * safe across threads). */
         long offset = json_end != NULL && json_end >= header && json_end <= header + header_bytes
                           ? (long)(json_end - header) : -1;
-        return fail(err, err_bytes, "header is not valid JSON (near byte %ld)", offset);
+        return io_fail(1, err, err_bytes, "header is not valid JSON (near byte %ld)", offset);
     }
     /* The official writer pads the header with spaces; anything else after the object is junk. */
     for (const char *c = json_end; c < header + header_bytes; c++)
         if (!is_json_space((unsigned char)*c)) {
             cJSON_Delete(root);
-            return fail(err, err_bytes, "header has data after the JSON object (byte %ld)",
+            return io_fail(1, err, err_bytes, "header has data after the JSON object (byte %ld)",
                         (long)(c - header));
         }
 
     st_file *f = calloc(1, sizeof(st_file));
     if (f == NULL) {
         cJSON_Delete(root);
-        return fail(err, err_bytes, "out of memory");
+        return io_fail(1, err, err_bytes, "out of memory");
     }
     const unsigned char *buffer = p + 8 + header_bytes;
     int status = parse_header(f, root, buffer, size - 8 - header_bytes, err, err_bytes);
@@ -426,29 +410,29 @@ int st_parse(const void *bytes, size_t size, st_file **out, char *err, size_t er
 
 int st_open(const char *path, st_file **out, char *err, size_t err_bytes)
 {
-    if (out == NULL || path == NULL) return fail(err, err_bytes, "path or out is NULL");
+    if (out == NULL || path == NULL) return io_fail(1, err, err_bytes, "path or out is NULL");
     *out = NULL;
     int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) return fail(err, err_bytes, "%s: cannot open: %s", path, strerror(errno));
+    if (fd < 0) return io_fail(1, err, err_bytes, "%s: cannot open: %s", path, strerror(errno));
     struct stat info;
     if (fstat(fd, &info) != 0 || !S_ISREG(info.st_mode)) {
         close(fd);
-        return fail(err, err_bytes, "%s: not a regular file", path);
+        return io_fail(1, err, err_bytes, "%s: not a regular file", path);
     }
     size_t size = (size_t)info.st_size;
     if (size < 8) {
         close(fd);
-        return fail(err, err_bytes, "%s: truncated: %zu bytes, the header length alone needs 8",
+        return io_fail(1, err, err_bytes, "%s: truncated: %zu bytes, the header length alone needs 8",
                     path, size);
     }
     void *mapping = mmap(NULL, size, PROT_READ, MAP_PRIVATE, fd, 0);
     close(fd);
-    if (mapping == MAP_FAILED) return fail(err, err_bytes, "%s: cannot map: %s", path, strerror(errno));
+    if (mapping == MAP_FAILED) return io_fail(1, err, err_bytes, "%s: cannot map: %s", path, strerror(errno));
     char message[512];
     st_file *f = NULL;
     if (st_parse(mapping, size, &f, message, sizeof message) != 0) {
         munmap(mapping, size);
-        return fail(err, err_bytes, "%s: %s", path, message);
+        return io_fail(1, err, err_bytes, "%s: %s", path, message);
     }
     f->mapping = mapping;
     f->mapping_bytes = size;
@@ -505,14 +489,14 @@ int st_expect(const st_tensor *t, fp4moe_dtype dtype, int ndim, const int64_t *s
     const char *want_dtype = st_dtype_name(dtype);
     if (t == NULL || want_dtype == NULL || ndim < 0 || ndim > ST_MAX_NDIM ||
         (shape == NULL && ndim > 0))
-        return fail(err, err_bytes, "st_expect: invalid arguments");
+        return io_fail(1, err, err_bytes, "st_expect: invalid arguments");
     int match = t->dtype_known && t->dtype == dtype && t->ndim == ndim;
     for (int d = 0; match && d < ndim; d++) match = t->shape[d] == shape[d];
     if (match) return 0;
     char want[200], got[200];
     format_shape(want, sizeof want, ndim, shape);
     format_shape(got, sizeof got, t->ndim, t->shape);
-    return fail(err, err_bytes, "tensor '%.*s': expected shape %s %s, got %s %s", NAME_IN_MESSAGE,
+    return io_fail(1, err, err_bytes, "tensor '%.*s': expected shape %s %s, got %s %s", NAME_IN_MESSAGE,
                 t->name, want, want_dtype, got, t->dtype_name);
 }
 
@@ -690,7 +674,7 @@ static int write_all(FILE *file, const void *data, size_t bytes)
 
 int st_writer_write(st_writer *w, const char *path, char *err, size_t err_bytes)
 {
-    if (w == NULL || path == NULL) return fail(err, err_bytes, "writer or path is NULL");
+    if (w == NULL || path == NULL) return io_fail(1, err, err_bytes, "writer or path is NULL");
     text_buffer header = {0};
     text_append(&header, "{", 1);
     if (w->metadata_count > 0) {
@@ -718,14 +702,14 @@ int st_writer_write(st_writer *w, const char *path, char *err, size_t err_bytes)
     while (!header.failed && header.used % 8 != 0) text_append(&header, " ", 1);
     if (header.failed) {
         free(header.data);
-        return fail(err, err_bytes, "out of memory building the header");
+        return io_fail(1, err, err_bytes, "out of memory building the header");
     }
 
     size_t path_bytes = strlen(path);
     char *temporary = malloc(path_bytes + 8);
     if (temporary == NULL) {
         free(header.data);
-        return fail(err, err_bytes, "out of memory");
+        return io_fail(1, err, err_bytes, "out of memory");
     }
     memcpy(temporary, path, path_bytes);
     memcpy(temporary + path_bytes, ".XXXXXX", 8);
@@ -739,7 +723,7 @@ int st_writer_write(st_writer *w, const char *path, char *err, size_t err_bytes)
         }
         free(temporary);
         free(header.data);
-        return fail(err, err_bytes, "%s: cannot create: %s", path, strerror(saved));
+        return io_fail(1, err, err_bytes, "%s: cannot create: %s", path, strerror(saved));
     }
     fchmod(fd, 0644); /* mkstemp's 0600 would surprise whoever reads the result */
     unsigned char length[8];
@@ -758,6 +742,6 @@ int st_writer_write(st_writer *w, const char *path, char *err, size_t err_bytes)
     if (!ok) unlink(temporary);
     free(temporary);
     free(header.data);
-    if (!ok) return fail(err, err_bytes, "%s: cannot write: %s", path, strerror(saved));
+    if (!ok) return io_fail(1, err, err_bytes, "%s: cannot write: %s", path, strerror(saved));
     return 0;
 }
