@@ -5,13 +5,17 @@
 #
 # The device image has CMake, the CUDA toolkit and PyTorch but no cJSON: carry the Debian
 # packages in .deb/ (apt-get download libcjson-dev libcjson1 zlib1g-dev), which this script
-# unpacks into a private prefix. Usage there: bash scripts/gpu-check.sh [--profile] [presets] [tokens]
-# (--profile: build, then per-kernel times of the bench's graph replays under Nsight Compute).
+# unpacks into a private prefix. Usage there: bash scripts/gpu-check.sh [--sanitize|--profile] [presets] [tokens]
+# (--sanitize: build, then the GPU tests' quick subset under compute-sanitizer's four tools)
+# (--profile: build, then per-kernel times of the bench's graph replays under Nsight Compute;
+#  --stalls: speed-of-light and warp-state sections per kernel, first preset and T).
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT"
 PROFILE=0
+SANITIZE=0
+if [ "${1:-}" = "--sanitize" ]; then SANITIZE=1; shift; fi
 if [ "${1:-}" = "--profile" ]; then PROFILE=1; shift; fi
 if [ "${1:-}" = "--stalls" ]; then PROFILE=2; shift; fi
 PRESETS=${1:-qwen3-30b-a3b,nemotron3-nano-30b-a3b,deepseek-v3}
@@ -32,6 +36,18 @@ if ls .deb/*.deb > /dev/null 2>&1; then
   export LD_LIBRARY_PATH="$lib:${LD_LIBRARY_PATH:-}"
 fi
 
+# NCCL for the EP transport: the toolkit's if it has one, else PyTorch's nvidia-nccl wheel.
+if ! ls /usr/local/cuda/lib*/libnccl.so /usr/lib/x86_64-linux-gnu/libnccl.so > /dev/null 2>&1; then
+  nccl=$(python3 -c "import nvidia.nccl as m; print(list(m.__path__)[0])" 2>/dev/null)
+  if [ -n "$nccl" ] && [ -f "$nccl/include/nccl.h" ]; then
+    mkdir -p /tmp/nccl/lib
+    ln -sf "$nccl/include" /tmp/nccl/include
+    ln -sf "$(ls "$nccl"/lib/libnccl.so* | head -1)" /tmp/nccl/lib/libnccl.so
+    extra+=(-DNCCL_ROOT=/tmp/nccl)
+    export LD_LIBRARY_PATH="$nccl/lib:${LD_LIBRARY_PATH:-}"
+  fi
+fi
+
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv \
   | tee "$OUT/device.txt"
 echo "== configure + build"
@@ -40,10 +56,26 @@ echo "== configure + build"
 cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90 "${extra[@]}" \
   -DCMAKE_C_FLAGS=-Wno-error=maybe-uninitialized \
   > "$OUT/build.log" 2>&1 \
-  && cmake --build "$BUILD" -j16 --target fp4moe_cli test_gpu_backend >> "$OUT/build.log" 2>&1
+  && cmake --build "$BUILD" -j16 --target fp4moe_cli fp4moe test_gpu_backend test_ep_nccl \
+       >> "$OUT/build.log" 2>&1
 if [ $? -ne 0 ]; then
   tail -40 "$OUT/build.log"
   exit 1
+fi
+
+if [ $SANITIZE = 1 ]; then
+  # memcheck, racecheck, initcheck, synccheck on every 5th GPU test case; a tool's errors make
+  # the test exit 3.
+  rc=0
+  for tool in memcheck racecheck initcheck synccheck; do
+    FP4MOE_GPU_QUICK=1 timeout 130 compute-sanitizer --tool "$tool" --error-exitcode 3 \
+      "./$BUILD/test_gpu_backend" > "$OUT/sanitizer-$tool.log" 2>&1
+    r=$?
+    [ $r -ne 0 ] && rc=1
+    echo "$tool: rc=$r $(grep -E 'ERROR SUMMARY' "$OUT/sanitizer-$tool.log" | tail -1)" \
+      "$(grep -E 'passed' "$OUT/sanitizer-$tool.log" | tail -1)"
+  done
+  exit $rc
 fi
 
 if [ $PROFILE = 2 ]; then
@@ -54,24 +86,6 @@ if [ $PROFILE = 2 ]; then
       --section WarpStateStats --section SpeedOfLight "./$BUILD/fp4moe" bench --backend cuda \
       --preset "${PRESETS%%,*}" --tokens "${TOKENS%%,*}" 2>&1 | tee -a "$OUT/stalls.log" \
       | grep -E "Duration|Stall|Warp Cycles|Issued Ipc|Location|\.cu:|Throughput" | head -40
-  done
-  for k in front_kernel fc1_kernel; do
-    echo "=== $k: source lines with the most stall samples"
-    ncu -k "regex:$k" --launch-skip 5 --launch-count 1 --section SourceCounters --page source \
-      --csv --print-source cuda "./$BUILD/fp4moe" bench --backend cuda \
-      --preset "${PRESETS%%,*}" --tokens "${TOKENS%%,*}" > "$OUT/source-$k.csv" 2>&1
-    python3 - "$OUT/source-$k.csv" <<'PY'
-import csv, sys
-rows = [r for r in csv.reader(l for l in open(sys.argv[1]) if l.startswith('"'))]
-head = rows[0]
-col = next((i for i, h in enumerate(head) if h.startswith("Warp Stall Sampling (All")), None)
-if col is None:
-    print(head); sys.exit()
-body = [r for r in rows[1:] if len(r) > col and r[col].replace('.', '').isdigit()]
-body.sort(key=lambda r: -float(r[col]))
-for r in body[:25]:
-    print(r[col], "|", r[0], "|", r[1][:110])
-PY
   done
   exit 0
 fi
@@ -101,6 +115,19 @@ echo "== GPU tests"
 "./$BUILD/test_gpu_backend" > "$OUT/gpu-tests.log" 2>&1
 tests_rc=$?
 grep -E "check failed|passed" "$OUT/gpu-tests.log" | tail -25
+
+echo "== repeatability: 100 graph replays per case, each equal to the direct call bit for bit"
+FP4MOE_GPU_REPEAT=100 "./$BUILD/test_gpu_backend" > "$OUT/repeat.log" 2>&1 || tests_rc=1
+grep -E "check failed|passed" "$OUT/repeat.log" | tail -5
+
+echo "== Python binding on CUDA tensors (graph capture, torch.compile, C API bits)"
+FP4MOE_LIBRARY="$BUILD/libfp4moe.so" PYTHONUNBUFFERED=1 python3 tests/gpu/test_torch_cuda.py \
+  > "$OUT/torch-tests.log" 2>&1 || tests_rc=1
+tail -12 "$OUT/torch-tests.log"
+
+echo "== expert parallelism over NCCL (communicator of size 1)"
+"./$BUILD/test_ep_nccl" > "$OUT/ep-nccl.log" 2>&1 || tests_rc=1
+grep -E "check failed|passed|skipped" "$OUT/ep-nccl.log" | tail -8
 if [ "${GPU_CHECK_TESTS_ONLY:-0}" = 1 ]; then exit $tests_rc; fi
 
 echo "== fp4moe bench (cuda)"
