@@ -6,7 +6,8 @@
 # The device image has CMake, the CUDA toolkit and PyTorch but no cJSON: carry the Debian
 # packages in .deb/ (apt-get download libcjson-dev libcjson1 zlib1g-dev), which this script
 # unpacks into a private prefix. Usage there: bash scripts/gpu-check.sh [--sanitize|--profile] [presets] [tokens]
-# (--sanitize: build, then the GPU tests' quick subset under compute-sanitizer's four tools)
+# (--sanitize: build, then the GPU tests' quick subset under compute-sanitizer's four tools;
+#  --ep: build and run only the expert-parallel NCCL test, one rank per visible GPU)
 # (--profile: build, then per-kernel times of the bench's graph replays under Nsight Compute;
 #  --stalls: speed-of-light and warp-state sections per kernel, first preset and T).
 set -u -o pipefail
@@ -15,7 +16,9 @@ OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT"
 PROFILE=0
 SANITIZE=0
+EP_ONLY=0
 if [ "${1:-}" = "--sanitize" ]; then SANITIZE=1; shift; fi
+if [ "${1:-}" = "--ep" ]; then EP_ONLY=1; shift; fi
 if [ "${1:-}" = "--profile" ]; then PROFILE=1; shift; fi
 if [ "${1:-}" = "--stalls" ]; then PROFILE=2; shift; fi
 PRESETS=${1:-qwen3-30b-a3b,nemotron3-nano-30b-a3b,deepseek-v3}
@@ -56,11 +59,17 @@ echo "== configure + build"
 cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90 "${extra[@]}" \
   -DCMAKE_C_FLAGS=-Wno-error=maybe-uninitialized \
   > "$OUT/build.log" 2>&1 \
-  && cmake --build "$BUILD" -j16 --target fp4moe_cli fp4moe test_gpu_backend test_ep_nccl \
+  && cmake --build "$BUILD" -j16 --target $([ $EP_ONLY = 1 ] && echo test_ep_nccl || \
+       echo fp4moe_cli fp4moe test_gpu_backend test_ep_nccl) \
        >> "$OUT/build.log" 2>&1
 if [ $? -ne 0 ]; then
   tail -40 "$OUT/build.log"
   exit 1
+fi
+
+if [ $EP_ONLY = 1 ]; then
+  "./$BUILD/test_ep_nccl" 2>&1 | tee "$OUT/ep-nccl.log"
+  exit "${PIPESTATUS[0]}"
 fi
 
 if [ $SANITIZE = 1 ]; then

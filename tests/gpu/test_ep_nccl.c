@@ -164,7 +164,7 @@ static void run_case(testing_state *st, testing_rng *rng, const gpu_ep_case *c, 
     cfg.intermediate_size = c->I;
     cfg.routing = FP4MOE_ROUTING_RENORMALIZE;
     cfg.precision = c->precision;
-    cfg.max_tokens = 256;
+    cfg.max_tokens = 200 * MAX_RANKS; /* the single-GPU reference runs every rank's tokens at once */
     ref_gen_options gen = {1, 0, 0, 0};
     ref_layer layer;
     if (ref_layer_generate(&layer, &cfg, &gen, rng) != 0) {
