@@ -7,7 +7,8 @@
 # packages in .deb/ (apt-get download libcjson-dev libcjson1 zlib1g-dev), which this script
 # unpacks into a private prefix. Usage there: bash scripts/gpu-check.sh [--sanitize|--profile] [presets] [tokens]
 # (--sanitize: build, then the GPU tests' quick subset under compute-sanitizer's four tools;
-#  --ep: build and run only the expert-parallel NCCL test, one rank per visible GPU)
+#  --ep: build and run only the expert-parallel NCCL test, one rank per visible GPU;
+#  --large: build and run only tests/test_large_sizes.c on the CUDA backend)
 # (--profile: build, then per-kernel times of the bench's graph replays under Nsight Compute;
 #  --stalls: speed-of-light and warp-state sections per kernel, first preset and T).
 set -u -o pipefail
@@ -17,8 +18,10 @@ mkdir -p "$OUT"
 PROFILE=0
 SANITIZE=0
 EP_ONLY=0
+LARGE_ONLY=0
 if [ "${1:-}" = "--sanitize" ]; then SANITIZE=1; shift; fi
 if [ "${1:-}" = "--ep" ]; then EP_ONLY=1; shift; fi
+if [ "${1:-}" = "--large" ]; then LARGE_ONLY=1; shift; fi
 if [ "${1:-}" = "--profile" ]; then PROFILE=1; shift; fi
 if [ "${1:-}" = "--stalls" ]; then PROFILE=2; shift; fi
 PRESETS=${1:-qwen3-30b-a3b,nemotron3-nano-30b-a3b,deepseek-v3}
@@ -60,11 +63,17 @@ cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90 
   -DCMAKE_C_FLAGS=-Wno-error=maybe-uninitialized \
   > "$OUT/build.log" 2>&1 \
   && cmake --build "$BUILD" -j16 --target $([ $EP_ONLY = 1 ] && echo test_ep_nccl || \
-       echo fp4moe_cli fp4moe test_gpu_backend test_ep_nccl) \
+       { [ $LARGE_ONLY = 1 ] && echo test_large_sizes; } || \
+       echo fp4moe_cli fp4moe test_gpu_backend test_ep_nccl test_large_sizes) \
        >> "$OUT/build.log" 2>&1
 if [ $? -ne 0 ]; then
   tail -40 "$OUT/build.log"
   exit 1
+fi
+
+if [ $LARGE_ONLY = 1 ]; then
+  FP4MOE_TEST_BACKEND=cuda "./$BUILD/test_large_sizes" 2>&1 | tee "$OUT/large-sizes.log"
+  exit "${PIPESTATUS[0]}"
 fi
 
 if [ $EP_ONLY = 1 ]; then
@@ -137,6 +146,10 @@ tail -12 "$OUT/torch-tests.log"
 echo "== expert parallelism over NCCL (communicator of size 1)"
 "./$BUILD/test_ep_nccl" > "$OUT/ep-nccl.log" 2>&1 || tests_rc=1
 grep -E "check failed|passed|skipped" "$OUT/ep-nccl.log" | tail -8
+
+echo "== 64-bit sizes on the GPU (T*k*H and FC1 bytes past 2^31)"
+FP4MOE_TEST_BACKEND=cuda "./$BUILD/test_large_sizes" > "$OUT/large-sizes.log" 2>&1 || tests_rc=1
+grep -E "check failed|passed" "$OUT/large-sizes.log" | tail -5
 if [ "${GPU_CHECK_TESTS_ONLY:-0}" = 1 ]; then exit $tests_rc; fi
 
 echo "== fp4moe bench (cuda)"

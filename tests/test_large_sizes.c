@@ -2,10 +2,10 @@
  *
  * 1. T*k*H > 2^31 (k = 32, 16385 tokens, small experts): the last tokens of the call must
  *    equal the same tokens run alone.
- * 2. E_loc*N1*H/2 > 2^31 bytes of FC1 weights (65540 tiny experts): tokens routed to the last
- *    experts must equal a small plan built from just those experts' slices.
- * Both compare a library run with another library run on the same numbers (bit for bit, or to
- * FP32 rounding), which is what a wrapped 32-bit offset would break. The weights are random
+ * 2. E_loc*N1*H/2 > 2^31 bytes of FC1 weights (148 DeepSeek-V3-sized experts): tokens routed
+ *    to the last experts must equal a small plan built from just those experts' slices.
+ * Both compare a library run with another library run on the same numbers (bit for bit), which
+ * is what a wrapped 32-bit offset would break. FP4MOE_TEST_BACKEND=cuda runs them on the GPU. The weights are random
  * codes, not quantised data, to keep set-up fast. */
 #include <stdlib.h>
 #include <string.h>
@@ -42,30 +42,42 @@ static void random_bf16(uint16_t *x, int64_t n)
     for (int64_t i = 0; i < n; i++) x[i] = (uint16_t)((x[i] & 0x80ff) | 0x3f00);
 }
 
-static void *ws_alloc(fp4moe_plan *plan, int64_t t, size_t *bytes)
+/* One pre-routed call through whatever backend the plan's context runs: inputs uploaded into
+ * backend buffers (host memory on the CPU, device memory on CUDA), the output downloaded. */
+static int forward_routed(fp4moe_context *ctx, fp4moe_plan *plan, int64_t t, int64_t k,
+                          int64_t h, const uint16_t *x, const int32_t *ids, const float *w,
+                          uint16_t *out)
 {
-    if (fp4moe_plan_workspace_size(plan, t, bytes) != FP4MOE_SUCCESS) return NULL;
-    return aligned_alloc(256, (*bytes + 256) / 256 * 256);
-}
-
-static int forward_routed(fp4moe_plan *plan, int64_t t, const uint16_t *x, const int32_t *ids,
-                          const float *w, uint16_t *out)
-{
+    const size_t x_bytes = (size_t)(t * h) * 2, tk = (size_t)(t * k);
     size_t ws_bytes = 0;
-    void *ws = ws_alloc(plan, t, &ws_bytes);
-    if (ws == NULL) return 1;
-    fp4moe_forward_args a;
-    fp4moe_forward_args_init(&a);
-    a.num_tokens = t;
-    a.hidden_states = x;
-    a.hidden_dtype = FP4MOE_DTYPE_BF16;
-    a.topk_ids = ids;
-    a.topk_weights = w;
-    a.output = out;
-    a.output_dtype = FP4MOE_DTYPE_BF16;
-    fp4moe_status st = fp4moe_forward_routed(plan, &a, ws, ws_bytes, NULL);
-    free(ws);
-    return st != FP4MOE_SUCCESS;
+    void *d_x = NULL, *d_ids = NULL, *d_w = NULL, *d_out = NULL, *d_ws = NULL;
+    int failed = fp4moe_plan_workspace_size(plan, t, &ws_bytes) != FP4MOE_SUCCESS ||
+                 fp4moe_buffer_alloc(ctx, x_bytes, &d_x) != FP4MOE_SUCCESS ||
+                 fp4moe_buffer_alloc(ctx, tk * 4, &d_ids) != FP4MOE_SUCCESS ||
+                 fp4moe_buffer_alloc(ctx, tk * 4, &d_w) != FP4MOE_SUCCESS ||
+                 fp4moe_buffer_alloc(ctx, x_bytes, &d_out) != FP4MOE_SUCCESS ||
+                 fp4moe_buffer_alloc(ctx, ws_bytes, &d_ws) != FP4MOE_SUCCESS ||
+                 fp4moe_buffer_upload(ctx, d_x, x, x_bytes) != FP4MOE_SUCCESS ||
+                 fp4moe_buffer_upload(ctx, d_ids, ids, tk * 4) != FP4MOE_SUCCESS ||
+                 fp4moe_buffer_upload(ctx, d_w, w, tk * 4) != FP4MOE_SUCCESS ||
+                 fp4moe_buffer_upload(ctx, d_out, out, x_bytes) != FP4MOE_SUCCESS; /* poison */
+    if (!failed) {
+        fp4moe_forward_args a;
+        fp4moe_forward_args_init(&a);
+        a.num_tokens = t;
+        a.hidden_states = d_x;
+        a.hidden_dtype = FP4MOE_DTYPE_BF16;
+        a.topk_ids = d_ids;
+        a.topk_weights = d_w;
+        a.output = d_out;
+        a.output_dtype = FP4MOE_DTYPE_BF16;
+        failed = fp4moe_forward_routed(plan, &a, d_ws, ws_bytes, NULL) != FP4MOE_SUCCESS ||
+                 fp4moe_synchronize(ctx, NULL) != FP4MOE_SUCCESS ||
+                 fp4moe_buffer_download(ctx, out, d_out, x_bytes) != FP4MOE_SUCCESS;
+    }
+    void *bufs[] = {d_x, d_ids, d_w, d_out, d_ws};
+    for (int i = 0; i < 5; i++) fp4moe_buffer_free(ctx, bufs[i]);
+    return failed;
 }
 
 static void many_tokens(testing_state *st, fp4moe_context *ctx)
@@ -100,14 +112,15 @@ static void many_tokens(testing_state *st, fp4moe_context *ctx)
             rw[i * k + j] = 0.03f + 0.001f * (float)j;
         }
     memset(out, 0xff, (size_t)(t * h) * 2); /* NaN poison */
-    CHECK(st, plan && forward_routed(plan, t, x, ids, rw, out) == 0, "large forward: %s",
+    CHECK(st, plan && forward_routed(ctx, plan, t, k, h, x, ids, rw, out) == 0, "large forward: %s",
           fp4moe_last_error(ctx));
     /* The last 3 tokens (their output rows start past 2^31 / k elements of the expanded
      * problem) run alone must give the same bits. */
     const int64_t tail = 3, first = t - tail;
     uint16_t *alone = malloc((size_t)(tail * h) * 2);
-    CHECK(st, plan && forward_routed(plan, tail, x + first * h, ids + first * k, rw + first * k,
-                                     alone) == 0,
+    memset(alone, 0xff, (size_t)(tail * h) * 2);
+    CHECK(st, plan && forward_routed(ctx, plan, tail, k, h, x + first * h, ids + first * k,
+                                     rw + first * k, alone) == 0,
           "tail forward");
     CHECK(st, memcmp(alone, out + first * h, (size_t)(tail * h) * 2) == 0,
           "tokens past 2^31 expanded elements equal the same tokens alone");
@@ -123,8 +136,10 @@ static void many_experts(testing_state *st, fp4moe_context *ctx)
 {
     fp4moe_config cfg;
     fp4moe_config_init(&cfg);
-    const int64_t h = 2048, inter = 16, n1 = 32;
-    const int64_t e = (1ll << 31) / (n1 * h / 2) + 4; /* 65540: FC1 bytes just past 2^31 */
+    /* DeepSeek-V3-sized experts (the CUDA backend routes at most a few thousand experts, so
+     * the bytes come from the experts' size, not their count). */
+    const int64_t h = 7168, inter = 2048, n1 = 2 * inter;
+    const int64_t e = (1ll << 31) / (n1 * h / 2) + 2; /* 148: FC1 bytes just past 2^31 */
     cfg.num_experts = e, cfg.top_k = 2, cfg.hidden_size = h, cfg.intermediate_size = inter;
     cfg.routing = FP4MOE_ROUTING_TOPK;
     cfg.max_tokens = 8;
@@ -162,7 +177,7 @@ static void many_experts(testing_state *st, fp4moe_context *ctx)
     CHECK(st, fp4moe_plan_create(ctx, &small_cfg, &sw, &small) == FP4MOE_SUCCESS, "small plan: %s",
           fp4moe_last_error(ctx));
     const int64_t t = 5;
-    uint16_t x[5 * 2048], out_big[5 * 2048], out_small[5 * 2048];
+    static uint16_t x[5 * 7168], out_big[5 * 7168], out_small[5 * 7168];
     int32_t ids_big[10], ids_small[10];
     float rw[10];
     random_bf16(x, t * h);
@@ -172,10 +187,11 @@ static void many_experts(testing_state *st, fp4moe_context *ctx)
         rw[i] = 0.5f + 0.1f * (float)(i % 3);
     }
     memset(out_big, 0xff, sizeof out_big);
-    memset(out_small, 0, sizeof out_small);
-    CHECK(st, big && forward_routed(big, t, x, ids_big, rw, out_big) == 0, "big forward: %s",
+    memset(out_small, 0xff, sizeof out_small);
+    CHECK(st, big && forward_routed(ctx, big, t, 2, h, x, ids_big, rw, out_big) == 0, "big forward: %s",
           fp4moe_last_error(ctx));
-    CHECK(st, small && forward_routed(small, t, x, ids_small, rw, out_small) == 0, "small forward");
+    CHECK(st, small && forward_routed(ctx, small, t, 2, h, x, ids_small, rw, out_small) == 0,
+          "small forward");
     CHECK(st, memcmp(out_big, out_small, sizeof out_big) == 0,
           "experts past 2^31 weight bytes compute what the same experts do alone");
     fp4moe_plan_destroy(big);
@@ -188,9 +204,13 @@ int main(void)
     testing_state st = {0, 0};
     fp4moe_context_options opt;
     fp4moe_context_options_init(&opt);
-    opt.backend = FP4MOE_BACKEND_CPU;
+    /* FP4MOE_TEST_BACKEND=cuda runs the same checks on the GPU (scripts/gpu-check.sh). */
+    const char *backend = getenv("FP4MOE_TEST_BACKEND");
+    opt.backend = backend && strcmp(backend, "cuda") == 0 ? FP4MOE_BACKEND_CUDA : FP4MOE_BACKEND_CPU;
     fp4moe_context *ctx = NULL;
     CHECK(&st, fp4moe_context_create(&opt, &ctx) == FP4MOE_SUCCESS, "context");
+    if (ctx == NULL) return testing_finish(&st, "test_large_sizes");
+    printf("test_large_sizes: %s\n", fp4moe_context_description(ctx));
     many_tokens(&st, ctx);
     many_experts(&st, ctx);
     fp4moe_context_destroy(ctx);

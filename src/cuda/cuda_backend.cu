@@ -10,8 +10,6 @@
 #include "cuda_internal.cuh"
 
 #define MAX_DEVICE_ARRAYS 24
-// Routing scratch is per warp in shared memory; at most this much per block.
-#define ROUTE_SMEM_LIMIT (96 * 1024)
 
 typedef struct cuda_state {
     int device;

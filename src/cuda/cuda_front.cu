@@ -476,12 +476,17 @@ extern "C" size_t cuda_route_smem_bytes(int64_t num_experts, int warps)
     return (size_t)route_warp_floats(num_experts) * sizeof(float) * (size_t)warps;
 }
 
+// The dynamic shared-memory limit is a per-kernel attribute of the whole process, shared by every
+// plan: each plan sets the same value (ROUTE_SMEM_LIMIT, which bounds every plan's need), so a
+// plan made later with fewer experts can never lower it under an earlier plan's launches.
 extern "C" cudaError_t cuda_front_set_smem(size_t bytes)
 {
+    if (bytes > ROUTE_SMEM_LIMIT) return cudaErrorInvalidValue;
     cudaError_t err = cudaFuncSetAttribute(front_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           (int)bytes);
+                                           (int)ROUTE_SMEM_LIMIT);
     if (err != cudaSuccess) return err;
-    return cudaFuncSetAttribute(route_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes);
+    return cudaFuncSetAttribute(route_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                (int)ROUTE_SMEM_LIMIT);
 }
 
 extern "C" cudaError_t cuda_launch_route(const cuda_plan_view *p, int64_t num_tokens,

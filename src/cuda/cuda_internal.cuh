@@ -30,6 +30,8 @@ extern "C" {
 // Routing and planning run in one block when the call has at most this many tokens.
 #define CUDA_FUSED_FRONT_MAX_TOKENS 64
 #define CUDA_FRONT_THREADS 512
+// Dynamic shared memory the routing kernels may use (their per-kernel limit is set to this once).
+#define ROUTE_SMEM_LIMIT (96 * 1024)
 
 // The plan as the kernels see it: device pointers and sizes, passed by value.
 typedef struct cuda_plan_view {
