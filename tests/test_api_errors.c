@@ -495,6 +495,46 @@ static void nan_logits(env *v, const ref_layer *L, fp4moe_routing method)
     fp4moe_plan_destroy(plan);
 }
 
+/* ------------------------------------------------------------------ NaN/Inf activations */
+/* Non-finite hidden states propagate to the output rows of the tokens that carry them and
+ * nowhere else; the call succeeds (docs/RELIABILITY.md). Pre-routed, so routing is unchanged. */
+static void nonfinite_activations(env *v, const ref_layer *L)
+{
+    testing_state *st = &v->st;
+    fp4moe_config c = base_config();
+    fp4moe_plan *plan = NULL;
+    expect(v, fp4moe_plan_create(v->ctx, &c, &L->w, &plan), FP4MOE_SUCCESS, "plan for NaN activations");
+    if (!plan) return;
+    enum { T = 4 };
+    const int64_t H = c.hidden_size, k = c.top_k;
+    float x[T * 32], clean[T * 32], dirty[T * 32], w[T * 2];
+    int32_t ids[T * 2];
+    ref_random_fill(&v->rng, x, FP4MOE_DTYPE_F32, T * H, 1.0);
+    for (int i = 0; i < T * k; i++) ids[i] = i % (int)c.num_experts, w[i] = 0.5f;
+    size_t ws_bytes = 0;
+    fp4moe_plan_workspace_size(plan, T, &ws_bytes);
+    void *ws = aligned_alloc(256, (ws_bytes + 255) / 256 * 256 + 256);
+    fp4moe_forward_args a;
+    fp4moe_forward_args_init(&a);
+    a.num_tokens = T, a.hidden_states = x, a.topk_ids = ids, a.topk_weights = w, a.output = clean;
+    expect(v, fp4moe_forward_routed(plan, &a, ws, ws_bytes, NULL), FP4MOE_SUCCESS, "clean forward");
+    x[1 * H + 5] = NAN;
+    x[2 * H + 7] = INFINITY;
+    a.output = dirty;
+    expect(v, fp4moe_forward_routed(plan, &a, ws, ws_bytes, NULL), FP4MOE_SUCCESS,
+           "forward with NaN and Inf activations");
+    CHECK(st, memcmp(clean, dirty, (size_t)H * 4) == 0 &&
+                  memcmp(clean + 3 * H, dirty + 3 * H, (size_t)H * 4) == 0,
+          "non-finite activations leaked into other tokens' rows");
+    for (int t = 1; t <= 2; t++) {
+        int nonfinite = 0;
+        for (int64_t i = 0; i < H; i++) nonfinite += !isfinite(dirty[t * H + i]);
+        CHECK(st, nonfinite > 0, "token %d carries a non-finite input but its row is finite", t);
+    }
+    free(ws);
+    fp4moe_plan_destroy(plan);
+}
+
 int main(void)
 {
     env v;
@@ -523,6 +563,7 @@ int main(void)
                                       FP4MOE_ROUTING_SOFTMAX_TOPK, FP4MOE_ROUTING_SIGMOID,
                                       FP4MOE_ROUTING_TOPK_SIGMOID, FP4MOE_ROUTING_MINIMAX2};
     for (size_t i = 0; i < sizeof methods / sizeof methods[0]; i++) nan_logits(&v, &L, methods[i]);
+    nonfinite_activations(&v, &L);
 
     ref_layer_free(&L);
     fp4moe_context_destroy(v.ctx);
