@@ -59,33 +59,6 @@ static void *alloc256(size_t bytes)
     return aligned_alloc(256, (bytes + 255) / 256 * 256 + 256);
 }
 
-/* This rank's experts: per-expert arrays start at e0. */
-static fp4moe_weights slice_weights(const ref_layer *layer, int64_t e0)
-{
-    const fp4moe_config *c = &layer->cfg;
-    const int64_t n1 = ref_fc1_rows(c), h = c->hidden_size, inter = c->intermediate_size;
-    fp4moe_weights w = layer->w;
-#define SLICE(field, per) \
-    if (w.field) w.field += e0 * (per)
-    SLICE(w1, n1 * h / 2);
-    SLICE(w1_scale, n1 * h / 16);
-    SLICE(w1_global_scale, 1);
-    SLICE(w1_global_scale_half2, 1);
-    SLICE(w2, h * inter / 2);
-    SLICE(w2_scale, h * inter / 16);
-    SLICE(w2_global_scale, 1);
-    SLICE(b1, n1);
-    SLICE(b2, h);
-    SLICE(a1_global_scale, 1);
-    SLICE(a2_global_scale, 1);
-    SLICE(fc2_input_fp8_scale, 1);
-    SLICE(swiglu_alpha, 1);
-    SLICE(swiglu_beta, 1);
-    SLICE(swiglu_limit, 1);
-#undef SLICE
-    return w;
-}
-
 static void *run_rank(void *arg)
 {
     rank_job *job = arg;
@@ -101,7 +74,7 @@ static void *run_rank(void *arg)
     fp4moe_config cfg = *job->cfg;
     cfg.local_expert_offset = job->e0;
     cfg.local_num_experts = job->e_loc;
-    const fp4moe_weights w = slice_weights(job->layer, job->e0);
+    const fp4moe_weights w = ref_layer_slice_weights(job->layer, job->e0);
     fp4moe_ep *ep = NULL;
     job->create_status = fp4moe_ep_create(ctx, &cfg, &w, &tr, NULL, &ep);
     if (job->create_status == FP4MOE_SUCCESS) {

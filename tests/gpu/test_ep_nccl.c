@@ -65,32 +65,6 @@ static void *dev_upload(fp4moe_context *ctx, const void *host, size_t bytes)
     return d;
 }
 
-static fp4moe_weights slice_weights(const ref_layer *layer, int64_t e0)
-{
-    const fp4moe_config *c = &layer->cfg;
-    const int64_t n1 = ref_fc1_rows(c), h = c->hidden_size, inter = c->intermediate_size;
-    fp4moe_weights w = layer->w;
-#define SLICE(field, per) \
-    if (w.field) w.field += e0 * (per)
-    SLICE(w1, n1 * h / 2);
-    SLICE(w1_scale, n1 * h / 16);
-    SLICE(w1_global_scale, 1);
-    SLICE(w1_global_scale_half2, 1);
-    SLICE(w2, h * inter / 2);
-    SLICE(w2_scale, h * inter / 16);
-    SLICE(w2_global_scale, 1);
-    SLICE(b1, n1);
-    SLICE(b2, h);
-    SLICE(a1_global_scale, 1);
-    SLICE(a2_global_scale, 1);
-    SLICE(fc2_input_fp8_scale, 1);
-    SLICE(swiglu_alpha, 1);
-    SLICE(swiglu_beta, 1);
-    SLICE(swiglu_limit, 1);
-#undef SLICE
-    return w;
-}
-
 static void *run_rank(void *arg)
 {
     rank_job *job = arg;
@@ -116,7 +90,7 @@ static void *run_rank(void *arg)
     fp4moe_config cfg = job->layer->cfg;
     cfg.local_expert_offset = job->e0;
     cfg.local_num_experts = job->e_loc;
-    const fp4moe_weights w = slice_weights(job->layer, job->e0);
+    const fp4moe_weights w = ref_layer_slice_weights(job->layer, job->e0);
     if (job->status == FP4MOE_SUCCESS)
         job->status = fp4moe_ep_create(ctx, &cfg, &w, &tr, stream, &ep);
     const int64_t out_rows = c->skip_finalize ? job->t * k : job->t;

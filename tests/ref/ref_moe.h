@@ -120,6 +120,9 @@ int ref_layer_generate(ref_layer *layer, const fp4moe_config *cfg, const ref_gen
  * every expert), fc2_input_fp8_scale = 448/amax(act output). */
 int ref_layer_calibrate(ref_layer *layer, const float *hidden, int64_t num_tokens);
 void ref_layer_free(ref_layer *layer);
+/* The weights of experts [e0, ...) of a layer (an expert-parallel rank's slice): every
+ * per-expert array advanced by e0 experts; routing_bias (global) unchanged. */
+fp4moe_weights ref_layer_slice_weights(const ref_layer *layer, int64_t e0);
 
 /* n values N(0, stddev) (never exactly zero), rounded to dtype, into data (dtype layout). */
 void ref_random_fill(testing_rng *rng, void *data, fp4moe_dtype dtype, int64_t n, double stddev);

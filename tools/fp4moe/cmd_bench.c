@@ -129,6 +129,24 @@ static void print_row(const bench_row *r, int json, int first)
     }
 }
 
+/* The largest count of a comma-separated token list; 0 on success, 2 (usage) on a bad entry. */
+static int largest_token_count(const char *list, long long *max_t)
+{
+    char tokens[256];
+    snprintf(tokens, sizeof tokens, "%s", list);
+    *max_t = 1;
+    char *save = NULL;
+    for (char *s = strtok_r(tokens, ",", &save); s; s = strtok_r(NULL, ",", &save)) {
+        long long v;
+        if (cli_parse_int(s, 1, 1 << 20, &v)) {
+            fprintf(stderr, "fp4moe bench: bad token count '%s'\n", s);
+            return 2;
+        }
+        if (v > *max_t) *max_t = v;
+    }
+    return 0;
+}
+
 /* Runs one preset over the token list; rows printed as they come. */
 static int bench_preset(fp4moe_context *ctx, const preset *p, const bench_options *o,
                         double bandwidth, int *first_row)
@@ -136,15 +154,7 @@ static int bench_preset(fp4moe_context *ctx, const preset *p, const bench_option
     fp4moe_config cfg = p->cfg;
     long long max_t = 1;
     char tokens[256];
-    snprintf(tokens, sizeof tokens, "%s", o->tokens);
-    for (char *s = strtok(tokens, ","); s; s = strtok(NULL, ",")) {
-        long long v;
-        if (cli_parse_int(s, 1, 1 << 20, &v)) {
-            fprintf(stderr, "fp4moe bench: bad token count '%s'\n", s);
-            return 2;
-        }
-        if (v > max_t) max_t = v;
-    }
+    if (largest_token_count(o->tokens, &max_t)) return 2;
     cfg.max_tokens = max_t;
     const int64_t e = cfg.num_experts, h = cfg.hidden_size, inter = cfg.intermediate_size;
     const int64_t n1 = fp4moe_config_fc1_rows(&cfg), k = cfg.top_k;
@@ -292,15 +302,7 @@ static int bench_preset_cuda(fp4moe_context *ctx, const preset *p, const bench_o
     fp4moe_config cfg = p->cfg;
     long long max_t = 1;
     char tokens[256];
-    snprintf(tokens, sizeof tokens, "%s", o->tokens);
-    for (char *s = strtok(tokens, ","); s; s = strtok(NULL, ",")) {
-        long long v;
-        if (cli_parse_int(s, 1, 1 << 20, &v)) {
-            fprintf(stderr, "fp4moe bench: bad token count '%s'\n", s);
-            return 2;
-        }
-        if (v > max_t) max_t = v;
-    }
+    if (largest_token_count(o->tokens, &max_t)) return 2;
     cfg.max_tokens = max_t;
     const int64_t e = cfg.num_experts, h = cfg.hidden_size, inter = cfg.intermediate_size;
     const int64_t n1 = fp4moe_config_fc1_rows(&cfg), k = cfg.top_k;
