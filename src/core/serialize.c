@@ -278,7 +278,8 @@ fp4moe_status fp4moe_plan_deserialize(fp4moe_context *ctx, const void *buffer,
         w.w1 = data[0];
         w.w1_scale = data[1];
         w.w1_global_scale = floats_copy[2];
-        w.w1_global_scale_half2 = normal.activation <= FP4MOE_ACT_GEGLU_TANH ? floats_copy[3] : NULL;
+        const int gated = fp4moe_config_fc1_rows(&normal) == 2 * normal.intermediate_size;
+        w.w1_global_scale_half2 = gated ? floats_copy[3] : NULL;
         w.w2 = data[4];
         w.w2_scale = data[5];
         w.w2_global_scale = floats_copy[6];
