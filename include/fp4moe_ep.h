@@ -20,8 +20,11 @@
  * rank that does not call at all leaves the others blocked, as with any NCCL collective.
  *
  * Memory: tensors passed to forward calls live where the context computes (host memory for the
- * CPU backend, device memory for CUDA), as for fp4moe_forward. The EP object owns host staging
- * buffers that grow to the largest call seen (the only allocations a forward call may make).
+ * CPU backend, device memory for CUDA), as for fp4moe_forward. The EP object owns its staging
+ * (host, and device memory on CUDA), all of it allocated at create for the largest call the
+ * configuration allows: cfg.max_tokens tokens sent by this rank, and at most max_received_rows
+ * (token, slot) rows received (fp4moe_ep_options). Forward calls never allocate.
+ * fp4moe_ep_get_footprint says what the staging costs.
  * Errors: a status code, and a message in fp4moe_last_error(ctx) of the context given at create.
  */
 #ifndef FP4MOE_EP_H
@@ -90,14 +93,47 @@ fp4moe_status fp4moe_ep_create(fp4moe_context *ctx, const fp4moe_config *cfg,
                                const fp4moe_weights *weights,
                                const fp4moe_ep_transport *transport, void *stream,
                                fp4moe_ep **out);
+
+/* Create-time options; a zeroed struct (or NULL) gives the defaults. */
+typedef struct fp4moe_ep_options {
+    /* Most (token, slot) rows this rank receives in one forward call, summed over the senders
+     * (itself included): sizes the receive side of the staging, which is most of it
+     * (docs/EP.md gives the bytes). 0: the worst case, max_tokens * size * top_k, which no call
+     * can exceed. With distinct expert ids per token (always so for fp4moe_ep_forward) a rank
+     * holding n experts receives at most max_tokens * size * min(top_k, n) rows; a balanced
+     * load needs about max_tokens * top_k. A forward call in which any rank would receive more
+     * than its own bound fails on every rank with FP4MOE_ERROR_WORKSPACE_TOO_SMALL, after the
+     * count exchange and before any row moves: no rank blocks, no output is written, and the
+     * EP object stays usable. The ranks may pass different values. Must be >= 0. */
+    int64_t max_received_rows;
+} fp4moe_ep_options;
+
+/* fp4moe_ep_create with options (NULL: the defaults, as fp4moe_ep_create). Collective. */
+fp4moe_status fp4moe_ep_create_with_options(fp4moe_context *ctx, const fp4moe_config *cfg,
+                                            const fp4moe_weights *weights,
+                                            const fp4moe_ep_transport *transport,
+                                            const fp4moe_ep_options *options, void *stream,
+                                            fp4moe_ep **out);
 void fp4moe_ep_destroy(fp4moe_ep *ep); /* NULL is a no-op; not collective */
+
+/* Memory this rank's EP object holds besides its two plans (the experts' weights, as for
+ * fp4moe_plan_create), all of it allocated at create. */
+typedef struct fp4moe_ep_footprint {
+    int64_t max_received_rows;  /* this rank's bound: the option, or its default */
+    size_t host_staging_bytes;  /* host buffers of the row exchange and the bookkeeping */
+    size_t device_staging_bytes; /* CUDA backend: device buffers (0 on the CPU backend) */
+    size_t workspace_bytes;     /* the routing and expert plans' workspaces (backend memory) */
+} fp4moe_ep_footprint;
+fp4moe_status fp4moe_ep_get_footprint(const fp4moe_ep *ep, fp4moe_ep_footprint *out);
 
 /* Collective forward calls with fp4moe_forward_args as for fp4moe_forward/_routed, except:
  * num_tokens may be 0 (this rank has no tokens but serves its experts; its tensor pointers may
  * then be NULL) and must be <= cfg.max_tokens; the output may alias hidden_states (in place).
  * skip_finalize = 1 gives the per-slot rows [T*k, H] of the plain layer. topk_ids_out /
  * topk_weights_out are filled by fp4moe_ep_forward when given. No workspace argument: the EP
- * object owns it. The call returns once the output is written (it synchronises `stream`). */
+ * object owns it. The call returns once the output is written (it synchronises `stream`: the
+ * bookkeeping between the exchanges runs on the host). WORKSPACE_TOO_SMALL on every rank when
+ * a rank would receive more rows than its max_received_rows (fp4moe_ep_options). */
 fp4moe_status fp4moe_ep_forward(fp4moe_ep *ep, const fp4moe_forward_args *args, void *stream);
 fp4moe_status fp4moe_ep_forward_routed(fp4moe_ep *ep, const fp4moe_forward_args *args,
                                        void *stream);

@@ -3,8 +3,10 @@
  * tokens: random layers, uneven expert splits, every precision mode and hidden dtype, routed and
  * pre-routed calls, tokens whose experts all live on other ranks, ranks without tokens, the
  * per-slot (skip_finalize) output. Also: the W4A4 row codec on hostile blocks (NaN, inf, zeros,
- * subnormals, extreme scales), and a bad argument on one rank failing the call on every rank
- * instead of blocking them. */
+ * subnormals, extreme scales), a bad argument on one rank failing the call on every rank
+ * instead of blocking them, and the staging: sized at create (repeated calls of every size,
+ * the worst case among them, allocate nothing), a call over a rank's max_received_rows failing
+ * cleanly on every rank. */
 #include <math.h>
 #include <pthread.h>
 #include <stdlib.h>
@@ -315,6 +317,381 @@ static void bad_rank_case(testing_state *st, testing_rng *rng)
     ref_layer_free(&layer);
 }
 
+/* ------------------------------------------------------------------------------------------ */
+/* Several calls on one EP object per rank: staging sized at create, never grown               */
+/* ------------------------------------------------------------------------------------------ */
+typedef struct sched_call {
+    fp4moe_dtype hidden, out;
+    int routed, skip_finalize;
+    int64_t tokens[MAX_RANKS], first[MAX_RANKS + 1];
+    uint8_t *hidden_states;       /* all ranks' tokens, [T, H] */
+    float *logits, *weights;      /* [T, E], [T, k] */
+    int32_t *ids;                 /* [T, k], distinct per token */
+    uint8_t *expect, *got;        /* [rows, H] in `out`, rows = T or T*k */
+    fp4moe_status status[MAX_RANKS];
+    char message[MAX_RANKS][256];
+} sched_call;
+
+typedef struct sched_rank {
+    int rank;
+    fp4moe_ep_memory_group *group;
+    const ref_layer *layer;
+    int64_t e0, e_loc, max_tokens;
+    const fp4moe_ep_options *options;
+    sched_call *calls;
+    int num_calls;
+    fp4moe_status create_status;
+    char message[256];
+    fp4moe_ep_footprint footprint;
+    size_t allocations_after_create, allocations_at_end;
+    int pointers_kept;
+} sched_rank;
+
+static void *run_schedule(void *arg)
+{
+    sched_rank *job = arg;
+    fp4moe_context_options o;
+    fp4moe_context_options_init(&o);
+    o.backend = FP4MOE_BACKEND_CPU;
+    o.num_threads = 1;
+    fp4moe_context *ctx = NULL;
+    job->create_status = fp4moe_context_create(&o, &ctx);
+    if (job->create_status != FP4MOE_SUCCESS) return NULL;
+    fp4moe_ep_transport tr;
+    fp4moe_ep_memory_transport(job->group, job->rank, &tr);
+    fp4moe_config cfg = job->layer->cfg;
+    cfg.local_expert_offset = job->e0;
+    cfg.local_num_experts = job->e_loc;
+    cfg.max_tokens = job->max_tokens;
+    const fp4moe_weights w = ref_layer_slice_weights(job->layer, job->e0);
+    fp4moe_ep *ep = NULL;
+    job->create_status = fp4moe_ep_create_with_options(ctx, &cfg, &w, &tr, job->options, NULL, &ep);
+    snprintf(job->message, sizeof job->message, "%s", fp4moe_last_error(ctx));
+    if (job->create_status == FP4MOE_SUCCESS) {
+        fp4moe_ep_get_footprint(ep, &job->footprint);
+        job->allocations_after_create = ep_allocation_count(ep);
+        const void *before[] = {ep->ids.data,      ep->send.data,    ep->recv.data,
+                                ep->rows_hidden.data, ep->rows_out.data, ep->results.data,
+                                ep->scratch.data,  ep->count_send,   ep->send_rows};
+        const int64_t k = cfg.top_k, H = cfg.hidden_size, E = cfg.num_experts;
+        for (int i = 0; i < job->num_calls; i++) {
+            sched_call *c = &job->calls[i];
+            const int64_t t0 = c->first[job->rank], t = c->tokens[job->rank];
+            const size_t elt = ref_dtype_bytes(c->hidden), out_elt = ref_dtype_bytes(c->out);
+            fp4moe_forward_args a;
+            fp4moe_forward_args_init(&a);
+            a.num_tokens = t;
+            a.hidden_states = c->hidden_states + (size_t)(t0 * H) * elt;
+            a.hidden_dtype = c->hidden;
+            a.router_logits = c->logits + t0 * E;
+            a.topk_ids = c->ids + t0 * k;
+            a.topk_weights = c->weights + t0 * k;
+            a.output = c->got + (size_t)((c->skip_finalize ? t0 * k : t0) * H) * out_elt;
+            a.output_dtype = c->out;
+            a.skip_finalize = c->skip_finalize;
+            c->status[job->rank] = c->routed ? fp4moe_ep_forward_routed(ep, &a, NULL)
+                                             : fp4moe_ep_forward(ep, &a, NULL);
+            snprintf(c->message[job->rank], sizeof c->message[0], "%s", fp4moe_last_error(ctx));
+        }
+        job->allocations_at_end = ep_allocation_count(ep);
+        const void *after[] = {ep->ids.data,      ep->send.data,    ep->recv.data,
+                               ep->rows_hidden.data, ep->rows_out.data, ep->results.data,
+                               ep->scratch.data,  ep->count_send,   ep->send_rows};
+        job->pointers_kept = memcmp(before, after, sizeof before) == 0;
+    }
+    fp4moe_ep_destroy(ep);
+    fp4moe_context_destroy(ctx);
+    return NULL;
+}
+
+/* Fills a call's inputs and its expected output from the single-device layer. `onto` >= 0
+ * sends every slot to that rank's experts (needs top_k <= its expert count). */
+static int make_call(testing_rng *rng, const ref_layer *layer, const int64_t *split, int size,
+                     sched_call *c, int onto)
+{
+    const fp4moe_config *cfg = &layer->cfg;
+    const int64_t E = cfg->num_experts, H = cfg->hidden_size, k = cfg->top_k;
+    const size_t elt = ref_dtype_bytes(c->hidden), out_elt = ref_dtype_bytes(c->out);
+    c->first[0] = 0;
+    for (int r = 0; r < size; r++)
+        c->first[r + 1] = c->first[r] + c->tokens[r];
+    const int64_t T = c->first[size], rows = c->skip_finalize ? T * k : T;
+    c->hidden_states = alloc256((size_t)(T * H) * elt + 1);
+    c->logits = alloc256((size_t)(T * E) * sizeof(float) + 1);
+    c->weights = alloc256((size_t)(T * k) * sizeof(float) + 1);
+    c->ids = alloc256((size_t)(T * k) * sizeof(int32_t) + 1);
+    c->expect = alloc256((size_t)(rows * H) * out_elt + 1);
+    c->got = alloc256((size_t)(rows * H) * out_elt + 1);
+    if (!c->hidden_states || !c->logits || !c->weights || !c->ids || !c->expect || !c->got)
+        return -1;
+    ref_random_fill(rng, c->hidden_states, c->hidden, T * H, 1.0);
+    ref_random_fill(rng, c->logits, FP4MOE_DTYPE_F32, T * E, 2.0);
+    memset(c->got, 0xab, (size_t)(rows * H) * out_elt); /* a failed call must leave it */
+    for (int64_t t = 0; t < T; t++) {
+        if (onto >= 0) {
+            const int64_t n = split[onto + 1] - split[onto], base = testing_int(rng, 0, n - 1);
+            for (int64_t j = 0; j < k; j++) /* k distinct experts of rank `onto` */
+                c->ids[t * k + j] = (int32_t)(split[onto] + (base + j) % n);
+        } else {
+            pick_ids(rng, E, (int32_t)k, split, 0, 0, c->ids + t * k);
+        }
+        for (int64_t j = 0; j < k; j++)
+            c->weights[t * k + j] = (float)(0.1 + testing_uniform(rng));
+    }
+    if (T == 0) return 0;
+    fp4moe_context_options o;
+    fp4moe_context_options_init(&o);
+    o.backend = FP4MOE_BACKEND_CPU;
+    o.num_threads = 1;
+    fp4moe_context *ctx = NULL;
+    fp4moe_plan *plan = NULL;
+    size_t ws_bytes = 0;
+    void *ws = NULL;
+    fp4moe_status s = fp4moe_context_create(&o, &ctx);
+    if (s == FP4MOE_SUCCESS) s = fp4moe_plan_create(ctx, cfg, &layer->w, &plan);
+    if (s == FP4MOE_SUCCESS) s = fp4moe_plan_workspace_size(plan, T, &ws_bytes);
+    if (s == FP4MOE_SUCCESS && (ws = alloc256(ws_bytes + 1)) == NULL) s = FP4MOE_ERROR_OUT_OF_MEMORY;
+    if (s == FP4MOE_SUCCESS) {
+        fp4moe_forward_args a;
+        fp4moe_forward_args_init(&a);
+        a.num_tokens = T;
+        a.hidden_states = c->hidden_states;
+        a.hidden_dtype = c->hidden;
+        a.router_logits = c->logits;
+        a.topk_ids = c->ids;
+        a.topk_weights = c->weights;
+        a.output = c->expect;
+        a.output_dtype = c->out;
+        a.skip_finalize = c->skip_finalize;
+        s = c->routed ? fp4moe_forward_routed(plan, &a, ws, ws_bytes, NULL)
+                      : fp4moe_forward(plan, &a, ws, ws_bytes, NULL);
+    }
+    free(ws);
+    fp4moe_plan_destroy(plan);
+    fp4moe_context_destroy(ctx);
+    return s == FP4MOE_SUCCESS ? 0 : -1;
+}
+
+static void free_call(sched_call *c)
+{
+    free(c->hidden_states), free(c->logits), free(c->weights), free(c->ids);
+    free(c->expect), free(c->got);
+}
+
+/* Runs the calls on `size` ranks (one thread each, one EP object each). */
+static void run_ranks(const ref_layer *layer, const int64_t *split, int size, int64_t max_tokens,
+                      const fp4moe_ep_options *const *options, sched_call *calls, int num_calls,
+                      sched_rank *jobs)
+{
+    fp4moe_ep_memory_group *group = NULL;
+    fp4moe_ep_memory_group_create(size, &group);
+    pthread_t threads[MAX_RANKS];
+    for (int r = 0; r < size; r++) {
+        memset(&jobs[r], 0, sizeof jobs[r]);
+        jobs[r] = (sched_rank){.rank = r, .group = group, .layer = layer, .e0 = split[r],
+                               .e_loc = split[r + 1] - split[r], .max_tokens = max_tokens,
+                               .options = options[r], .calls = calls, .num_calls = num_calls};
+        pthread_create(&threads[r], NULL, run_schedule, &jobs[r]);
+    }
+    for (int r = 0; r < size; r++)
+        pthread_join(threads[r], NULL);
+    fp4moe_ep_memory_group_destroy(group);
+}
+
+static int call_matches(const ref_layer *layer, const sched_call *c, int size)
+{
+    const int64_t T = c->first[size], rows = c->skip_finalize ? T * layer->cfg.top_k : T;
+    const size_t bytes = (size_t)(rows * layer->cfg.hidden_size) * ref_dtype_bytes(c->out);
+    return memcmp(c->got, c->expect, bytes) == 0;
+}
+
+/* Calls of every size on the same EP objects, dtypes and modes changing between them, the
+ * worst case of the receive bound among them (every slot of max_tokens tokens on every rank
+ * sent to rank 0): each equals the single-device layer, and nothing is allocated after create
+ * (the allocation counter and the buffers' addresses do not change). */
+static void repeated_calls_case(testing_state *st, testing_rng *rng)
+{
+    enum { SIZE = 3, CALLS = 7 };
+    const int64_t max_tokens = 12;
+    fp4moe_config cfg;
+    fp4moe_config_init(&cfg);
+    cfg.num_experts = 8;
+    cfg.top_k = 3;
+    cfg.hidden_size = 64;
+    cfg.intermediate_size = 32;
+    cfg.precision = FP4MOE_PRECISION_W4A4;
+    cfg.routing = FP4MOE_ROUTING_RENORMALIZE;
+    cfg.max_tokens = max_tokens * SIZE; /* the single-device layer runs every rank's tokens */
+    ref_gen_options gen = {1, 0, 0, 0};
+    ref_layer layer;
+    if (ref_layer_generate(&layer, &cfg, &gen, rng) != 0) {
+        CHECK(st, 0, "repeated calls: cannot generate the layer");
+        return;
+    }
+    float calib[16 * 64];
+    ref_random_fill(rng, calib, FP4MOE_DTYPE_F32, 16 * 64, 1.0);
+    ref_layer_calibrate(&layer, calib, 16);
+    const int64_t split[SIZE + 1] = {0, 4, 6, 8};
+    const fp4moe_dtype F32 = FP4MOE_DTYPE_F32, BF16 = FP4MOE_DTYPE_BF16, F16 = FP4MOE_DTYPE_F16;
+    /* hidden, out, routed, skip_finalize, tokens per rank; -1: random in [1, max_tokens] */
+    const struct {
+        fp4moe_dtype hidden, out;
+        int routed, skip, onto;
+        int64_t tokens[SIZE];
+    } plan[CALLS] = {
+        {BF16, BF16, 0, 0, -1, {3, 1, 2}},
+        {F32, F32, 1, 0, 0, {12, 12, 12}}, /* rank 0 receives 12 * 3 * 3: the default bound */
+        {F16, F32, 0, 1, -1, {1, 0, 0}},
+        {BF16, F32, 1, 1, -1, {-1, -1, -1}},
+        {F32, F32, 0, 0, -1, {0, 0, 0}},
+        {F16, F16, 1, 0, -1, {12, -1, 0}},
+        {BF16, BF16, 0, 0, -1, {1, 1, 1}},
+    };
+    sched_call calls[CALLS];
+    memset(calls, 0, sizeof calls);
+    int ok = 1;
+    for (int i = 0; i < CALLS && ok; i++) {
+        calls[i].hidden = plan[i].hidden;
+        calls[i].out = plan[i].out;
+        calls[i].routed = plan[i].routed;
+        calls[i].skip_finalize = plan[i].skip;
+        for (int r = 0; r < SIZE; r++)
+            calls[i].tokens[r] = plan[i].tokens[r] >= 0 ? plan[i].tokens[r]
+                                                        : testing_int(rng, 1, max_tokens);
+        ok = make_call(rng, &layer, split, SIZE, &calls[i], plan[i].onto) == 0;
+    }
+    CHECK(st, ok, "repeated calls: cannot make the inputs");
+    sched_rank jobs[SIZE];
+    const fp4moe_ep_options *const options[SIZE] = {NULL, NULL, NULL};
+    if (ok) run_ranks(&layer, split, SIZE, max_tokens, options, calls, CALLS, jobs);
+    for (int r = 0; ok && r < SIZE; r++) {
+        const sched_rank *j = &jobs[r];
+        CHECK(st, j->create_status == FP4MOE_SUCCESS, "repeated calls: rank %d create: %s", r,
+              j->message);
+        if (j->create_status != FP4MOE_SUCCESS) continue;
+        for (int i = 0; i < CALLS; i++)
+            CHECK(st, calls[i].status[r] == FP4MOE_SUCCESS, "repeated calls: call %d rank %d: %s",
+                  i, r, calls[i].message[r]);
+        CHECK(st, j->allocations_at_end == j->allocations_after_create && j->pointers_kept,
+              "repeated calls: rank %d allocated during forward calls (%zu allocations after "
+              "create, %zu after the calls, buffers %s)",
+              r, j->allocations_after_create, j->allocations_at_end,
+              j->pointers_kept ? "kept" : "moved");
+        CHECK(st, j->footprint.max_received_rows == max_tokens * SIZE * cfg.top_k &&
+                      j->footprint.host_staging_bytes > 0 &&
+                      j->footprint.device_staging_bytes == 0 && j->footprint.workspace_bytes > 0,
+              "repeated calls: rank %d footprint: max_received_rows %lld, host %zu, device %zu", r,
+              (long long)j->footprint.max_received_rows, j->footprint.host_staging_bytes,
+              j->footprint.device_staging_bytes);
+    }
+    for (int i = 0; ok && i < CALLS; i++)
+        CHECK(st, call_matches(&layer, &calls[i], SIZE),
+              "repeated calls: call %d differs from the single-device layer", i);
+    if (ok)
+        printf("  staging per rank (max_tokens %lld, 3 ranks, k 3, H 64): %zu host bytes, "
+               "%zu allocations at create, none after\n",
+               (long long)max_tokens, jobs[0].footprint.host_staging_bytes,
+               jobs[0].allocations_after_create);
+    for (int i = 0; i < CALLS; i++)
+        free_call(&calls[i]);
+    ref_layer_free(&layer);
+}
+
+/* A call in which one rank would receive more rows than its max_received_rows fails on every
+ * rank with WORKSPACE_TOO_SMALL, writes no output, and leaves the objects usable; a bad option
+ * on one rank fails create on every rank. */
+static void bound_case(testing_state *st, testing_rng *rng)
+{
+    enum { SIZE = 3, CALLS = 3 };
+    const int64_t max_tokens = 8;
+    fp4moe_config cfg;
+    fp4moe_config_init(&cfg);
+    cfg.num_experts = 6;
+    cfg.top_k = 2;
+    cfg.hidden_size = 32;
+    cfg.intermediate_size = 32;
+    cfg.max_tokens = max_tokens * SIZE;
+    /* W4A4: on AVX-512 the CPU backend's W4A16 dot product of an expert with 1-2 tokens sums
+     * in another order than with more (cpu_kernels_avx512.c), so W4A16 results here would
+     * depend on how the tokens are batched, in the plain layer as in EP. */
+    cfg.precision = FP4MOE_PRECISION_W4A4;
+    ref_gen_options gen = {0, 0, 0, 0};
+    ref_layer layer;
+    if (ref_layer_generate(&layer, &cfg, &gen, rng) != 0) {
+        CHECK(st, 0, "bound: cannot generate the layer");
+        return;
+    }
+    float calib[16 * 32];
+    ref_random_fill(rng, calib, FP4MOE_DTYPE_F32, 16 * 32, 1.0);
+    ref_layer_calibrate(&layer, calib, 16);
+    const int64_t split[SIZE + 1] = {0, 2, 4, 6};
+    sched_call calls[CALLS];
+    memset(calls, 0, sizeof calls);
+    int ok = 1;
+    for (int i = 0; i < CALLS && ok; i++) {
+        calls[i].hidden = calls[i].out = FP4MOE_DTYPE_F32;
+        calls[i].routed = 1;
+        for (int r = 0; r < SIZE; r++)
+            calls[i].tokens[r] = 4;
+        /* Calls 0 and 2 send every slot to rank 1: 3 * 4 * 2 = 24 rows, over its bound of 10;
+         * call 1 spreads them (rank 1 gets about a third: at most 24, so retry until <= 10). */
+        for (int tries = 0; ok && tries < 100; tries++) {
+            if (tries) free_call(&calls[i]);
+            ok = make_call(rng, &layer, split, SIZE, &calls[i], i == 1 ? -1 : 1) == 0;
+            int64_t to_rank1 = 0;
+            for (int64_t s = 0; s < 12 * 2; s++)
+                to_rank1 += calls[i].ids[s] >= 2 && calls[i].ids[s] < 4;
+            if (i != 1 || to_rank1 <= 10) break;
+        }
+    }
+    CHECK(st, ok, "bound: cannot make the inputs");
+    const fp4moe_ep_options small = {10};
+    const fp4moe_ep_options *const options[SIZE] = {NULL, &small, NULL};
+    sched_rank jobs[SIZE];
+    if (ok) run_ranks(&layer, split, SIZE, max_tokens, options, calls, CALLS, jobs);
+    for (int r = 0; ok && r < SIZE; r++) {
+        const sched_rank *j = &jobs[r];
+        CHECK(st, j->create_status == FP4MOE_SUCCESS, "bound: rank %d create: %s", r, j->message);
+        if (j->create_status != FP4MOE_SUCCESS) continue;
+        for (int i = 0; i < CALLS; i += 2)
+            CHECK(st, calls[i].status[r] == FP4MOE_ERROR_WORKSPACE_TOO_SMALL &&
+                          strstr(calls[i].message[r], "rank 1 would receive 24 rows") != NULL,
+                  "bound: call %d rank %d: status %d, \"%s\"", i, r, calls[i].status[r],
+                  calls[i].message[r]);
+        CHECK(st, calls[1].status[r] == FP4MOE_SUCCESS, "bound: call 1 rank %d: %s", r,
+              calls[1].message[r]);
+        CHECK(st, j->allocations_at_end == j->allocations_after_create && j->pointers_kept,
+              "bound: rank %d allocated during forward calls", r);
+        CHECK(st, j->footprint.max_received_rows == (r == 1 ? 10 : max_tokens * SIZE * 2),
+              "bound: rank %d max_received_rows %lld", r, (long long)j->footprint.max_received_rows);
+    }
+    if (ok) {
+        CHECK(st, jobs[1].footprint.host_staging_bytes < jobs[0].footprint.host_staging_bytes,
+              "bound: the smaller bound does not shrink the staging (%zu vs %zu bytes)",
+              jobs[1].footprint.host_staging_bytes, jobs[0].footprint.host_staging_bytes);
+        CHECK(st, call_matches(&layer, &calls[1], SIZE), "bound: call 1 differs");
+        const size_t bytes = 12 * 32 * sizeof(float);
+        int untouched = 1;
+        for (size_t b = 0; b < bytes; b++)
+            untouched &= calls[0].got[b] == 0xab;
+        CHECK(st, untouched, "bound: the failed call wrote output");
+        printf("  over the bound: \"%s\"; staging %zu bytes (max_received_rows 10) vs %zu\n",
+               calls[0].message[0], jobs[1].footprint.host_staging_bytes,
+               jobs[0].footprint.host_staging_bytes);
+    }
+    /* A negative bound on rank 2: create fails everywhere, nobody waits. */
+    const fp4moe_ep_options negative = {-1};
+    const fp4moe_ep_options *const bad[SIZE] = {NULL, NULL, &negative};
+    run_ranks(&layer, split, SIZE, max_tokens, bad, calls, 0, jobs);
+    for (int r = 0; r < SIZE; r++)
+        CHECK(st, jobs[r].create_status == FP4MOE_ERROR_INVALID_ARGUMENT,
+              "bound: negative max_received_rows on rank 2: rank %d create %d (%s)", r,
+              jobs[r].create_status, jobs[r].message);
+    for (int i = 0; i < CALLS; i++)
+        free_call(&calls[i]);
+    ref_layer_free(&layer);
+}
+
 /* The W4A4 codec on blocks built to hit its corners; decode verifies itself, so success means
  * the receiver's row quantises to exactly the sender's codes. */
 static void codec_case(testing_state *st, testing_rng *rng)
@@ -395,6 +772,8 @@ int main(void)
         for (int size = 1; size <= MAX_RANKS; size++)
             if (cases[i].E >= size) run_case(&st, &rng, ctx, &cases[i], size);
     bad_rank_case(&st, &rng);
+    repeated_calls_case(&st, &rng);
+    bound_case(&st, &rng);
     codec_case(&st, &rng);
     fp4moe_context_destroy(ctx);
     return testing_finish(&st, TEST_NAME);

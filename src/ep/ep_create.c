@@ -1,7 +1,8 @@
-/* Creating the expert-parallel layer: this rank's plans, then one collective round in which
- * the ranks check that they describe the same layer and tile [0, E) with their experts, and
- * a second one (W4A4) in which they learn every expert's input scale, which a sender needs to
- * quantise a row for the expert that will compute it. */
+/* Creating the expert-parallel layer: this rank's plans and all of its staging (forward calls
+ * never allocate), then one collective round in which the ranks check that they describe the
+ * same layer and tile [0, E) with their experts and learn each other's bound on received rows,
+ * and a second one (W4A4) in which they learn every expert's input scale, which a sender needs
+ * to quantise a row for the expert that will compute it. */
 #include <stdlib.h>
 #include <string.h>
 
@@ -21,6 +22,7 @@ enum {
     META_ON_INPUT,
     META_ROUTING,
     META_ACTIVATION,
+    META_MAX_RECEIVED_ROWS,
     META_FIELDS
 };
 
@@ -77,10 +79,17 @@ static fp4moe_status alloc_workspace(fp4moe_ep *ep, fp4moe_plan *plan, int64_t t
 }
 
 static fp4moe_status setup_local(fp4moe_ep *ep, const fp4moe_config *cfg,
-                                 const fp4moe_weights *weights)
+                                 const fp4moe_weights *weights, const fp4moe_ep_options *options)
 {
     if (cfg == NULL || weights == NULL)
         return fp4moe_fail(ep->ctx, FP4MOE_ERROR_INVALID_ARGUMENT, "ep: cfg or weights is NULL");
+    if (options != NULL) {
+        if (options->max_received_rows < 0)
+            return fp4moe_fail(ep->ctx, FP4MOE_ERROR_INVALID_ARGUMENT,
+                               "ep: max_received_rows = %lld must be >= 0 (0: the worst case)",
+                               (long long)options->max_received_rows);
+        ep->max_received_rows = options->max_received_rows;
+    }
     fp4moe_status st = plan_normalise_config(ep->ctx, cfg, &ep->cfg);
     if (st != FP4MOE_SUCCESS) return st;
     if (ep->transport.device_buffers && ep->ctx->backend != FP4MOE_BACKEND_CUDA)
@@ -102,7 +111,7 @@ static fp4moe_status setup_local(fp4moe_ep *ep, const fp4moe_config *cfg,
         if (ep->a1_global_all == NULL)
             return fp4moe_fail(ep->ctx, FP4MOE_ERROR_OUT_OF_MEMORY, "ep: cannot allocate scales");
     }
-    return FP4MOE_SUCCESS;
+    return ep_size_staging(ep);
 }
 
 /* Every rank sees every record, so every rank reaches the same verdict. */
@@ -180,6 +189,7 @@ static fp4moe_status exchange_metadata(fp4moe_ep *ep, int local_ok, const fp4moe
     mine[META_ON_INPUT] = c->apply_router_weight_on_input;
     mine[META_ROUTING] = c->routing;
     mine[META_ACTIVATION] = c->activation;
+    mine[META_MAX_RECEIVED_ROWS] = ep->max_received_rows;
     int64_t *meta = malloc((size_t)size * sizeof mine);
     size_t *recv_bytes = malloc((size_t)size * sizeof *recv_bytes);
     fp4moe_status st = FP4MOE_SUCCESS;
@@ -201,6 +211,7 @@ static fp4moe_status exchange_metadata(fp4moe_ep *ep, int local_ok, const fp4moe
         const int64_t e0 = meta[p * META_FIELDS + META_E0], n = meta[p * META_FIELDS + META_E_LOC];
         for (int64_t e = e0; e < e0 + n; e++)
             ep->owner[e] = p;
+        ep->received_rows_bound[p] = meta[p * META_FIELDS + META_MAX_RECEIVED_ROWS];
         recv_bytes[p] = (size_t)n * sizeof(float);
     }
     if (ep->a1_global_all != NULL)
@@ -217,6 +228,15 @@ fp4moe_status fp4moe_ep_create(fp4moe_context *ctx, const fp4moe_config *cfg,
                                const fp4moe_weights *weights,
                                const fp4moe_ep_transport *transport, void *stream,
                                fp4moe_ep **out)
+{
+    return fp4moe_ep_create_with_options(ctx, cfg, weights, transport, NULL, stream, out);
+}
+
+fp4moe_status fp4moe_ep_create_with_options(fp4moe_context *ctx, const fp4moe_config *cfg,
+                                            const fp4moe_weights *weights,
+                                            const fp4moe_ep_transport *transport,
+                                            const fp4moe_ep_options *options, void *stream,
+                                            fp4moe_ep **out)
 {
     if (ctx == NULL) return FP4MOE_ERROR_INVALID_ARGUMENT;
     fp4moe_clear_error(ctx);
@@ -238,7 +258,7 @@ fp4moe_status fp4moe_ep_create(fp4moe_context *ctx, const fp4moe_config *cfg,
     for (size_t i = 0; i < sizeof device_side / sizeof device_side[0]; i++)
         device_side[i]->backend_memory = 1;
 
-    fp4moe_status local = setup_local(ep, cfg, weights);
+    fp4moe_status local = setup_local(ep, cfg, weights, options);
     char saved[FP4MOE_MESSAGE_BYTES];
     memcpy(saved, ctx->last_error, sizeof saved);
     fp4moe_status st = exchange_metadata(ep, local == FP4MOE_SUCCESS, weights, stream);
@@ -247,6 +267,7 @@ fp4moe_status fp4moe_ep_create(fp4moe_context *ctx, const fp4moe_config *cfg,
         fp4moe_ep_destroy(ep); /* makes no call that touches the message */
         return st;
     }
+    ep->staging_sized = 1;
     *out = ep;
     return FP4MOE_SUCCESS;
 }
@@ -254,14 +275,7 @@ fp4moe_status fp4moe_ep_create(fp4moe_context *ctx, const fp4moe_config *cfg,
 void fp4moe_ep_destroy(fp4moe_ep *ep)
 {
     if (ep == NULL) return;
-    ep_buffer *all[] = {&ep->ids,        &ep->weights,         &ep->dest,          &ep->slot_row,
-                        &ep->hidden_in,  &ep->token_scale,     &ep->send,          &ep->recv,
-                        &ep->rows_hidden, &ep->rows_ids,       &ep->rows_ones,     &ep->rows_out,
-                        &ep->results,    &ep->out_host,        &ep->scratch,       &ep->dev_ids,
-                        &ep->dev_weights, &ep->dev_rows_hidden, &ep->dev_rows_ids,
-                        &ep->dev_rows_ones, &ep->dev_rows_out, &ep->dev_send,      &ep->dev_recv};
-    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++)
-        ep_buffer_release(ep, all[i]);
+    ep_release_staging(ep);
     fp4moe_buffer_free(ep->ctx, ep->route_workspace);
     fp4moe_buffer_free(ep->ctx, ep->expert_workspace);
     fp4moe_plan_destroy(ep->route_plan);

@@ -1,7 +1,7 @@
 /* One expert-parallel forward call (docs/EP.md): route, count, dispatch, compute, return,
  * combine. Everything but the expert compute and the transport is host bookkeeping over
- * staging buffers; on the CUDA backend the inputs are downloaded once and the output uploaded
- * once.
+ * staging buffers sized at create (nothing here allocates: ep_buffer_reserve only checks); on
+ * the CUDA backend the inputs are downloaded once and the output uploaded once.
  *
  * Exactness: the expert computes each received row as the plain layer computes that (token,
  * slot) (same input bits, same expert, FP32 output), and the combine below is the CPU
@@ -15,8 +15,10 @@
 #include "../format/format.h"
 #include "ep_internal.h"
 
-/* Per peer, the count message: rows this rank sends, its hidden dtype, whether it is fine. */
-enum { COUNT_ROWS, COUNT_DTYPE, COUNT_OK, COUNT_FIELDS };
+/* The count message, the same to every peer: whether this rank is fine, its hidden dtype, then
+ * the rows it sends to each rank. Every rank thus sees every rank's row counts and reaches the
+ * same verdict on every check, the bound on received rows included. */
+enum { COUNT_OK, COUNT_DTYPE, COUNT_ROWS_TO };
 
 typedef struct call_state {
     const fp4moe_forward_args *args;
@@ -171,55 +173,52 @@ static fp4moe_status assign_slots(fp4moe_ep *ep, call_state *cs)
 static fp4moe_status exchange_counts(fp4moe_ep *ep, call_state *cs, int local_ok, void *stream)
 {
     const int size = ep->transport.size;
-    const size_t bytes = COUNT_FIELDS * sizeof(int64_t);
-    int64_t *send = malloc((size_t)size * bytes), *recv = malloc((size_t)size * bytes);
-    size_t *counts = malloc((size_t)size * sizeof *counts);
-    fp4moe_status st = FP4MOE_SUCCESS;
-    if (send == NULL || recv == NULL || counts == NULL) {
-        st = fp4moe_fail(ep->ctx, FP4MOE_ERROR_OUT_OF_MEMORY, "ep: cannot allocate");
-        goto done;
-    }
+    const size_t fields = 2 + (size_t)size, bytes = fields * sizeof(int64_t);
+    int64_t *send = ep->count_send, *recv = ep->count_recv;
     for (int p = 0; p < size; p++) {
-        send[p * COUNT_FIELDS + COUNT_ROWS] = local_ok ? cs->send_rows[p] : 0;
-        send[p * COUNT_FIELDS + COUNT_DTYPE] = cs->t > 0 ? (int64_t)cs->dtype : -1;
-        send[p * COUNT_FIELDS + COUNT_OK] = local_ok;
-        counts[p] = bytes;
+        int64_t *m = send + (size_t)p * fields;
+        m[COUNT_OK] = local_ok;
+        m[COUNT_DTYPE] = cs->t > 0 ? (int64_t)cs->dtype : -1;
+        for (int q = 0; q < size; q++)
+            m[COUNT_ROWS_TO + q] = local_ok ? cs->send_rows[q] : 0;
+        ep->count_bytes[p] = bytes;
     }
-    if ((st = ep_exchange(ep, send, counts, recv, counts, stream)) != FP4MOE_SUCCESS) goto done;
+    TRY(ep_exchange(ep, send, ep->count_bytes, recv, ep->count_bytes, stream));
     ep->stats.count_bytes = (size_t)size * bytes;
-    if (!local_ok) {
-        st = FP4MOE_ERROR_INVALID_ARGUMENT; /* this rank's message stays */
-        goto done;
-    }
-    cs->total_recv = 0;
+    if (!local_ok) return FP4MOE_ERROR_INVALID_ARGUMENT; /* this rank's message stays */
+    const int me = ep->transport.rank;
     int64_t common_dtype = -1; /* every rank sees every rank's dtype: the verdict is shared */
     for (int p = 0; p < size; p++) {
-        const int64_t *m = recv + p * COUNT_FIELDS;
-        if (!m[COUNT_OK]) {
-            st = fp4moe_fail(ep->ctx, FP4MOE_ERROR_INVALID_ARGUMENT,
-                             "ep: rank %d rejected its part of this call (see its message)", p);
-            goto done;
-        }
-        cs->recv_rows[p] = m[COUNT_ROWS];
-        cs->total_recv += m[COUNT_ROWS];
+        const int64_t *m = recv + (size_t)p * fields;
+        if (!m[COUNT_OK])
+            return fp4moe_fail(ep->ctx, FP4MOE_ERROR_INVALID_ARGUMENT,
+                               "ep: rank %d rejected its part of this call (see its message)", p);
+        cs->recv_rows[p] = m[COUNT_ROWS_TO + me];
         if (m[COUNT_DTYPE] < 0) continue; /* no tokens on that rank */
-        if (common_dtype >= 0 && m[COUNT_DTYPE] != common_dtype) {
-            st = fp4moe_fail(ep->ctx, FP4MOE_ERROR_INVALID_ARGUMENT,
-                             "ep: the ranks pass different hidden dtypes (%s on rank %d, %s on "
-                             "an earlier rank)",
-                             dtype_name((fp4moe_dtype)m[COUNT_DTYPE]), p,
-                             dtype_name((fp4moe_dtype)common_dtype));
-            goto done;
-        }
+        if (common_dtype >= 0 && m[COUNT_DTYPE] != common_dtype)
+            return fp4moe_fail(ep->ctx, FP4MOE_ERROR_INVALID_ARGUMENT,
+                               "ep: the ranks pass different hidden dtypes (%s on rank %d, %s on "
+                               "an earlier rank)",
+                               dtype_name((fp4moe_dtype)m[COUNT_DTYPE]), p,
+                               dtype_name((fp4moe_dtype)common_dtype));
         common_dtype = m[COUNT_DTYPE];
+    }
+    /* Every rank's total against its bound, in rank order: all ranks name the same one. The
+     * senders' counts are each <= max_tokens * top_k, so the sums cannot overflow. */
+    for (int q = 0; q < size; q++) {
+        int64_t total = 0;
+        for (int p = 0; p < size; p++)
+            total += recv[(size_t)p * fields + COUNT_ROWS_TO + q];
+        if (total > ep->received_rows_bound[q])
+            return fp4moe_fail(ep->ctx, FP4MOE_ERROR_WORKSPACE_TOO_SMALL,
+                               "ep: rank %d would receive %lld rows in this call, more than its "
+                               "max_received_rows = %lld (fp4moe_ep_options); nothing was sent",
+                               q, (long long)total, (long long)ep->received_rows_bound[q]);
+        if (q == me) cs->total_recv = total;
     }
     /* A rank without tokens computes rows in the senders' dtype. */
     if (common_dtype >= 0) cs->dtype = (fp4moe_dtype)common_dtype;
-done:
-    free(send);
-    free(recv);
-    free(counts);
-    return st;
+    return FP4MOE_SUCCESS;
 }
 
 /* Rows to every rank: [int32 expert id][payload], in (token, slot) order per rank. */
@@ -239,8 +238,7 @@ static fp4moe_status dispatch(fp4moe_ep *ep, call_state *cs, void *stream)
     TRY(ep_buffer_reserve(ep, &ep->scratch, (size_t)cs->h * sizeof(float)));
     uint8_t *send = ep->send.data;
     float *x = ep->scratch.data;
-    size_t *start = malloc((size_t)size * sizeof *start);
-    if (start == NULL) return fp4moe_fail(ep->ctx, FP4MOE_ERROR_OUT_OF_MEMORY, "ep: cannot allocate");
+    size_t *start = ep->peer_start;
     start[0] = 0;
     for (int p = 1; p < size; p++)
         start[p] = start[p - 1] + cs->send_bytes[p - 1];
@@ -269,7 +267,6 @@ static fp4moe_status dispatch(fp4moe_ep *ep, call_state *cs, void *stream)
         else
             store_f32(x, cs->h, cs->dtype, payload);
     }
-    free(start);
     ep->stats.dispatch_bytes_sent = send_total;
     ep->stats.dispatch_bytes_received = recv_total;
     return ep_exchange(ep, send, cs->send_bytes, ep->recv.data, cs->recv_bytes, stream);
@@ -384,9 +381,7 @@ static fp4moe_status combine(fp4moe_ep *ep, call_state *cs)
     }
     TRY(ep_buffer_reserve(ep, &ep->scratch, (size_t)h * sizeof(float)));
     float *sum = ep->scratch.data;
-    int64_t *first_row = malloc((size_t)size * sizeof *first_row);
-    if (first_row == NULL)
-        return fp4moe_fail(ep->ctx, FP4MOE_ERROR_OUT_OF_MEMORY, "ep: cannot allocate");
+    int64_t *first_row = ep->peer_first_row;
     first_row[0] = 0;
     for (int p = 1; p < size; p++)
         first_row[p] = first_row[p - 1] + cs->send_rows[p - 1];
@@ -417,7 +412,6 @@ static fp4moe_status combine(fp4moe_ep *ep, call_state *cs)
         }
         store_f32(sum, h, a->output_dtype, out + (size_t)(t * h) * out_elt);
     }
-    free(first_row);
     if (out != a->output) TRY(ep_from_host(ep, a->output, out, out_bytes));
     return FP4MOE_SUCCESS;
 }
@@ -436,18 +430,12 @@ static fp4moe_status forward_common(fp4moe_ep *ep, const fp4moe_forward_args *ar
     cs.h = ep->cfg.hidden_size;
     cs.dtype = args ? args->hidden_dtype : FP4MOE_DTYPE_F32;
     memset(&ep->stats, 0, sizeof ep->stats);
-    int64_t *rows = calloc((size_t)size * 2, sizeof *rows);
-    size_t *bytes = calloc((size_t)size * 2, sizeof *bytes);
-    if (rows == NULL || bytes == NULL) {
-        /* Cannot even take part in the count exchange; the peers will block. Nothing better. */
-        free(rows);
-        free(bytes);
-        return fp4moe_fail(ep->ctx, FP4MOE_ERROR_OUT_OF_MEMORY, "ep: cannot allocate");
-    }
-    cs.send_rows = rows;
-    cs.recv_rows = rows + size;
-    cs.send_bytes = bytes;
-    cs.recv_bytes = bytes + size;
+    cs.send_rows = ep->send_rows;
+    cs.recv_rows = ep->recv_rows;
+    cs.send_bytes = ep->send_bytes;
+    cs.recv_bytes = ep->recv_bytes;
+    for (int p = 0; p < size; p++)
+        cs.send_rows[p] = cs.recv_rows[p] = 0;
 
     fp4moe_status local = check_args(ep, args, routed);
     if (local == FP4MOE_SUCCESS) {
@@ -458,12 +446,10 @@ static fp4moe_status forward_common(fp4moe_ep *ep, const fp4moe_forward_args *ar
     char saved[FP4MOE_MESSAGE_BYTES];
     memcpy(saved, ep->ctx->last_error, sizeof saved);
     fp4moe_status st = exchange_counts(ep, &cs, local == FP4MOE_SUCCESS, stream);
-    if (local != FP4MOE_SUCCESS) {
-        st = fp4moe_fail(ep->ctx, local, "%s", saved); /* staging copies may have cleared it */
-        goto done;
-    }
-    if (st != FP4MOE_SUCCESS) goto done;
-    if ((st = dispatch(ep, &cs, stream)) != FP4MOE_SUCCESS) goto done;
+    if (local != FP4MOE_SUCCESS)
+        return fp4moe_fail(ep->ctx, local, "%s", saved); /* staging copies may have cleared it */
+    if (st != FP4MOE_SUCCESS) return st;
+    if ((st = dispatch(ep, &cs, stream)) != FP4MOE_SUCCESS) return st;
     /* From here every rank must take part in the return exchange whatever happens locally:
      * a failed compute returns NaN rows so that the peers' results cannot look valid. */
     fp4moe_status compute = compute_rows(ep, &cs, stream);
@@ -474,18 +460,12 @@ static fp4moe_status forward_common(fp4moe_ep *ep, const fp4moe_forward_args *ar
             out[i] = NAN;
     }
     st = return_results(ep, &cs, stream);
-    if (compute != FP4MOE_SUCCESS) {
-        st = fp4moe_fail(ep->ctx, compute, "%s", saved);
-        goto done;
-    }
-    if (st != FP4MOE_SUCCESS) goto done;
+    if (compute != FP4MOE_SUCCESS) return fp4moe_fail(ep->ctx, compute, "%s", saved);
+    if (st != FP4MOE_SUCCESS) return st;
     st = combine(ep, &cs);
     ep->stats.rows_sent = cs.t * cs.k;
     ep->stats.rows_received = cs.total_recv;
     ep->stats.rows_to_self = cs.send_rows[ep->transport.rank];
-done:
-    free(rows);
-    free(bytes);
     return st;
 }
 

@@ -1,13 +1,13 @@
-/* The expert-parallel layer's state and the pieces its files share: growable staging buffers,
- * the exchange through the transport, and the W4A4 row codec. */
+/* The expert-parallel layer's state and the pieces its files share: staging buffers sized at
+ * create, the exchange through the transport, and the W4A4 row codec. */
 #ifndef FP4MOE_EP_INTERNAL_H
 #define FP4MOE_EP_INTERNAL_H
 
 #include "../core/plan.h"
 #include "fp4moe_ep.h"
 
-/* A buffer that grows to the largest request and is reused; host (aligned_alloc) or the
- * context's backend memory (fp4moe_buffer_alloc). */
+/* A staging buffer: host (aligned_alloc) or the context's backend memory (fp4moe_buffer_alloc).
+ * Sized at create for the largest call; a forward call only checks that its request fits. */
 typedef struct ep_buffer {
     void *data;
     size_t capacity;
@@ -28,8 +28,18 @@ struct fp4moe_ep {
     int32_t *owner;            /* [E] rank holding each expert */
     float *a1_global_all;      /* [E] W4A4 input scales of every expert (NULL in W4A16) */
     fp4moe_ep_stats stats;
+    int64_t max_received_rows;     /* this rank's bound on rows received per call */
+    int64_t *received_rows_bound;  /* [size]: every rank's bound, exchanged at create */
+    int staging_sized;             /* set at the end of create: from then on nothing allocates */
+    size_t allocations;            /* staging allocations made, for tests: constant after create */
 
-    /* Host staging (per call, grown as needed). */
+    /* Per-peer bookkeeping of a call, [size] each (the count messages [size * (2 + size)]). */
+    int64_t *count_send, *count_recv;
+    size_t *count_bytes, *peer_start;
+    int64_t *send_rows, *recv_rows, *peer_first_row;
+    size_t *send_bytes, *recv_bytes;
+
+    /* Host staging (sized at create). */
     ep_buffer ids, weights, dest, slot_row, hidden_in, token_scale;
     ep_buffer send, recv, rows_hidden, rows_ids, rows_ones, rows_out, results, out_host;
     ep_buffer scratch; /* per-row FP32 work */
@@ -39,9 +49,17 @@ struct fp4moe_ep {
     ep_buffer dev_send, dev_recv;
 };
 
-/* Makes b hold at least bytes (contents not kept). */
+/* Makes b hold at least bytes (contents not kept). Allocates only while the EP object is being
+ * created; afterwards a request beyond the capacity is an INTERNAL error (a sizing bug). */
 fp4moe_status ep_buffer_reserve(fp4moe_ep *ep, ep_buffer *b, size_t bytes);
 void ep_buffer_release(fp4moe_ep *ep, ep_buffer *b);
+
+/* Allocates every staging buffer and per-peer array for the largest call: this rank sending
+ * cfg.max_tokens tokens and receiving max_received_rows rows, in the widest hidden dtype. */
+fp4moe_status ep_size_staging(fp4moe_ep *ep);
+void ep_release_staging(fp4moe_ep *ep); /* every buffer and array; safe on a partial object */
+/* How many staging allocations the object has made (tests: constant across forward calls). */
+size_t ep_allocation_count(const fp4moe_ep *ep);
 
 /* One all-to-all-v of host buffers through the transport (staged through device memory for
  * device transports). send_bytes/recv_bytes: [size]. */

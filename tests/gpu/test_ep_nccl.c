@@ -26,6 +26,7 @@ int main(void)
 #include <stdlib.h>
 #include <string.h>
 
+#include "ep/ep_internal.h"
 #include "fp4moe.h"
 #include "fp4moe_ep.h"
 #include "ref/ref_moe.h"
@@ -33,6 +34,7 @@ int main(void)
 
 #define TEST_NAME "test_ep_nccl"
 #define MAX_RANKS 8
+#define MAX_RANK_TOKENS 200 /* tokens of one rank in one call */
 
 typedef struct gpu_ep_case {
     const char *name;
@@ -90,9 +92,11 @@ static void *run_rank(void *arg)
     fp4moe_config cfg = job->layer->cfg;
     cfg.local_expert_offset = job->e0;
     cfg.local_num_experts = job->e_loc;
+    cfg.max_tokens = MAX_RANK_TOKENS; /* sizes this rank's staging */
     const fp4moe_weights w = ref_layer_slice_weights(job->layer, job->e0);
     if (job->status == FP4MOE_SUCCESS)
         job->status = fp4moe_ep_create(ctx, &cfg, &w, &tr, stream, &ep);
+    size_t allocations = ep ? ep_allocation_count(ep) : 0;
     const int64_t out_rows = c->skip_finalize ? job->t * k : job->t;
     void *d_hidden = dev_upload(ctx, job->hidden, (size_t)(job->t * H) * elt);
     void *d_logits = dev_upload(ctx, job->logits, (size_t)(job->t * E) * sizeof(float));
@@ -120,6 +124,16 @@ static void *run_rank(void *arg)
                 fp4moe_buffer_download(ctx, job->out, d_out, (size_t)(out_rows * H) * out_elt);
     }
     snprintf(job->message, sizeof job->message, "%s", fp4moe_last_error(ctx));
+    if (job->status == FP4MOE_SUCCESS && ep_allocation_count(ep) != allocations) {
+        job->status = FP4MOE_ERROR_INTERNAL;
+        snprintf(job->message, sizeof job->message, "the forward call allocated staging");
+    }
+    if (job->status == FP4MOE_SUCCESS && job->rank == 0) {
+        fp4moe_ep_footprint f;
+        fp4moe_ep_get_footprint(ep, &f);
+        printf("    rank 0 staging: max_received_rows %lld, host %zu B, device %zu B\n",
+               (long long)f.max_received_rows, f.host_staging_bytes, f.device_staging_bytes);
+    }
     void *bufs[] = {d_hidden, d_logits, d_ids, d_weights, d_scale, d_out};
     for (int i = 0; i < 6; i++)
         fp4moe_buffer_free(ctx, bufs[i]);
@@ -138,7 +152,7 @@ static void run_case(testing_state *st, testing_rng *rng, const gpu_ep_case *c, 
     cfg.intermediate_size = c->I;
     cfg.routing = FP4MOE_ROUTING_RENORMALIZE;
     cfg.precision = c->precision;
-    cfg.max_tokens = 200 * MAX_RANKS; /* the single-GPU reference runs every rank's tokens at once */
+    cfg.max_tokens = MAX_RANK_TOKENS * MAX_RANKS; /* the single-GPU reference runs them all */
     ref_gen_options gen = {1, 0, 0, 0};
     ref_layer layer;
     if (ref_layer_generate(&layer, &cfg, &gen, rng) != 0) {
@@ -152,7 +166,7 @@ static void run_case(testing_state *st, testing_rng *rng, const gpu_ep_case *c, 
     first[0] = 0;
     for (int r = 0; r < size; r++) {
         split[r + 1] = r == size - 1 ? E : split[r] + testing_int(rng, 1, E - split[r] - (size - 1 - r));
-        tokens[r] = (size > 2 && r == 1) ? 0 : testing_int(rng, 1, 200);
+        tokens[r] = (size > 2 && r == 1) ? 0 : testing_int(rng, 1, MAX_RANK_TOKENS);
         first[r + 1] = first[r] + tokens[r];
     }
     const int64_t T = first[size];
