@@ -28,7 +28,7 @@
 #define CPU_PREFETCH_CODE_BYTES 2048
 #define CPU_PREFETCH_SCALE_BYTES (CPU_PREFETCH_CODE_BYTES / 8)
 /* Largest token count any kernel takes in one call. */
-#define CPU_MAX_TILE_TOKENS 8
+#define CPU_MAX_TILE_TOKENS 24
 
 typedef struct cpu_packed_matrix {
     uint8_t *codes;  /* [row_tiles][pairs][CPU_TILE_ROWS][16] */
