@@ -147,6 +147,25 @@ static int largest_token_count(const char *list, long long *max_t)
     return 0;
 }
 
+/* The preset's layer from random codes, planned on ctx (NULL after printing why). */
+static fp4moe_plan *create_bench_plan(fp4moe_context *ctx, const preset *p,
+                                      const fp4moe_config *cfg)
+{
+    synthetic_layer layer;
+    if (synthetic_layer_create(cfg, p->has_routing_bias, p->has_biases, SYNTHETIC_RANDOM_CODES,
+                               1234, &layer))
+        return NULL;
+    fp4moe_plan *plan = NULL;
+    fp4moe_status st = fp4moe_plan_create(ctx, cfg, &layer.weights, &plan);
+    synthetic_layer_free(&layer); /* the plan owns its copy */
+    if (st != FP4MOE_SUCCESS) {
+        fprintf(stderr, "fp4moe bench: %s: plan creation failed: %s\n", p->name,
+                fp4moe_last_error(ctx));
+        return NULL;
+    }
+    return plan;
+}
+
 /* Runs one preset over the token list; rows printed as they come. */
 static int bench_preset(fp4moe_context *ctx, const preset *p, const bench_options *o,
                         double bandwidth, int *first_row)
@@ -167,18 +186,9 @@ static int bench_preset(fp4moe_context *ctx, const preset *p, const bench_option
                 need / 1e9, avail / 1e9);
         return 0;
     }
-    synthetic_layer layer;
-    if (synthetic_layer_create(&cfg, p->has_routing_bias, p->has_biases, SYNTHETIC_RANDOM_CODES,
-                               1234, &layer))
-        return 1;
-    fp4moe_plan *plan = NULL;
-    fp4moe_status st = fp4moe_plan_create(ctx, &cfg, &layer.weights, &plan);
-    synthetic_layer_free(&layer); /* the plan owns its copy */
-    if (st != FP4MOE_SUCCESS) {
-        fprintf(stderr, "fp4moe bench: %s: plan creation failed: %s\n", p->name,
-                fp4moe_last_error(ctx));
-        return 1;
-    }
+    fp4moe_plan *plan = create_bench_plan(ctx, p, &cfg);
+    if (plan == NULL) return 1;
+    fp4moe_status st = FP4MOE_SUCCESS;
     int rc = 0;
     size_t ws_bytes = 0;
     fp4moe_plan_workspace_size(plan, max_t, &ws_bytes);
@@ -307,18 +317,9 @@ static int bench_preset_cuda(fp4moe_context *ctx, const preset *p, const bench_o
     const int64_t e = cfg.num_experts, h = cfg.hidden_size, inter = cfg.intermediate_size;
     const int64_t n1 = fp4moe_config_fc1_rows(&cfg), k = cfg.top_k;
     const double expert_bytes = (double)(n1 * h + h * inter) * (0.5 + 1.0 / 16.0);
-    synthetic_layer layer;
-    if (synthetic_layer_create(&cfg, p->has_routing_bias, p->has_biases, SYNTHETIC_RANDOM_CODES,
-                               1234, &layer))
-        return 1;
-    fp4moe_plan *plan = NULL;
-    fp4moe_status st = fp4moe_plan_create(ctx, &cfg, &layer.weights, &plan);
-    synthetic_layer_free(&layer);
-    if (st != FP4MOE_SUCCESS) {
-        fprintf(stderr, "fp4moe bench: %s: plan creation failed: %s\n", p->name,
-                fp4moe_last_error(ctx));
-        return 1;
-    }
+    fp4moe_plan *plan = create_bench_plan(ctx, p, &cfg);
+    if (plan == NULL) return 1;
+    fp4moe_status st = FP4MOE_SUCCESS;
     const long long replays = o->repeat > GPU_MIN_REPLAYS ? o->repeat : GPU_MIN_REPLAYS;
     int rc = 0;
     size_t ws_bytes = 0;
