@@ -7,7 +7,14 @@
  * took four. Two rows' codes (32 bytes) go through the nibble split and table in one
  * instruction each; one multiply by the broadcast block scale finishes the decode. One token
  * takes a BF16 variant with fewer shuffles (dot_tile_one), four or more tokens decode each
- * segment of the tile once (dot_tile_many). */
+ * segment of the tile once (dot_tile_many).
+ *
+ * Batch invariance. Every path gives each token's row the same FP32 operations in the same
+ * order: the same exact weights times the same scale, 8 lanes per row, lane j adding values
+ * j and j + 8 of block A, then of block B, of each pair into one accumulator, the same
+ * horizontal reduction at the end. So a token's bits do not depend on how many tokens share
+ * its call. (The one-token kernel used to keep 4 lanes per row and separate A/B accumulators:
+ * another order of the same sum.) */
 #include "cpu_kernels.h"
 
 #if defined(FP4MOE_X86) && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
@@ -38,7 +45,7 @@
 #define GROUP_TOKENS 6   /* tokens per pass over the buffer: 2 rows x 6 = 12 accumulators */
 #define SEGMENT_PAIRS 32 /* 32 pairs x 4 rows x 32 floats = 16 KB */
 
-/* Two or three tokens. */
+/* One to three tokens. */
 static ALWAYS_INLINE void dot_tile_n(const uint8_t *codes, const uint8_t *scales, int64_t pairs,
                                      const float *x, int64_t x_stride, const int ntok,
                                      const float *scale_lut, float *out)
@@ -107,9 +114,11 @@ static ALWAYS_INLINE void dot_tile_n(const uint8_t *codes, const uint8_t *scales
 /* One token (decode). The FP16 route of dot_tile_n spends most of its time on the shuffle ports
  * (table, unpack, lane extraction, and vcvtph2ps, two operations each). Here two table lookups
  * give the BF16 low and high bytes, and E2M1 values are exact in BF16, so two unpacks (bytes to
- * words, words to dwords against zero) leave FP32 values with no conversion; both rows of a
- * 32-byte load stay in their 128-bit lanes, and each FMA takes 4 activations broadcast to both
- * lanes. In a kernel benchmark: 18% faster at one token, 7-15% slower at two or three. */
+ * words, words to dwords against zero) leave FP32 values with no conversion. One vpermd first
+ * puts code bytes 0-3 and 8-11 of each row in the low 128-bit lane and 4-7, 12-15 in the high
+ * one, so that the in-lane unpacks come out as values 0-7 and 8-15 of one row in lane order:
+ * the same weights in the same lanes as dot_tile_n, FMAs and reduction in the same order, so
+ * the bits equal those of any other token count. */
 static void dot_tile_one(const uint8_t *codes, const uint8_t *scales, int64_t pairs, const float *x,
                          const float *scale_lut, float *out)
 {
@@ -117,12 +126,11 @@ static void dot_tile_one(const uint8_t *codes, const uint8_t *scales, int64_t pa
     const __m256i table_hi = _mm256_setr_epi8(E2M1_BF16_HIGH_BYTES, E2M1_BF16_HIGH_BYTES);
     const __m256i low_nibble = _mm256_set1_epi8(0x0f);
     const __m256i zero = _mm256_setzero_si256();
-    /* acc[g][b]: lanes 0-3 row 2g, lanes 4-7 row 2g + 1, block b of each pair (A and B
-     * accumulate apart so that the chain of dependent FMAs per pair halves). */
-    __m256 acc[CPU_TILE_ROWS / 2][2];
-#pragma GCC unroll 2
-    for (int g = 0; g < CPU_TILE_ROWS / 2; g++)
-        acc[g][0] = acc[g][1] = _mm256_setzero_ps();
+    const __m256i spread = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+    __m256 acc[CPU_TILE_ROWS];
+#pragma GCC unroll 4
+    for (int r = 0; r < CPU_TILE_ROWS; r++)
+        acc[r] = _mm256_setzero_ps();
     for (int64_t p = 0; p < pairs; p++) {
         const uint8_t *c = codes + p * CPU_TILE_ROWS * CPU_PAIR_CODE_BYTES;
         const uint8_t *s = scales + p * CPU_TILE_ROWS * CPU_PAIR_SCALE_BYTES;
@@ -131,38 +139,40 @@ static void dot_tile_one(const uint8_t *codes, const uint8_t *scales, int64_t pa
         if ((p & 7) == 0) _mm_prefetch((const char *)(s + CPU_PREFETCH_SCALE_BYTES), _MM_HINT_T0);
 #pragma GCC unroll 2
         for (int g = 0; g < CPU_TILE_ROWS / 2; g++) {
-            /* Rows 2g and 2g+1 sit in the low and high 128-bit lanes. */
-            const __m256i bytes = _mm256_loadu_si256((const __m256i *)(c + 32 * g));
+            /* Rows 2g and 2g + 1, dwords reordered as the comment above says. */
+            const __m256i bytes = _mm256_permutevar8x32_epi32(
+                _mm256_loadu_si256((const __m256i *)(c + 32 * g)), spread);
 #pragma GCC unroll 2
             for (int b = 0; b < 2; b++) {
                 const __m256i nib = b ? _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low_nibble)
                                       : _mm256_and_si256(bytes, low_nibble);
                 const __m256i lo = _mm256_shuffle_epi8(table_lo, nib);
                 const __m256i hi = _mm256_shuffle_epi8(table_hi, nib);
-                /* BF16 words of values 0-7 / 8-15, then FP32 = BF16 << 16: 4 values a lane. */
+                /* BF16 words of row 2g + h: values 0-3, 8-11 (low lane), 4-7, 12-15 (high). */
                 const __m256i words[2] = {_mm256_unpacklo_epi8(lo, hi),
                                           _mm256_unpackhi_epi8(lo, hi)};
-                const __m256 scale = _mm256_set_m128(_mm_broadcast_ss(&scale_lut[s[4 * g + 2 + b]]),
-                                                     _mm_broadcast_ss(&scale_lut[s[4 * g + b]]));
-#pragma GCC unroll 4
-                for (int i = 0; i < 4; i++) {
-                    const __m256i bits = (i & 1) ? _mm256_unpackhi_epi16(zero, words[i >> 1])
-                                                 : _mm256_unpacklo_epi16(zero, words[i >> 1]);
-                    const __m256 w = _mm256_mul_ps(_mm256_castsi256_ps(bits), scale);
-                    const __m256 xv = _mm256_broadcast_ps((const __m128 *)(xp + 16 * b + 4 * i));
-                    acc[g][b] = _mm256_fmadd_ps(w, xv, acc[g][b]);
+                const float *xb = xp + 16 * b;
+                const __m256 x0 = _mm256_loadu_ps(xb), x1 = _mm256_loadu_ps(xb + 8);
+#pragma GCC unroll 2
+                for (int h = 0; h < 2; h++) {
+                    const int r = 2 * g + h;
+                    const __m256 scale = _mm256_broadcast_ss(&scale_lut[s[2 * r + b]]);
+                    const __m256 w0 = _mm256_mul_ps(
+                        _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, words[h])), scale);
+                    const __m256 w1 = _mm256_mul_ps(
+                        _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, words[h])), scale);
+                    acc[r] = _mm256_fmadd_ps(w0, x0, acc[r]);
+                    acc[r] = _mm256_fmadd_ps(w1, x1, acc[r]);
                 }
             }
         }
     }
-#pragma GCC unroll 2
-    for (int g = 0; g < CPU_TILE_ROWS / 2; g++) {
-        const __m256 sum = _mm256_add_ps(acc[g][0], acc[g][1]);
-        /* Lanes 0-3 -> row 2g, 4-7 -> row 2g + 1. */
-        __m128 v = _mm_hadd_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps(sum, 1));
-        v = _mm_hadd_ps(v, v);
-        out[2 * g] = _mm_cvtss_f32(v);
-        out[2 * g + 1] = _mm_cvtss_f32(_mm_movehdup_ps(v));
+#pragma GCC unroll 4
+    for (int r = 0; r < CPU_TILE_ROWS; r++) {
+        __m128 v = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1));
+        v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+        v = _mm_add_ss(v, _mm_movehdup_ps(v));
+        out[r] = _mm_cvtss_f32(v);
     }
 }
 

@@ -5,12 +5,17 @@
  * 4-bit shift the high nibbles to block B's. One multiply by the broadcast block scale gives
  * the exact weights, which then serve every token of the call: per decoded block, ntok FMAs.
  *
- * Register blocking. From 3 tokens on the loop runs block by block (A, then B): the 4 rows'
- * weights of one block are decoded first, then each token's 16 activations are loaded once and
- * feed one FMA per row: per block 4 decodes (each with one multiply on the FMA pipes), ntok
+ * Register blocking. The loop runs block by block (A, then B): the 4 rows' weights of one
+ * block are decoded first, then each token's 16 activations are loaded once and feed one FMA
+ * per row: per block 4 decodes (each with one multiply on the FMA pipes), ntok
  * activation loads and 4 * ntok FMAs into 4 * ntok accumulators (24 of the 32 registers at 6
  * tokens, the most this takes). Decoding a tile once into an L1 buffer for more tokens was
  * tried and did not pay here (see docs/PERF.md): the multiply is not what bounds this loop.
+ *
+ * Batch invariance. One and two tokens used to keep blocks A and B in separate accumulators
+ * (shorter FMA chains); that summed a token's products in another order than 3-6 tokens, so
+ * a token's bits depended on how many tokens shared its call. Every count now runs the same
+ * loop; at one token the 4 rows still give 4 independent FMA chains per block.
  */
 #include "cpu_kernels.h"
 
@@ -20,53 +25,11 @@
 #define ALWAYS_INLINE inline __attribute__((always_inline))
 #define WIDE_MAX_TOKENS 6 /* the most tokens whose accumulators fit the registers */
 
-/* One or two tokens, the whole tile: the two blocks of a pair go to separate accumulators so
- * that the FMA latency chain does not limit the streaming rate. */
-static ALWAYS_INLINE void dot_tile_few(const uint8_t *codes, const uint8_t *scales, int64_t pairs,
-                                       const float *x, int64_t x_stride, const int ntok,
-                                       const float *scale_lut, float *out)
-{
-    const __m512 table = _mm512_setr_ps(0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f, -0.0f,
-                                        -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f);
-    __m512 acc[CPU_TILE_ROWS][2], acc_b[CPU_TILE_ROWS][2];
-#pragma GCC unroll 4
-    for (int r = 0; r < CPU_TILE_ROWS; r++) {
-#pragma GCC unroll 2
-        for (int t = 0; t < ntok; t++)
-            acc[r][t] = acc_b[r][t] = _mm512_setzero_ps();
-    }
-    for (int64_t p = 0; p < pairs; p++) {
-        const uint8_t *c = codes + p * CPU_TILE_ROWS * CPU_PAIR_CODE_BYTES;
-        const uint8_t *s = scales + p * CPU_TILE_ROWS * CPU_PAIR_SCALE_BYTES;
-        const float *xp = x + p * CPU_PAIR_VALUES;
-        _mm_prefetch((const char *)(c + CPU_PREFETCH_CODE_BYTES), _MM_HINT_T0);
-        if ((p & 7) == 0) _mm_prefetch((const char *)(s + CPU_PREFETCH_SCALE_BYTES), _MM_HINT_T0);
-#pragma GCC unroll 4
-        for (int r = 0; r < CPU_TILE_ROWS; r++) {
-            __m512i idx = _mm512_cvtepu8_epi32(
-                _mm_loadu_si128((const __m128i *)(c + r * CPU_PAIR_CODE_BYTES)));
-            __m512 wa = _mm512_mul_ps(_mm512_permutexvar_ps(idx, table),
-                                      _mm512_set1_ps(scale_lut[s[2 * r]]));
-            __m512 wb = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(idx, 4), table),
-                                      _mm512_set1_ps(scale_lut[s[2 * r + 1]]));
-#pragma GCC unroll 2
-            for (int t = 0; t < ntok; t++) {
-                const float *xt = xp + t * x_stride;
-                acc[r][t] = _mm512_fmadd_ps(wa, _mm512_loadu_ps(xt), acc[r][t]);
-                acc_b[r][t] = _mm512_fmadd_ps(wb, _mm512_loadu_ps(xt + 16), acc_b[r][t]);
-            }
-        }
-    }
-#pragma GCC unroll 4
-    for (int r = 0; r < CPU_TILE_ROWS; r++) {
-#pragma GCC unroll 2
-        for (int t = 0; t < ntok; t++)
-            out[t * CPU_TILE_ROWS + r] =
-                _mm512_reduce_add_ps(_mm512_add_ps(acc[r][t], acc_b[r][t]));
-    }
-}
-
-/* The whole tile with ntok (3..6) tokens, register-blocked as the header says. */
+/* The whole tile with ntok (1..6) tokens, register-blocked as the header says. Every token
+ * count runs this one loop, so each token's lanes see the same operations in the same order
+ * (decode, scale multiply, FMA of block A then block B of each pair into one accumulator per
+ * row, the same final reduction) whatever other tokens share the call: a token's bits do not
+ * depend on its batch. */
 static ALWAYS_INLINE void dot_tile_n(const uint8_t *codes, const uint8_t *scales, int64_t pairs,
                                      const float *x, int64_t x_stride, const int ntok,
                                      const float *scale_lut, float *out)
@@ -123,10 +86,10 @@ static void dot_tile_avx512(const uint8_t *codes, const uint8_t *scales, int64_t
 {
     switch (ntok) {
     case 1:
-        dot_tile_few(codes, scales, pairs, x, x_stride, 1, scale_lut, out);
+        dot_tile_n(codes, scales, pairs, x, x_stride, 1, scale_lut, out);
         break;
     case 2:
-        dot_tile_few(codes, scales, pairs, x, x_stride, 2, scale_lut, out);
+        dot_tile_n(codes, scales, pairs, x, x_stride, 2, scale_lut, out);
         break;
     case 3:
         dot_tile_n(codes, scales, pairs, x, x_stride, 3, scale_lut, out);
