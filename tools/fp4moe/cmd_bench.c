@@ -147,6 +147,49 @@ static int largest_token_count(const char *list, long long *max_t)
     return 0;
 }
 
+/* Distinct local experts among n routed ids (touched: scratch of num_experts bytes). */
+static int64_t count_touched(const fp4moe_config *cfg, const int32_t *ids, int64_t n,
+                             unsigned char *touched)
+{
+    const int64_t e = cfg->num_experts;
+    memset(touched, 0, (size_t)e);
+    for (int64_t i = 0; i < n; i++) {
+        int64_t id = ids[i] - cfg->local_expert_offset;
+        if (id >= 0 && id < e) touched[id] = 1;
+    }
+    int64_t count = 0;
+    for (int64_t i = 0; i < e; i++) count += touched[i];
+    return count;
+}
+
+/* NVFP4 bytes of one expert's FC1 and FC2 (packed values + E4M3 scales). */
+static double expert_nvfp4_bytes(const fp4moe_config *cfg)
+{
+    const int64_t h = cfg->hidden_size, n1 = fp4moe_config_fc1_rows(cfg);
+    return (double)(n1 * h + h * cfg->intermediate_size) * (0.5 + 1.0 / 16.0);
+}
+
+/* One result row: bytes the call must move (touched experts' weights + FP32 activations in and
+ * out), its floor over the measured bandwidth, and the achieved rate. */
+static void emit_row(const preset *p, const fp4moe_config *cfg, long long t, double median_ms,
+                     double touched_experts, double bandwidth, int json, int *first_row)
+{
+    const int64_t h = cfg->hidden_size, n1 = fp4moe_config_fc1_rows(cfg);
+    bench_row row;
+    row.preset = p->name;
+    row.tokens = t;
+    row.median_ms = median_ms;
+    row.touched_experts = touched_experts;
+    row.bytes = touched_experts * expert_nvfp4_bytes(cfg) + 2.0 * (double)(t * h) * 4.0;
+    row.floor_ms = row.bytes / bandwidth * 1e3;
+    double flops = 2.0 * (double)t * (double)cfg->top_k *
+                   (double)(n1 * h + h * cfg->intermediate_size);
+    row.gflops = flops / (median_ms * 1e-3) / 1e9;
+    print_row(&row, json, *first_row);
+    *first_row = 0;
+    fflush(stdout);
+}
+
 /* The preset's layer from random codes, planned on ctx (NULL after printing why). */
 static fp4moe_plan *create_bench_plan(fp4moe_context *ctx, const preset *p,
                                       const fp4moe_config *cfg)
@@ -175,11 +218,9 @@ static int bench_preset(fp4moe_context *ctx, const preset *p, const bench_option
     char tokens[256];
     if (largest_token_count(o->tokens, &max_t)) return 2;
     cfg.max_tokens = max_t;
-    const int64_t e = cfg.num_experts, h = cfg.hidden_size, inter = cfg.intermediate_size;
-    const int64_t n1 = fp4moe_config_fc1_rows(&cfg), k = cfg.top_k;
-    const double expert_bytes = (double)(n1 * h + h * inter) * (0.5 + 1.0 / 16.0);
+    const int64_t e = cfg.num_experts, h = cfg.hidden_size, k = cfg.top_k;
     /* The generator's copy, the plan's canonical copy and a backend copy may coexist. */
-    double need = 3.0 * expert_bytes * (double)e;
+    double need = 3.0 * expert_nvfp4_bytes(&cfg) * (double)e;
     double avail = (double)sysconf(_SC_AVPHYS_PAGES) * (double)sysconf(_SC_PAGESIZE);
     if (need > avail) {
         fprintf(stderr, "fp4moe bench: skipping %s: needs about %.1f GB, %.1f GB free\n", p->name,
@@ -216,12 +257,7 @@ static int bench_preset(fp4moe_context *ctx, const preset *p, const bench_option
             st = fp4moe_route(plan, t, logits + (size_t)set * max_t * e, FP4MOE_DTYPE_F32, ids,
                               weights, ws, ws_bytes, NULL);
             if (st != FP4MOE_SUCCESS) break;
-            memset(touched, 0, (size_t)e);
-            for (int64_t i = 0; i < t * k; i++) {
-                int64_t id = ids[i] - cfg.local_expert_offset;
-                if (id >= 0 && id < e) touched[id] = 1;
-            }
-            for (int64_t i = 0; i < e; i++) touched_sum += touched[i];
+            touched_sum += (double)count_touched(&cfg, ids, t * k, touched);
         }
         fp4moe_forward_args args;
         fp4moe_forward_args_init(&args);
@@ -242,18 +278,8 @@ static int bench_preset(fp4moe_context *ctx, const preset *p, const bench_option
             break;
         }
         qsort(times, (size_t)o->repeat, sizeof(double), compare_double);
-        bench_row row;
-        row.preset = p->name;
-        row.tokens = t;
-        row.median_ms = times[o->repeat / 2] * 1e3;
-        row.touched_experts = touched_sum / INPUT_SETS;
-        row.bytes = row.touched_experts * expert_bytes + 2.0 * (double)(t * h) * 4.0;
-        row.floor_ms = row.bytes / bandwidth * 1e3;
-        double flops = 2.0 * (double)t * (double)k * (double)(n1 * h + h * inter);
-        row.gflops = flops / (row.median_ms * 1e-3) / 1e9;
-        print_row(&row, o->json, *first_row);
-        *first_row = 0;
-        fflush(stdout);
+        emit_row(p, &cfg, t, times[o->repeat / 2] * 1e3, touched_sum / INPUT_SETS, bandwidth,
+                 o->json, first_row);
     }
 done:
     free(ws);
@@ -314,9 +340,7 @@ static int bench_preset_cuda(fp4moe_context *ctx, const preset *p, const bench_o
     char tokens[256];
     if (largest_token_count(o->tokens, &max_t)) return 2;
     cfg.max_tokens = max_t;
-    const int64_t e = cfg.num_experts, h = cfg.hidden_size, inter = cfg.intermediate_size;
-    const int64_t n1 = fp4moe_config_fc1_rows(&cfg), k = cfg.top_k;
-    const double expert_bytes = (double)(n1 * h + h * inter) * (0.5 + 1.0 / 16.0);
+    const int64_t e = cfg.num_experts, h = cfg.hidden_size, k = cfg.top_k;
     fp4moe_plan *plan = create_bench_plan(ctx, p, &cfg);
     if (plan == NULL) return 1;
     fp4moe_status st = FP4MOE_SUCCESS;
@@ -368,12 +392,7 @@ static int bench_preset_cuda(fp4moe_context *ctx, const preset *p, const bench_o
                               (int32_t *)d_ids, (float *)d_w, d_ws, ws_bytes, stream);
             if (st == FP4MOE_SUCCESS) st = fp4moe_synchronize(ctx, stream);
             if (st == FP4MOE_SUCCESS) st = fp4moe_buffer_download(ctx, ids, d_ids, (size_t)(t * k) * 4);
-            memset(touched, 0, (size_t)e);
-            for (int64_t i = 0; i < t * k; i++) {
-                int64_t id = ids[i] - cfg.local_expert_offset;
-                if (id >= 0 && id < e) touched[id] = 1;
-            }
-            for (int64_t i = 0; i < e; i++) touched_sum += touched[i];
+            touched_sum += (double)count_touched(&cfg, ids, t * k, touched);
         }
         for (int set = 0; set < INPUT_SETS && st == FP4MOE_SUCCESS; set++) {
             fp4moe_forward_args args;
@@ -422,19 +441,9 @@ static int bench_preset_cuda(fp4moe_context *ctx, const preset *p, const bench_o
         }
         for (long long r = 0; r < replays; r++) times[r] = ms[r] * 1e-3;
         qsort(times, (size_t)replays, sizeof(double), compare_double);
-        bench_row row;
-        row.preset = p->name;
-        row.tokens = t;
-        row.median_ms = times[replays / 2] * 1e3;
+        emit_row(p, &cfg, t, times[replays / 2] * 1e3, touched_sum / INPUT_SETS, bandwidth,
+                 o->json, first_row);
         free(times);
-        row.touched_experts = touched_sum / INPUT_SETS;
-        row.bytes = row.touched_experts * expert_bytes + 2.0 * (double)(t * h) * 4.0;
-        row.floor_ms = row.bytes / bandwidth * 1e3;
-        double flops = 2.0 * (double)t * (double)k * (double)(n1 * h + h * inter);
-        row.gflops = flops / (row.median_ms * 1e-3) / 1e9;
-        print_row(&row, o->json, *first_row);
-        *first_row = 0;
-        fflush(stdout);
     }
 done:
     for (int i = 0; i < INPUT_SETS; i++)
