@@ -7,6 +7,7 @@ missing), the activation, and the weighted sum over the k experts. Timed with CU
 around each call, median of the repeats after a warm-up, 8 input sets rotated.
 
 usage: python3 bench/torch_moe_baseline.py [--preset a,b] [--tokens 1,4,16] [--repeat 50]
+       [--cublas]
 """
 import argparse
 import json
@@ -107,16 +108,37 @@ def time_call(fn, layer, inputs, repeat):
     return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
 
 
+def cublas_bf16_tflops(n=8192, repeat=20):
+    """The device's dense BF16 GEMM rate through cuBLAS (torch.mm), n x n x n, median."""
+    a = torch.randn(n, n, device="cuda").to(torch.bfloat16)
+    b = torch.randn(n, n, device="cuda").to(torch.bfloat16)
+    for _ in range(5):
+        torch.mm(a, b)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeat):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        torch.mm(a, b)
+        e.record()
+        torch.cuda.synchronize()
+        times.append(s.elapsed_time(e))
+    return 2.0 * n ** 3 / (statistics.median(times) * 1e-3) / 1e12
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default=",".join(PRESETS))
     ap.add_argument("--tokens", default="1,4,16")
     ap.add_argument("--repeat", type=int, default=50)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--cublas", action="store_true", help="also measure the cuBLAS BF16 GEMM rate")
     args = ap.parse_args()
     device = "cuda"
     rows = []
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}", file=sys.stderr)
+    if args.cublas:
+        print(f"cublas_bf16_8192 {cublas_bf16_tflops():.1f} TFLOP/s", flush=True)
     for name in args.preset.split(","):
         layer = make_layer(name, device)
         fn = moe_grouped if hasattr(torch, "_grouped_mm") else moe_loop

@@ -8,7 +8,9 @@
 # unpacks into a private prefix. Usage there: bash scripts/gpu-check.sh [--sanitize|--profile] [presets] [tokens]
 # (--sanitize: build, then the GPU tests' quick subset under compute-sanitizer's four tools;
 #  --ep: build and run only the expert-parallel NCCL test, one rank per visible GPU;
-#  --large: build and run only tests/test_large_sizes.c on the CUDA backend)
+#  --large: build and run only tests/test_large_sizes.c on the CUDA backend;
+#  --prefill: build, GPU tests, then the prefill benchmark (BF16 hidden states) beside the
+#  PyTorch baseline and the cuBLAS BF16 GEMM rate, and the decode/prefill crossover)
 # (--profile: build, then per-kernel times of the bench's graph replays under Nsight Compute;
 #  --stalls: speed-of-light and warp-state sections per kernel, first preset and T).
 set -u -o pipefail
@@ -22,8 +24,11 @@ LARGE_ONLY=0
 if [ "${1:-}" = "--sanitize" ]; then SANITIZE=1; shift; fi
 if [ "${1:-}" = "--ep" ]; then EP_ONLY=1; shift; fi
 if [ "${1:-}" = "--large" ]; then LARGE_ONLY=1; shift; fi
+PREFILL=0
+if [ "${1:-}" = "--prefill" ]; then PREFILL=1; shift; fi
 if [ "${1:-}" = "--profile" ]; then PROFILE=1; shift; fi
 if [ "${1:-}" = "--stalls" ]; then PROFILE=2; shift; fi
+if [ "${1:-}" = "--prefill-profile" ]; then PROFILE=3; shift; fi
 PRESETS=${1:-qwen3-30b-a3b,nemotron3-nano-30b-a3b,deepseek-v3}
 TOKENS=${2:-1,4,16}
 BUILD=build-gpu
@@ -59,7 +64,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --f
 echo "== configure + build"
 # (warnings that other files may raise mid-edit must not stop the GPU check: not -Werror on
 # maybe-uninitialized, which depends on the host compiler's version)
-cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90 "${extra[@]}" \
+cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90a "${extra[@]}" \
   -DCMAKE_C_FLAGS=-Wno-error=maybe-uninitialized \
   > "$OUT/build.log" 2>&1 \
   && cmake --build "$BUILD" -j16 --target $([ $EP_ONLY = 1 ] && echo test_ep_nccl || \
@@ -96,6 +101,22 @@ if [ $SANITIZE = 1 ]; then
   exit $rc
 fi
 
+if [ $PROFILE = 3 ]; then
+  # prefill: per-kernel times of one call, then the grouped GEMMs' limiters (BF16 inputs)
+  P=${1:-qwen3-30b-a3b}
+  T=${2:-8192}
+  ncu --metrics gpu__time_duration.sum --launch-skip 40 --launch-count 8 "./$BUILD/fp4moe" bench \
+    --backend cuda --dtype bf16 --repeat 1 --preset "$P" --tokens "$T" 2>&1 \
+    | grep -E "^  [a-zA-Z_0-9<>, ]+\(|gpu__time_duration" | tee "$OUT/prefill-kernels.log"
+  ncu -k "regex:grouped_gemm" --launch-skip 2 --launch-count 2 --section SpeedOfLight \
+    --section WarpStateStats --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
+    "./$BUILD/fp4moe" bench --backend cuda --dtype bf16 --repeat 1 --preset "$P" --tokens "$T" 2>&1 \
+    | tee "$OUT/prefill-gemm.log" | grep -E "Duration|Stall|Warp Cycles|Issued|Throughput|Registers|Occupancy|Block Limit|Shared Memory|L2|Spill|Local" | head -80
+  obj=$(find "$BUILD" -name 'cuda_grouped_gemm.cu.o' | head -1)
+  cuobjdump --dump-sass "$obj" > "$OUT/gemm.sass" 2>&1
+  echo "gemm SASS: $(grep -c HMMA "$OUT/gemm.sass") HMMA, $(grep -c 'LDL\|STL' "$OUT/gemm.sass") local-memory ops"
+  exit 0
+fi
 if [ $PROFILE = 2 ]; then
   # where the warps of each kernel wait (Nsight Compute source counters), first preset/T given
   for k in front_kernel fc1_kernel fc2_kernel finalize_kernel; do
@@ -133,6 +154,28 @@ echo "== GPU tests"
 "./$BUILD/test_gpu_backend" > "$OUT/gpu-tests.log" 2>&1
 tests_rc=$?
 grep -E "check failed|passed" "$OUT/gpu-tests.log" | tail -25
+
+echo "== GPU tests, prefill cases on the mma.sync kernels (the path of GPUs without wgmma)"
+FP4MOE_CUDA_MMA_SYNC=1 FP4MOE_GPU_FILTER=prefill "./$BUILD/test_gpu_backend" > "$OUT/gpu-tests-mma.log" 2>&1 \
+  || tests_rc=1
+grep -E "check failed|passed" "$OUT/gpu-tests-mma.log" | tail -8
+
+if [ $PREFILL = 1 ]; then
+  P=${1:-qwen3-30b-a3b,deepseek-v3}
+  T=${2:-32,64,256,1024,4096,8192}
+  echo "== fp4moe bench (cuda, prefill path, BF16 hidden states)"
+  "./$BUILD/fp4moe" bench --backend cuda --dtype bf16 --preset "$P" --tokens "$T" --repeat 50 2>&1 \
+    | tee "$OUT/bench-prefill.log"
+  echo "== crossover: decode path (threshold 64) vs prefill path (threshold 0), qwen3, BF16"
+  for th in 64 0; do
+    "./$BUILD/fp4moe" bench --backend cuda --dtype bf16 --threshold $th --preset qwen3-30b-a3b \
+      --tokens 8,16,24,32,48,64 2>&1 | tee -a "$OUT/crossover.log" | grep -E "^qwen3"
+  done
+  echo "== PyTorch BF16 baseline + cuBLAS BF16 rate"
+  PYTHONUNBUFFERED=1 python3 bench/torch_moe_baseline.py --cublas --preset "$P" --tokens "$T" \
+    --repeat 20 2>&1 | tee "$OUT/torch-prefill.log"
+  exit $tests_rc
+fi
 
 echo "== repeatability: 100 graph replays per case, each equal to the direct call bit for bit"
 FP4MOE_GPU_REPEAT=100 "./$BUILD/test_gpu_backend" > "$OUT/repeat.log" 2>&1 || tests_rc=1

@@ -16,6 +16,7 @@ typedef struct cuda_state {
     int sm_count;
     int route_warps;
     size_t route_smem;
+    int64_t threshold; // calls with more tokens take the prefill path
     void *arrays[MAX_DEVICE_ARRAYS];
     int num_arrays;
     cuda_plan_view view;
@@ -116,6 +117,7 @@ static fp4moe_status cuda_prepare(fp4moe_plan *plan)
     if (st == NULL) return fp4moe_fail(plan->ctx, FP4MOE_ERROR_OUT_OF_MEMORY, "cuda backend state");
     plan->backend_state = st;
     st->device = plan->ctx->cuda_device;
+    st->threshold = plan->cfg.decode_threshold;
     cudaError_t err = cudaSetDevice(st->device);
     if (err == cudaSuccess)
         err = cudaDeviceGetAttribute(&st->sm_count, cudaDevAttrMultiProcessorCount, st->device);
@@ -138,6 +140,16 @@ static fp4moe_status cuda_prepare(fp4moe_plan *plan)
     v->on_input = cfg->apply_router_weight_on_input != 0;
     v->w4a4 = cfg->precision == FP4MOE_PRECISION_W4A4;
     v->fp8_down = cfg->fc2_input_fp8 != 0;
+    // The prefill GEMMs: wgmma where this build has sm_90a code for the device; the mma.sync
+    // kernels otherwise, or when FP4MOE_CUDA_MMA_SYNC=1 asks for them (tests, comparisons).
+    err = cuda_gemm_has_wgmma(&v->wgmma);
+    if (err != cudaSuccess) {
+        fp4moe_status s = cuda_fail(plan, err, "wgmma probe");
+        cuda_release(plan);
+        return s;
+    }
+    const char *force_mma = getenv("FP4MOE_CUDA_MMA_SYNC");
+    if (force_mma != NULL && strcmp(force_mma, "1") == 0) v->wgmma = 0;
 
     // Routing scratch: as many warps per block as fit (the front block has 16 warps).
     const size_t per_warp = cuda_route_smem_bytes(e, 1);
@@ -192,24 +204,57 @@ static size_t align256(size_t n) { return (n + 255) / 256 * 256; }
 
 static int x_per_slot(const cuda_plan_view *v) { return v->on_input || v->w4a4; }
 
-#define WS_REGIONS 16
+// The prefill path's tiling of a chunk of `chunk` tokens: tokens per GEMM tile (128 once the
+// average expert gets that many rows of the chunk, else 64) and the most tiles it can need
+// (every expert's last tile may be partial).
+static int prefill_tile_tokens(const cuda_plan_view *v, int64_t chunk)
+{
+    return chunk * v->top_k >= 96 * v->num_experts ? 128 : 64;
+}
+static int64_t prefill_max_tiles(const cuda_plan_view *v, int64_t chunk, int tile_tokens)
+{
+    return (chunk * v->top_k + tile_tokens - 1) / tile_tokens + v->e_loc;
+}
 
-// Offsets of every region for num_tokens tokens; returns the total.
-static size_t layout(const cuda_plan_view *v, int64_t num_tokens, size_t off[WS_REGIONS])
+#define WS_REGIONS 21
+
+// Offsets of every region for a call of num_tokens tokens; returns the total. Calls above the
+// decode threshold take the prefill path, whose regions are sized for its largest chunk.
+static size_t layout(const cuda_plan_view *v, int64_t threshold, int64_t num_tokens,
+                     size_t off[WS_REGIONS])
 {
     const int64_t k = v->top_k;
-    const int64_t chunk = num_tokens < CUDA_TOKEN_CHUNK ? num_tokens : CUDA_TOKEN_CHUNK;
-    const int64_t slots = chunk * k;
-    const int64_t x_rows = x_per_slot(v) ? slots : chunk;
-    const size_t sizes[WS_REGIONS] = {
-        (size_t)(num_tokens * k) * 4, (size_t)(num_tokens * k) * 4, (size_t)slots * 4,
-        (size_t)v->e_loc * 4,         (size_t)v->e_loc * 4,         (size_t)(1 + slots) * 4,
-        (size_t)(slots + 1) * 4,      (size_t)slots * 4,
-        (size_t)(x_rows * v->k1p) * 4, (size_t)(x_rows * v->k1p) * 4, (size_t)x_rows * 4,
-        (size_t)x_rows * 4,
-        (size_t)(slots * v->k2p) * 4, (size_t)(slots * v->k2p) * 4, (size_t)slots * 4,
-        (size_t)(slots * v->h) * 4,
-    };
+    size_t sizes[WS_REGIONS] = {0};
+    sizes[0] = sizes[1] = (size_t)(num_tokens * k) * 4; // ids, weights
+    sizes[3] = sizes[4] = (size_t)v->e_loc * 4;          // counts, offsets
+    if (num_tokens <= threshold) {
+        const int64_t chunk = num_tokens < CUDA_TOKEN_CHUNK ? num_tokens : CUDA_TOKEN_CHUNK;
+        const int64_t slots = chunk * k, x_rows = x_per_slot(v) ? slots : chunk;
+        sizes[2] = (size_t)slots * 4;
+        sizes[5] = (size_t)(1 + slots) * 4, sizes[6] = (size_t)(slots + 1) * 4;
+        sizes[7] = (size_t)slots * 4;
+        sizes[8] = sizes[9] = (size_t)(x_rows * v->k1p) * 4;
+        sizes[10] = sizes[11] = (size_t)x_rows * 4;
+        sizes[12] = sizes[13] = (size_t)(slots * v->k2p) * 4;
+        sizes[14] = (size_t)slots * 4;
+        sizes[15] = (size_t)(slots * v->h) * 4;
+    } else {
+        const int64_t chunk = num_tokens < CUDA_PREFILL_CHUNK ? num_tokens : CUDA_PREFILL_CHUNK;
+        const int64_t slots = chunk * k, x_rows = x_per_slot(v) ? slots : chunk;
+        // bounds over both tile sizes (a last, smaller chunk may use the other one)
+        const int64_t max_tiles = prefill_max_tiles(v, chunk, 64) + 1;
+        const int64_t rows = slots + (v->e_loc + 1) * 128;
+        sizes[2] = (size_t)slots * 4;
+        sizes[11] = (size_t)x_rows * 4;
+        sizes[12] = (size_t)(rows * v->k2p) * 4;
+        sizes[14] = (size_t)rows * 4;
+        sizes[15] = (size_t)(slots * v->h) * 4;
+        sizes[16] = (size_t)rows * 4;
+        sizes[17] = (size_t)max_tiles * 8;
+        sizes[18] = 4;
+        sizes[19] = (size_t)(x_rows * 2 * v->k1p) * 2;
+        sizes[20] = (size_t)(rows * 2 * v->k2p) * 2;
+    }
     size_t total = 0;
     for (int i = 0; i < WS_REGIONS; i++) {
         off[i] = total;
@@ -221,13 +266,15 @@ static size_t layout(const cuda_plan_view *v, int64_t num_tokens, size_t off[WS_
 static size_t cuda_workspace_size(const fp4moe_plan *plan, int64_t num_tokens)
 {
     size_t off[WS_REGIONS];
-    return layout(&((const cuda_state *)plan->backend_state)->view, num_tokens, off);
+    const cuda_state *st = (const cuda_state *)plan->backend_state;
+    return layout(&st->view, st->threshold, num_tokens, off);
 }
 
-static cuda_workspace carve(const cuda_plan_view *v, int64_t num_tokens, void *base)
+static cuda_workspace carve(const cuda_plan_view *v, int64_t threshold, int64_t num_tokens,
+                            void *base)
 {
     size_t off[WS_REGIONS];
-    layout(v, num_tokens, off);
+    layout(v, threshold, num_tokens, off);
     uint8_t *b = (uint8_t *)base;
     cuda_workspace ws;
     ws.ids = (int32_t *)(b + off[0]);
@@ -246,6 +293,11 @@ static cuda_workspace carve(const cuda_plan_view *v, int64_t num_tokens, void *b
     ws.uh = (uint4 *)(b + off[13]);
     ws.u_scale = (float *)(b + off[14]);
     ws.y = (float *)(b + off[15]);
+    ws.perm = (int32_t *)(b + off[16]);
+    ws.tile_list = (int2 *)(b + off[17]);
+    ws.num_tiles = (int32_t *)(b + off[18]);
+    ws.xb = (__half *)(b + off[19]);
+    ws.ub = (__half *)(b + off[20]);
     return ws;
 }
 
@@ -268,7 +320,7 @@ static fp4moe_status cuda_forward(fp4moe_plan *plan, const forward_call *call, v
     cudaError_t err = use_device(st->device);
     if (err != cudaSuccess) return cuda_fail(plan, err, "cudaSetDevice");
     const int64_t t_total = call->num_tokens;
-    const cuda_workspace ws = carve(v, t_total, workspace);
+    const cuda_workspace ws = carve(v, st->threshold, t_total, workspace);
 
     cuda_route_source src;
     memset(&src, 0, sizeof src);
@@ -280,7 +332,8 @@ static fp4moe_status cuda_forward(fp4moe_plan *plan, const forward_call *call, v
     src.ids_out = call->topk_ids_out;
     src.weights_out = call->topk_weights_out;
 
-    const int fused = t_total <= CUDA_FUSED_FRONT_MAX_TOKENS && t_total <= CUDA_TOKEN_CHUNK;
+    const int prefill = t_total > st->threshold;
+    const int fused = !prefill && t_total <= CUDA_FUSED_FRONT_MAX_TOKENS && t_total <= CUDA_TOKEN_CHUNK;
     if (!fused) {
         err = cuda_launch_route(v, t_total, &src, &ws, st->route_warps, st->route_smem, stream);
         if (err != cudaSuccess) return cuda_fail(plan, err, "routing kernel");
@@ -294,9 +347,19 @@ static fp4moe_status cuda_forward(fp4moe_plan *plan, const forward_call *call, v
     c.finalize = call->finalize;
     c.per_token_scale = call->per_token_scale;
     c.x_per_slot = x_per_slot(v);
-    for (int64_t t0 = 0; t0 < t_total; t0 += CUDA_TOKEN_CHUNK) {
+    const int64_t chunk = prefill ? CUDA_PREFILL_CHUNK : CUDA_TOKEN_CHUNK;
+    for (int64_t t0 = 0; t0 < t_total; t0 += chunk) {
         c.t0 = t0;
-        c.t1 = t0 + CUDA_TOKEN_CHUNK < t_total ? t0 + CUDA_TOKEN_CHUNK : t_total;
+        c.t1 = t0 + chunk < t_total ? t0 + chunk : t_total;
+        if (prefill) {
+            // FP32 activations enter the tensor cores as FP16 hi + lo parts; FP16/BF16 ones in one
+            const int parts = call->hidden_dtype == FP4MOE_DTYPE_F32 ? 2 : 1;
+            const int tile = prefill_tile_tokens(v, c.t1 - c.t0);
+            err = cuda_launch_prefill(v, &c, &ws, tile, parts, prefill_max_tiles(v, c.t1 - c.t0, tile),
+                                      stream);
+            if (err != cudaSuccess) return cuda_fail(plan, err, "prefill kernels");
+            continue;
+        }
         err = cuda_launch_front(v, &c, &ws, &src, fused, st->route_warps, st->route_smem, stream);
         if (err != cudaSuccess) return cuda_fail(plan, err, "front kernel");
         err = cuda_launch_experts(v, &c, &ws, stream);

@@ -11,9 +11,7 @@
 // products are as exact as FP32 ones and the sums are FP32: docs/DESIGN.md "CUDA backend".
 #include <math.h>
 
-#include "cuda_internal.cuh"
-
-#define FULL_MASK 0xffffffffu
+#include "cuda_device.cuh"
 
 // 16-byte weight load that skips L1: the weights are streamed once, L1 keeps the activations.
 static __device__ __forceinline__ uint4 load_weights16(const void *ptr)
@@ -34,45 +32,11 @@ static __device__ __forceinline__ uint2 load_scales8(const void *ptr)
     return v;
 }
 
-// Programmatic dependent launch: each expert kernel is launched while the previous kernel of
-// the call finishes (hiding the launch gap) and waits here until that kernel's results are
-// visible; each lets the next one launch once its own main work is issued.
-// (sm_90+; older GPUs serialise the launches anyway, and the calls compile to nothing.)
-static __device__ __forceinline__ void wait_for_previous_kernel()
-{
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-static __device__ __forceinline__ void allow_next_kernel()
-{
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.launch_dependents;");
-#endif
-}
-
 // Two E4M3 codes (low 16 bits) as floats.
 static __device__ __forceinline__ float2 e4m3x2_values(uint32_t codes)
 {
     const __half2_raw raw = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(codes & 0xffffu), __NV_E4M3);
     return __half22float2(__half2(raw));
-}
-
-// Register i (0..3) of a repacked word: nibbles i (even k) and i+4 (odd k) as a half2 of
-// e2m1 * 2^-14.
-static __device__ __forceinline__ uint32_t decode_pair(uint32_t w, int i)
-{
-    const uint32_t t = w >> (4 * i);
-    return ((t & 0x00070007u) << 9) | ((t & 0x00080008u) << 12);
-}
-
-static __device__ __forceinline__ void mma_16816(float d[4], const uint32_t a[4], uint32_t b0,
-                                                 uint32_t b1)
-{
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, "
-                 "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
 // One warp's share of a tile: K groups kg = warp, warp + CUDA_GEMV_WARPS, ... against the B
@@ -156,39 +120,6 @@ static __device__ __forceinline__ void tile_product(const uint8_t *codes, const 
     }
 }
 
-// ------------------------------------------------------------------ activations (as cpu_activation.c)
-static __device__ __forceinline__ float sigmoid_dev(float z) { return 1.0f / (1.0f + expf(-z)); }
-static __device__ __forceinline__ float gelu_erf(float x)
-{
-    return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f));
-}
-static __device__ __forceinline__ float gelu_tanh(float x)
-{
-    return 0.5f * x * (1.0f + tanhf(0.79788456080286536f * (x + 0.044715f * x * x * x)));
-}
-
-static __device__ float activation_gated(const cuda_plan_view &p, int64_t e, float gate, float up)
-{
-    if (p.activation == FP4MOE_ACT_SWIGLU) {
-        const float limit = p.swiglu_limit[e];
-        const float g = gate > limit ? limit : gate;
-        const float u = up > limit ? limit : (up < -limit ? -limit : up);
-        return g * sigmoid_dev(p.swiglu_alpha[e] * g) * (u + p.swiglu_beta[e]);
-    }
-    if (p.activation == FP4MOE_ACT_GEGLU) return gelu_erf(gate) * up;
-    return gelu_tanh(gate) * up;
-}
-
-static __device__ float activation_plain(const cuda_plan_view &p, float x)
-{
-    switch (p.activation) {
-    case FP4MOE_ACT_RELU2: return x > 0.0f ? x * x : (x != x ? x : 0.0f);
-    case FP4MOE_ACT_SILU: return x * sigmoid_dev(x);
-    case FP4MOE_ACT_GELU: return gelu_erf(x);
-    default: return x;
-    }
-}
-
 // ------------------------------------------------------------------ FC1 + activation
 // One block per (touched expert, 16-row tile); blocks past the touched experts exit at once.
 __global__ void __launch_bounds__(CUDA_GEMV_WARPS * 32)
@@ -202,7 +133,7 @@ fc1_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws)
     const int64_t e = ws.touched[1 + u];
     const int begin = ws.touched_begin[u], end = ws.touched_begin[u + 1];
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, q = lane % 4;
-    const int64_t k = p.top_k, inter = p.inter;
+    const int64_t k = p.top_k;
     const uint8_t *codes = p.w1_codes + (e * tiles + tile) * groups * 512;
     const uint8_t *scales = p.w1_scales + (e * tiles + tile) * groups * 64;
     const float sa = p.w4a4 ? 1.0f / p.a1_global[e] : 1.0f;
@@ -225,40 +156,8 @@ fc1_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws)
             if (col >= nslots) continue;
             const int64_t slot = ws.entries[pos + col];
             const float xs = ws.x_scale[c.x_per_slot ? slot : slot / k];
-            float h[2];
-            int64_t n[2];
-            if (p.gated) {
-                const int64_t ch = tile * 8 + g;
-                n[0] = p.gate_first ? ch : ch + inter; // gate row
-                n[1] = p.gate_first ? ch + inter : ch; // up row
-            } else {
-                n[0] = tile * CUDA_TILE_ROWS + g;
-                n[1] = n[0] + 8;
-            }
-            for (int r = 0; r < 2; r++) {
-                float v = __fmul_rn(acc[2 * r + j], xs);
-                v = __fmul_rn(v, n[r] < inter ? scale_low : scale_high);
-                if (p.b1) v = __fadd_rn(v, p.b1[e * p.n1 + n[r]]);
-                h[r] = v;
-            }
-            float a[2];
-            int64_t ch[2];
-            int outputs;
-            if (p.gated) {
-                a[0] = activation_gated(p, e, h[0], h[1]);
-                ch[0] = tile * 8 + g;
-                outputs = 1;
-            } else {
-                a[0] = activation_plain(p, h[0]);
-                a[1] = activation_plain(p, h[1]);
-                ch[0] = n[0], ch[1] = n[1];
-                outputs = 2;
-            }
-            for (int o = 0; o < outputs; o++) {
-                float v = round_to_dtype_dev(a[o], c.hidden_dtype);
-                if (p.fp8_down) v = e4m3_value(e4m3_encode_satfinite(__fmul_rn(v, p.fp8_scale[e])));
-                ws.u[slot * p.k2p + ch[o]] = v;
-            }
+            fc1_epilogue(p, e, tile, g, acc[j], acc[2 + j], xs, scale_low, scale_high,
+                         c.hidden_dtype, ws.u + slot * p.k2p);
         }
     }
 }
@@ -385,24 +284,6 @@ __global__ void finalize_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspa
 }
 
 // ------------------------------------------------------------------ host side
-template <typename... Params, typename... Args>
-static cudaError_t launch_dependent(void (*kernel)(Params...), dim3 grid, dim3 block,
-                                    cudaStream_t stream, Args... args)
-{
-    cudaLaunchConfig_t config = {};
-    config.gridDim = grid;
-    config.blockDim = block;
-    config.dynamicSmemBytes = 0;
-    config.stream = stream;
-    cudaLaunchAttribute attribute[1];
-    attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attribute[0].val.programmaticStreamSerializationAllowed = 1;
-    config.attrs = attribute;
-    config.numAttrs = 1;
-    cudaError_t err = cudaLaunchKernelEx(&config, kernel, args...);
-    return err != cudaSuccess ? err : cudaGetLastError();
-}
-
 extern "C" cudaError_t cuda_launch_experts(const cuda_plan_view *p, const cuda_call_view *c,
                                            const cuda_workspace *ws, cudaStream_t stream)
 {
@@ -410,14 +291,19 @@ extern "C" cudaError_t cuda_launch_experts(const cuda_plan_view *p, const cuda_c
     const int64_t most_touched = slots < p->e_loc ? slots : p->e_loc;
     const dim3 threads(CUDA_GEMV_WARPS * 32);
     cudaError_t err = launch_dependent(fc1_kernel, dim3((unsigned)(most_touched * (p->n1 / CUDA_TILE_ROWS))),
-                                       threads, stream, *p, *c, *ws);
+                                       threads, 0, stream, *p, *c, *ws);
     if (err == cudaSuccess)
-        err = launch_dependent(fc2_input_kernel, dim3((unsigned)slots), dim3(256), stream, *p, *c, *ws);
+        err = launch_dependent(fc2_input_kernel, dim3((unsigned)slots), dim3(256), 0, stream, *p, *c, *ws);
     if (err == cudaSuccess)
         err = launch_dependent(fc2_kernel, dim3((unsigned)(most_touched * (p->h / CUDA_TILE_ROWS))),
-                               threads, stream, *p, *c, *ws);
-    if (err == cudaSuccess)
-        err = launch_dependent(finalize_kernel, dim3((unsigned)(c->t1 - c->t0), (unsigned)((p->h + 255) / 256)),
-                               dim3(256), stream, *p, *c, *ws);
+                               threads, 0, stream, *p, *c, *ws);
+    if (err == cudaSuccess) err = cuda_launch_finalize(p, c, ws, stream);
     return err;
+}
+
+extern "C" cudaError_t cuda_launch_finalize(const cuda_plan_view *p, const cuda_call_view *c,
+                                            const cuda_workspace *ws, cudaStream_t stream)
+{
+    return launch_dependent(finalize_kernel, dim3((unsigned)(c->t1 - c->t0), (unsigned)((p->h + 255) / 256)),
+                            dim3(256), 0, stream, *p, *c, *ws);
 }

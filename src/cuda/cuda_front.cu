@@ -4,9 +4,8 @@
 // runs in ONE block, so the call costs one launch before the expert kernels.
 #include <math.h>
 
-#include "cuda_internal.cuh"
+#include "cuda_device.cuh"
 
-#define FULL_MASK 0xffffffffu
 
 // ------------------------------------------------------------------ ranking (as route.c)
 static __device__ __forceinline__ bool ranks_before(float a, int ia, float b, int ib)
@@ -96,7 +95,6 @@ static __device__ float warp_sum_of_k(float mine, int k)
     return comp_result(acc);
 }
 
-static __device__ __forceinline__ float sigmoid_dev(float x) { return 1.0f / (1.0f + expf(-x)); }
 
 // Floats of per-warp scratch: logits, keys, taken flags, group scores + kept flags.
 static __host__ __device__ __forceinline__ int64_t route_warp_floats(int64_t e) { return 5 * e; }
@@ -261,33 +259,6 @@ __global__ void route_kernel(cuda_plan_view p, int64_t num_tokens, cuda_route_so
 }
 
 // ------------------------------------------------------------------ slot lists + FC1 inputs
-// Exclusive block-wide scan of one int per thread; returns the thread's prefix, *total the sum.
-static __device__ int block_exclusive_scan(int value, int *total)
-{
-    __shared__ int warp_sums[32];
-    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
-    int inclusive = value;
-    for (int off = 1; off < 32; off <<= 1) {
-        const int o = __shfl_up_sync(FULL_MASK, inclusive, off);
-        if (lane >= off) inclusive += o;
-    }
-    if (lane == 31) warp_sums[warp] = inclusive;
-    __syncthreads();
-    if (warp == 0) {
-        int s = lane < warps ? warp_sums[lane] : 0;
-        for (int off = 1; off < 32; off <<= 1) {
-            const int o = __shfl_up_sync(FULL_MASK, s, off);
-            if (lane >= off) s += o;
-        }
-        if (lane < warps) warp_sums[lane] = s; // inclusive over warps
-    }
-    __syncthreads();
-    const int warp_prefix = warp > 0 ? warp_sums[warp - 1] : 0;
-    *total = warp_sums[warps - 1];
-    __syncthreads();
-    return warp_prefix + inclusive - value;
-}
-
 // Groups the chunk's slots by local expert: touched experts in ascending order, each with its
 // range of entries (slots in any order: every slot's result is computed independently, so the
 // order inside an expert changes nothing).

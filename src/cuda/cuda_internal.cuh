@@ -32,6 +32,10 @@ extern "C" {
 #define CUDA_FRONT_THREADS 512
 // Dynamic shared memory the routing kernels may use (their per-kernel limit is set to this once).
 #define ROUTE_SMEM_LIMIT (96 * 1024)
+// Tokens per pass of the prefill path (bounds its workspace: about C*k*(4H + 6I) bytes).
+#define CUDA_PREFILL_CHUNK 8192
+// Weight rows per block of the grouped GEMMs (8 tiles of 16).
+#define CUDA_GEMM_ROWS 128
 
 // The plan as the kernels see it: device pointers and sizes, passed by value.
 typedef struct cuda_plan_view {
@@ -51,6 +55,7 @@ typedef struct cuda_plan_view {
     int routing, n_group, topk_group, norm_topk_prob;
     float routed_scaling_factor;
     int on_input, w4a4, fp8_down;
+    int wgmma; // host side: the prefill GEMMs use the sm_90a warpgroup kernels
 } cuda_plan_view;
 
 // Workspace of one call. Routing results cover every token; the rest is per token chunk.
@@ -74,6 +79,13 @@ typedef struct cuda_workspace {
     uint4 *uh;           // [C*k][k2p/4]
     float *u_scale;      // [C*k]
     float *y;            // [C*k][h] FC2 outputs
+    // Prefill path (tokens grouped by expert into tiles of tile_tokens rows, padded):
+    int32_t *perm;       // [P] chunk slot of each padded row, -1 for padding
+    int2 *tile_list;     // [max_tiles] (local expert, first row)
+    int32_t *num_tiles;  // [1]
+    __half *xb;          // [x rows][parts][k1p] FC1 inputs as FP16 (row scale in x_scale)
+    __half *ub;          // [P][parts][k2p] FC2 inputs as FP16 (row scale in u_scale); u, u_scale
+                         // are indexed by padded row in this path
 } cuda_workspace;
 
 // One chunk of a forward call as the kernels see it.
@@ -223,6 +235,23 @@ cudaError_t cuda_front_set_smem(size_t bytes);
 // cuda_experts.cu: FC1 + activation, W4A4 FC2-input quantisation, FC2, finalize.
 cudaError_t cuda_launch_experts(const cuda_plan_view *p, const cuda_call_view *c,
                                 const cuda_workspace *ws, cudaStream_t stream);
+// The weighted sum over each token's slots of ws->y in slot order (or the per-slot rows when
+// finalize is off), for the tokens of chunk c.
+cudaError_t cuda_launch_finalize(const cuda_plan_view *p, const cuda_call_view *c,
+                                 const cuda_workspace *ws, cudaStream_t stream);
+// cuda_prefill.cu: the prefill path of one token chunk (routing already in ws->ids/weights):
+// permutation, FC1 inputs, grouped FC1 GEMM + activation, FC2 inputs, grouped FC2 GEMM, finalize.
+// tile_tokens: tokens per GEMM tile (64 or 128); parts: 2 when activations enter as FP16
+// hi + lo (FP32 hidden states), 1 when one FP16 part holds them exactly.
+cudaError_t cuda_launch_prefill(const cuda_plan_view *p, const cuda_call_view *c,
+                                const cuda_workspace *ws, int tile_tokens, int parts,
+                                int64_t max_tiles, cudaStream_t stream);
+// cuda_grouped_gemm.cu: FC1 (fc2 = 0) or FC2 over every tile of ws->tile_list.
+// wgmma: the sm_90a warpgroup kernels (when cuda_gemm_has_wgmma said so), else mma.sync.
+cudaError_t cuda_launch_grouped_gemm(const cuda_plan_view *p, const cuda_call_view *c,
+                                     const cuda_workspace *ws, int fc2, int tile_tokens, int parts,
+                                     int64_t max_tiles, int wgmma, cudaStream_t stream);
+cudaError_t cuda_gemm_has_wgmma(int *has);
 // cuda_repack.cu: one expert's canonical codes + linear scales (device) -> tile layout.
 cudaError_t cuda_launch_repack(const uint8_t *codes, const uint8_t *scales, int64_t rows,
                                int64_t k, int64_t kp, int gated_fc1, int gate_first,

@@ -26,6 +26,7 @@ typedef struct gpu_case {
     int per_token_scale;
     int in_place;
     int graph;           /* also capture + replay */
+    int skewed;          /* routed: expert 1 in every token's slot 0, expert 0 in none */
 } gpu_case;
 
 static fp4moe_config base_config(int64_t e, int32_t k, int64_t h, int64_t inter)
@@ -106,7 +107,8 @@ static void run_case(testing_state *st, fp4moe_context *cpu, fp4moe_context *gpu
             int32_t id;
             int dup;
             do {
-                id = (int32_t)testing_int(rng, 0, e - 1);
+                id = c->skewed ? (j == 0 ? 1 : (int32_t)testing_int(rng, 2, e - 1))
+                               : (int32_t)testing_int(rng, 0, e - 1);
                 dup = 0;
                 for (int64_t q = 0; q < j; q++) dup |= ids[i * k + q] == id;
             } while (dup);
@@ -322,7 +324,7 @@ int main(void)
     fp4moe_context_destroy(autoctx);
     printf("device: %s\n", fp4moe_context_description(gpu));
 
-    gpu_case cases[64];
+    gpu_case cases[96];
     int n = 0;
     /* decode sizes on a small qwen-like layer */
     static const int64_t decode_t[] = {1, 2, 3, 4, 5, 8, 11, 16};
@@ -418,13 +420,87 @@ int main(void)
         g.per_token_scale = 1;
         cases[n++] = g;
     }
-    /* beyond the decode threshold: the multi-kernel front and several chunks */
-    cases[n++] = make("T > fused limit", base_config(64, 8, 512, 256), 100);
-    cases[n++] = make("T > one chunk", base_config(64, 8, 256, 128), 300);
+    /* the decode path above its fused front and over several chunks (threshold raised) */
+    {
+        fp4moe_config c = base_config(64, 8, 512, 256);
+        c.decode_threshold = 512;
+        cases[n++] = make("decode path, T > fused limit", c, 100);
+        cases[n++] = make("decode path, T > one chunk", c, 300);
+    }
+    /* the prefill path (T > decode_threshold): both tile sizes (64 / 128 tokens), FP32 inputs
+     * as FP16 hi + lo and FP16/BF16 inputs as one part, every mode, odd shapes */
+    {
+        fp4moe_config c = base_config(64, 8, 512, 256);
+        cases[n++] = make("prefill T=17", c, 17);
+        cases[n++] = make("prefill T=100", c, 100);
+        c.max_tokens = 1024;
+        cases[n++] = make("prefill T=1000 (128-token tiles)", c, 1000);
+        gpu_case g = make("prefill bf16 T=1000", c, 1000);
+        g.hidden_dtype = g.output_dtype = g.logits_dtype = FP4MOE_DTYPE_BF16;
+        cases[n++] = g;
+        g = make("prefill f16 in/out + per_token_scale", c, 50);
+        g.hidden_dtype = g.output_dtype = FP4MOE_DTYPE_F16;
+        g.per_token_scale = 1;
+        cases[n++] = g;
+        g = make("prefill routed: expert 1 gets all, 0 none", c, 300);
+        g.routed = 1, g.skewed = 1;
+        cases[n++] = g;
+        g = make("prefill finalize off", c, 33);
+        g.skip_finalize = 1;
+        cases[n++] = g;
+        fp4moe_config sub = c;
+        sub.local_expert_offset = 16, sub.local_num_experts = 20;
+        cases[n++] = make("prefill local experts 16..35 of 64", sub, 70);
+        g = make("prefill local subset, routed, finalize off", sub, 45);
+        g.routed = 1, g.skip_finalize = 1;
+        cases[n++] = g;
+        fp4moe_config big = base_config(32, 4, 256, 128);
+        big.max_tokens = 16384;
+        g = make("prefill 16384 tokens (two chunks), bf16", big, 16384);
+        g.hidden_dtype = g.output_dtype = g.logits_dtype = FP4MOE_DTYPE_BF16;
+        g.graph = 0;
+        cases[n++] = g;
+    }
+    for (int i = 0; i < 7; i++) {
+        fp4moe_config c = base_config(32, 4, 256, 192);
+        c.activation = acts[i];
+        c.gate_up_order = i % 2 ? FP4MOE_UP_GATE : FP4MOE_GATE_UP;
+        cases[n] = make("prefill activation (+b1/b2, half2)", c, 40);
+        cases[n].gen.biases = 1, cases[n].gen.half2_scale = 1, cases[n].gen.per_expert_swiglu = 1;
+        n++;
+    }
+    {
+        fp4moe_config c = base_config(8, 6, 2688, 1856);
+        c.activation = FP4MOE_ACT_RELU2;
+        c.routing = FP4MOE_ROUTING_DEEPSEEK_V3;
+        c.routed_scaling_factor = 2.5f;
+        cases[n] = make("prefill nemotron shape 2688x1856", c, 64);
+        cases[n].gen.routing_bias = 1;
+        n++;
+        cases[n++] = make("prefill H=272 I=80 (padded K)", base_config(8, 2, 272, 80), 77);
+        c = base_config(32, 4, 512, 256);
+        c.precision = FP4MOE_PRECISION_W4A4;
+        cases[n++] = make("prefill W4A4", c, 40);
+        c.precision = FP4MOE_PRECISION_W4A16;
+        c.fc2_input_fp8 = 1;
+        cases[n++] = make("prefill FP8 down input", c, 40);
+        c = base_config(64, 1, 256, 128);
+        c.routing = FP4MOE_ROUTING_LLAMA4;
+        cases[n++] = make("prefill llama4 (on input)", c, 50);
+        c = base_config(64, 6, 256, 128);
+        c.routing = FP4MOE_ROUTING_DEEPSEEK_V3;
+        c.n_group = 8, c.topk_group = 4, c.routed_scaling_factor = 2.5f;
+        cases[n] = make("prefill deepseek_v3 groups 8/4", c, 200);
+        cases[n].gen.routing_bias = 1;
+        n++;
+    }
 
     /* FP4MOE_GPU_QUICK=1: every 5th case (the compute-sanitizer runs, which are slow). */
+    /* FP4MOE_GPU_FILTER=text: only the cases whose name contains it (e.g. "prefill"). */
     const int stride = getenv("FP4MOE_GPU_QUICK") ? 5 : 1;
-    for (int i = 0; i < n; i += stride) run_case(&st, cpu, gpu, &cases[i], &rng);
+    const char *filter = getenv("FP4MOE_GPU_FILTER");
+    for (int i = 0; i < n; i += stride)
+        if (filter == NULL || strstr(cases[i].name, filter) != NULL) run_case(&st, cpu, gpu, &cases[i], &rng);
     fp4moe_context_destroy(cpu);
     fp4moe_context_destroy(gpu);
     return testing_finish(&st, "test_gpu_backend");

@@ -25,6 +25,8 @@ typedef struct bench_options {
     long long threads;
     long long repeat;
     int json;
+    fp4moe_dtype dtype; /* hidden states and output (CUDA path) */
+    long long threshold; /* decode_threshold of the plan; -1: the default */
     char presets[512];
     char tokens[256];
 } bench_options;
@@ -34,13 +36,17 @@ static int parse(int argc, char **argv, bench_options *o)
     memset(o, 0, sizeof *o);
     o->backend = FP4MOE_BACKEND_AUTO;
     o->repeat = 10;
+    o->dtype = FP4MOE_DTYPE_F32;
+    o->threshold = -1;
     snprintf(o->presets, sizeof o->presets, "qwen3-30b-a3b");
     snprintf(o->tokens, sizeof o->tokens, "1,16,256");
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         if (strcmp(a, "--help") == 0) {
             printf("usage: fp4moe bench [--preset A,B|all] [--tokens 1,16,256] [--repeat N]\n"
-                   "                    [--backend auto|cpu|cuda] [--threads N] [--json]\n");
+                   "                    [--backend auto|cpu|cuda] [--threads N] [--json]\n"
+                   "                    [--dtype f32|bf16]  (hidden states and output, cuda)\n"
+                   "                    [--threshold T]     (largest T on the decode path)\n");
             exit(0);
         }
         if (strcmp(a, "--json") == 0) {
@@ -60,6 +66,12 @@ static int parse(int argc, char **argv, bench_options *o)
             if (cli_parse_int(v, 1, 100000, &o->repeat)) goto bad;
         } else if (strcmp(a, "--preset") == 0) {
             snprintf(o->presets, sizeof o->presets, "%s", v);
+        } else if (strcmp(a, "--threshold") == 0) {
+            if (cli_parse_int(v, 0, 1 << 20, &o->threshold)) goto bad;
+        } else if (strcmp(a, "--dtype") == 0) {
+            if (strcmp(v, "f32") == 0) o->dtype = FP4MOE_DTYPE_F32;
+            else if (strcmp(v, "bf16") == 0) o->dtype = FP4MOE_DTYPE_BF16;
+            else goto bad;
         } else if (strcmp(a, "--tokens") == 0) {
             snprintf(o->tokens, sizeof o->tokens, "%s", v);
         } else {
@@ -169,10 +181,11 @@ static double expert_nvfp4_bytes(const fp4moe_config *cfg)
     return (double)(n1 * h + h * cfg->intermediate_size) * (0.5 + 1.0 / 16.0);
 }
 
-/* One result row: bytes the call must move (touched experts' weights + FP32 activations in and
- * out), its floor over the measured bandwidth, and the achieved rate. */
+/* One result row: bytes the call must move (touched experts' weights + activations in and out,
+ * act_bytes each), its floor over the measured bandwidth, and the achieved rate. */
 static void emit_row(const preset *p, const fp4moe_config *cfg, long long t, double median_ms,
-                     double touched_experts, double bandwidth, int json, int *first_row)
+                     double touched_experts, double bandwidth, double act_bytes, int json,
+                     int *first_row)
 {
     const int64_t h = cfg->hidden_size, n1 = fp4moe_config_fc1_rows(cfg);
     bench_row row;
@@ -180,7 +193,7 @@ static void emit_row(const preset *p, const fp4moe_config *cfg, long long t, dou
     row.tokens = t;
     row.median_ms = median_ms;
     row.touched_experts = touched_experts;
-    row.bytes = touched_experts * expert_nvfp4_bytes(cfg) + 2.0 * (double)(t * h) * 4.0;
+    row.bytes = touched_experts * expert_nvfp4_bytes(cfg) + 2.0 * (double)(t * h) * act_bytes;
     row.floor_ms = row.bytes / bandwidth * 1e3;
     double flops = 2.0 * (double)t * (double)cfg->top_k *
                    (double)(n1 * h + h * cfg->intermediate_size);
@@ -218,6 +231,7 @@ static int bench_preset(fp4moe_context *ctx, const preset *p, const bench_option
     char tokens[256];
     if (largest_token_count(o->tokens, &max_t)) return 2;
     cfg.max_tokens = max_t;
+    if (o->threshold >= 0) cfg.decode_threshold = o->threshold;
     const int64_t e = cfg.num_experts, h = cfg.hidden_size, k = cfg.top_k;
     /* The generator's copy, the plan's canonical copy and a backend copy may coexist. */
     double need = 3.0 * expert_nvfp4_bytes(&cfg) * (double)e;
@@ -278,7 +292,7 @@ static int bench_preset(fp4moe_context *ctx, const preset *p, const bench_option
             break;
         }
         qsort(times, (size_t)o->repeat, sizeof(double), compare_double);
-        emit_row(p, &cfg, t, times[o->repeat / 2] * 1e3, touched_sum / INPUT_SETS, bandwidth,
+        emit_row(p, &cfg, t, times[o->repeat / 2] * 1e3, touched_sum / INPUT_SETS, bandwidth, 4.0,
                  o->json, first_row);
     }
 done:
@@ -340,6 +354,7 @@ static int bench_preset_cuda(fp4moe_context *ctx, const preset *p, const bench_o
     char tokens[256];
     if (largest_token_count(o->tokens, &max_t)) return 2;
     cfg.max_tokens = max_t;
+    if (o->threshold >= 0) cfg.decode_threshold = o->threshold;
     const int64_t e = cfg.num_experts, h = cfg.hidden_size, k = cfg.top_k;
     fp4moe_plan *plan = create_bench_plan(ctx, p, &cfg);
     if (plan == NULL) return 1;
@@ -349,6 +364,7 @@ static int bench_preset_cuda(fp4moe_context *ctx, const preset *p, const bench_o
     size_t ws_bytes = 0;
     fp4moe_plan_workspace_size(plan, max_t, &ws_bytes);
     const size_t x_set = (size_t)(max_t * h), l_set = (size_t)(max_t * e);
+    const size_t xsz = o->dtype == FP4MOE_DTYPE_BF16 ? 2 : 4; /* bytes per hidden value */
     float *x = malloc(INPUT_SETS * x_set * sizeof(float));
     float *logits = malloc(INPUT_SETS * l_set * sizeof(float));
     int32_t *ids = malloc((size_t)(max_t * k) * sizeof(int32_t));
@@ -363,9 +379,9 @@ static int bench_preset_cuda(fp4moe_context *ctx, const preset *p, const bench_o
         rc = 1;
         goto done;
     }
-    if (fp4moe_buffer_alloc(ctx, INPUT_SETS * x_set * sizeof(float), &d_x) ||
+    if (fp4moe_buffer_alloc(ctx, INPUT_SETS * x_set * xsz, &d_x) ||
         fp4moe_buffer_alloc(ctx, INPUT_SETS * l_set * sizeof(float), &d_logits) ||
-        fp4moe_buffer_alloc(ctx, x_set * sizeof(float), &d_out) ||
+        fp4moe_buffer_alloc(ctx, x_set * xsz, &d_out) ||
         fp4moe_buffer_alloc(ctx, ws_bytes, &d_ws) ||
         fp4moe_buffer_alloc(ctx, (size_t)(max_t * k) * 4, &d_ids) ||
         fp4moe_buffer_alloc(ctx, (size_t)(max_t * k) * 4, &d_w) ||
@@ -381,7 +397,11 @@ static int bench_preset_cuda(fp4moe_context *ctx, const preset *p, const bench_o
         }
     synthetic_fill_normal(x, INPUT_SETS * (int64_t)x_set, 1.0f, 3);
     synthetic_fill_normal(logits, INPUT_SETS * (int64_t)l_set, 2.0f, 5);
-    fp4moe_buffer_upload(ctx, d_x, x, INPUT_SETS * x_set * sizeof(float));
+    if (xsz == 2) { /* BF16 in place: the first half of x's bytes */
+        uint16_t *xb = (uint16_t *)x;
+        for (size_t i = 0; i < INPUT_SETS * x_set; i++) xb[i] = fp4moe_float_to_bf16(x[i]);
+    }
+    fp4moe_buffer_upload(ctx, d_x, x, INPUT_SETS * x_set * xsz);
     fp4moe_buffer_upload(ctx, d_logits, logits, INPUT_SETS * l_set * sizeof(float));
     snprintf(tokens, sizeof tokens, "%s", o->tokens);
     for (char *s = strtok(tokens, ","); s && rc == 0; s = strtok(NULL, ",")) {
@@ -399,7 +419,8 @@ static int bench_preset_cuda(fp4moe_context *ctx, const preset *p, const bench_o
             fp4moe_forward_args_init(&args);
             args.num_tokens = t;
             args.output = d_out;
-            args.hidden_states = (float *)d_x + set * x_set;
+            args.hidden_states = (char *)d_x + set * x_set * xsz;
+            args.hidden_dtype = args.output_dtype = o->dtype;
             args.router_logits = (float *)d_logits + set * l_set;
             cudaGraph_t graph = NULL;
             if (execs[set]) cudaGraphExecDestroy(execs[set]);
@@ -441,7 +462,7 @@ static int bench_preset_cuda(fp4moe_context *ctx, const preset *p, const bench_o
         }
         for (long long r = 0; r < replays; r++) times[r] = ms[r] * 1e-3;
         qsort(times, (size_t)replays, sizeof(double), compare_double);
-        emit_row(p, &cfg, t, times[replays / 2] * 1e3, touched_sum / INPUT_SETS, bandwidth,
+        emit_row(p, &cfg, t, times[replays / 2] * 1e3, touched_sum / INPUT_SETS, bandwidth, (double)xsz,
                  o->json, first_row);
         free(times);
     }

@@ -1,0 +1,173 @@
+// Device helpers shared by the decode (cuda_experts.cu) and prefill (cuda_prefill*.cu) kernels:
+// programmatic dependent launch, the NVFP4 register decode, the FP16 tensor-core MMA, and the
+// activations (bit for bit those of src/cpu/cpu_activation.c).
+#ifndef FP4MOE_CUDA_DEVICE_CUH
+#define FP4MOE_CUDA_DEVICE_CUH
+
+#include "cuda_internal.cuh"
+
+#define FULL_MASK 0xffffffffu
+
+// Programmatic dependent launch: each expert kernel is launched while the previous kernel of
+// the call finishes (hiding the launch gap) and waits here until that kernel's results are
+// visible; each lets the next one launch once its own main work is issued.
+// (sm_90+; older GPUs serialise the launches anyway, and the calls compile to nothing.)
+static __device__ __forceinline__ void wait_for_previous_kernel()
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+static __device__ __forceinline__ void allow_next_kernel()
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;");
+#endif
+}
+
+// Register i (0..3) of a repacked word: nibbles i (even k) and i+4 (odd k) as a half2 of
+// e2m1 * 2^-14.
+static __device__ __forceinline__ uint32_t decode_pair(uint32_t w, int i)
+{
+    const uint32_t t = w >> (4 * i);
+    return ((t & 0x00070007u) << 9) | ((t & 0x00080008u) << 12);
+}
+
+static __device__ __forceinline__ void mma_16816(float d[4], const uint32_t a[4], uint32_t b0,
+                                                 uint32_t b1)
+{
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, "
+                 "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Activations (as cpu_activation.c).
+static __device__ __forceinline__ float sigmoid_dev(float z) { return 1.0f / (1.0f + expf(-z)); }
+static __device__ __forceinline__ float gelu_erf(float x)
+{
+    return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f));
+}
+static __device__ __forceinline__ float gelu_tanh(float x)
+{
+    return 0.5f * x * (1.0f + tanhf(0.79788456080286536f * (x + 0.044715f * x * x * x)));
+}
+
+static __device__ float activation_gated(const cuda_plan_view &p, int64_t e, float gate, float up)
+{
+    if (p.activation == FP4MOE_ACT_SWIGLU) {
+        const float limit = p.swiglu_limit[e];
+        const float g = gate > limit ? limit : gate;
+        const float u = up > limit ? limit : (up < -limit ? -limit : up);
+        return g * sigmoid_dev(p.swiglu_alpha[e] * g) * (u + p.swiglu_beta[e]);
+    }
+    if (p.activation == FP4MOE_ACT_GEGLU) return gelu_erf(gate) * up;
+    return gelu_tanh(gate) * up;
+}
+
+static __device__ float activation_plain(const cuda_plan_view &p, float x)
+{
+    switch (p.activation) {
+    case FP4MOE_ACT_RELU2: return x > 0.0f ? x * x : (x != x ? x : 0.0f);
+    case FP4MOE_ACT_SILU: return x * sigmoid_dev(x);
+    case FP4MOE_ACT_GELU: return gelu_erf(x);
+    default: return x;
+    }
+}
+
+// FC1's epilogue for one column (a slot) of a 16-row tile: acc_g, acc_g8 are the lane's sums of
+// tile rows g and g+8 (weights decoded as value * 2^-14 already undone). Applies the input row
+// scale xs, the global scale of each row's half, the bias, the activation (gate row g and up row
+// g+8 of channel tile*8+g when gated; rows g, g+8 as two channels otherwise), the rounding to the
+// hidden dtype and the FP8 down-input quantisation, and stores into the slot's FC2 input row u.
+static __device__ __forceinline__ void fc1_epilogue(const cuda_plan_view &p, int64_t e, int64_t tile,
+                                                    int g, float acc_g, float acc_g8, float xs,
+                                                    float scale_low, float scale_high,
+                                                    int hidden_dtype, float *u)
+{
+    const int64_t inter = p.inter;
+    int64_t n[2];
+    if (p.gated) {
+        const int64_t ch = tile * 8 + g;
+        n[0] = p.gate_first ? ch : ch + inter; // gate row
+        n[1] = p.gate_first ? ch + inter : ch; // up row
+    } else {
+        n[0] = tile * CUDA_TILE_ROWS + g;
+        n[1] = n[0] + 8;
+    }
+    const float acc[2] = {acc_g, acc_g8};
+    float h[2];
+    for (int r = 0; r < 2; r++) {
+        float v = __fmul_rn(acc[r], xs);
+        v = __fmul_rn(v, n[r] < inter ? scale_low : scale_high);
+        if (p.b1) v = __fadd_rn(v, p.b1[e * p.n1 + n[r]]);
+        h[r] = v;
+    }
+    float a[2];
+    int64_t ch[2];
+    int outputs;
+    if (p.gated) {
+        a[0] = activation_gated(p, e, h[0], h[1]);
+        ch[0] = tile * 8 + g;
+        outputs = 1;
+    } else {
+        a[0] = activation_plain(p, h[0]);
+        a[1] = activation_plain(p, h[1]);
+        ch[0] = n[0], ch[1] = n[1];
+        outputs = 2;
+    }
+    for (int o = 0; o < outputs; o++) {
+        float v = round_to_dtype_dev(a[o], hidden_dtype);
+        if (p.fp8_down) v = e4m3_value(e4m3_encode_satfinite(__fmul_rn(v, p.fp8_scale[e])));
+        u[ch[o]] = v;
+    }
+}
+
+// Exclusive block-wide scan of one int per thread; returns the thread's prefix, *total the sum.
+static __device__ int block_exclusive_scan(int value, int *total)
+{
+    __shared__ int warp_sums[32];
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+    int inclusive = value;
+    for (int off = 1; off < 32; off <<= 1) {
+        const int o = __shfl_up_sync(FULL_MASK, inclusive, off);
+        if (lane >= off) inclusive += o;
+    }
+    if (lane == 31) warp_sums[warp] = inclusive;
+    __syncthreads();
+    if (warp == 0) {
+        int s = lane < warps ? warp_sums[lane] : 0;
+        for (int off = 1; off < 32; off <<= 1) {
+            const int o = __shfl_up_sync(FULL_MASK, s, off);
+            if (lane >= off) s += o;
+        }
+        if (lane < warps) warp_sums[lane] = s; // inclusive over warps
+    }
+    __syncthreads();
+    const int warp_prefix = warp > 0 ? warp_sums[warp - 1] : 0;
+    *total = warp_sums[warps - 1];
+    __syncthreads();
+    return warp_prefix + inclusive - value;
+}
+
+// Launches a kernel as a programmatic dependent of the previous one on the stream (it must call
+// wait_for_previous_kernel before reading that kernel's results).
+template <typename... Params, typename... Args>
+static cudaError_t launch_dependent(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
+                                    cudaStream_t stream, Args... args)
+{
+    cudaLaunchConfig_t config = {};
+    config.gridDim = grid;
+    config.blockDim = block;
+    config.dynamicSmemBytes = smem;
+    config.stream = stream;
+    cudaLaunchAttribute attribute[1];
+    attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attribute[0].val.programmaticStreamSerializationAllowed = 1;
+    config.attrs = attribute;
+    config.numAttrs = 1;
+    cudaError_t err = cudaLaunchKernelEx(&config, kernel, args...);
+    return err != cudaSuccess ? err : cudaGetLastError();
+}
+
+#endif

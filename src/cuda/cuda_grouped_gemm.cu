@@ -1,0 +1,376 @@
+// The prefill path's grouped GEMMs on tensor cores (FP16 in, FP32 sums): one launch covers every
+// (weight row block, token tile) of every local expert. Weights are the M operand ("swap A/B":
+// out^T = W * X^T), read in the repacked A-fragment layout of cuda_repack.cu and decoded in
+// registers: nibbles placed into FP16 as value * 2^-14, then multiplied by the E4M3 block scale
+// (HMUL2; exact: the product has at most 6 significant bits and is a multiple of 2^-24, so even
+// FP16 subnormals hold it), so an MMA sums a whole K step. Activations are the N operand: rows of
+// the gathered FP16 inputs, copied into shared memory with cp.async (a 3-4 stage pipeline,
+// 128-byte-swizzled rows).
+//
+// Two kernels share loads and epilogues: on sm_90a two warpgroups of wgmma (each 64 weight rows
+// x BN tokens, the decoded A fragment of a warp feeding BN tokens at once); elsewhere 4 warps of
+// mma.sync m16n8k16 (each 64 rows x BN/2 tokens). With FP32 hidden states the activations come
+// as FP16 hi + lo parts (PARTS = 2, two MMAs per fragment, 22 significant bits as in the decode
+// path); with FP16/BF16 ones one part is exact. The tensor cores' FP32 accumulation over the
+// whole K differs from the decode path's per-16 sums by ~1e-6 relative (docs/PERF.md).
+// Epilogues go through shared memory (coalesced stores, one small loop instead of unrolled
+// copies): FC1 applies scales, bias and the activation (gate and up rows of a channel sit in one
+// 16-row tile) and stores the FC2 input row; FC2 applies scales and bias and stores the (token,
+// slot) row that finalize sums in slot order (deterministic: no atomics on results).
+#include "cuda_device.cuh"
+#include "cuda_wgmma.cuh"
+
+#define A_CODE_BYTES (8 * 512)
+#define A_STAGE_BYTES (A_CODE_BYTES + 8 * 64)
+#define EPI_STRIDE (CUDA_GEMM_ROWS + 4) /* floats per tile column in the epilogue (no bank conflicts) */
+
+template <int BN, int PARTS, int WG> struct gemm_shape {
+    static constexpr int threads = WG ? 256 : 128;
+    static constexpr int stages = PARTS == 2 ? 3 : 4;
+    static constexpr int b_bytes = BN * PARTS * 128;
+    // B first (1024-byte aligned, as the swizzled wgmma layout needs), then A
+    static constexpr int stage_bytes = (b_bytes + A_STAGE_BYTES + 1023) / 1024 * 1024;
+    static constexpr int pipe_bytes = stages * stage_bytes;
+    static constexpr int epi_bytes = BN * EPI_STRIDE * 4;
+    static constexpr int smem_bytes =
+        1024 + (pipe_bytes > epi_bytes ? pipe_bytes : epi_bytes) + BN * 8; // + align, row tables
+};
+
+static __device__ __forceinline__ void cp_async16(void *smem, const void *gmem, bool valid)
+{
+    const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(s), "l"(gmem),
+                 "r"(valid ? 16 : 0));
+}
+static __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+template <int N> static __device__ __forceinline__ void cp_async_wait()
+{
+    asm volatile("cp.async.wait_group %0;" ::"n"(N));
+}
+
+static __device__ __forceinline__ void ldmatrix_x4(uint32_t r[4], unsigned addr)
+{
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+
+static __device__ __forceinline__ uint32_t hmul2_bits(uint32_t a, __half2 s)
+{
+    __half2 h = __hmul2(*reinterpret_cast<__half2 *>(&a), s);
+    return *reinterpret_cast<uint32_t *>(&h);
+}
+
+// What one block works on.
+typedef struct gemm_tile {
+    const uint8_t *codes, *scales; // the expert's repacked matrix
+    const __half *b;               // B rows: [row][PARTS][kp]
+    int64_t mtiles, groups, kp, mt0;
+    const int32_t *b_row;          // smem [BN]: B row of each tile column, -1 for padding
+} gemm_tile;
+
+// One pipeline stage: PARTS x BN activation rows of 64 values (chunk ch of row r stored at chunk
+// ch ^ (r & 7)), then the block's 8 A tiles (codes + scales) of K group kg.
+template <int BN, int PARTS, int THREADS>
+static __device__ __forceinline__ void load_stage(uint8_t *stage, const gemm_tile &t, int64_t kg)
+{
+    const int tid = threadIdx.x;
+    for (int i = tid; i < BN * PARTS * 8; i += THREADS) {
+        const int r = i / 8, ch = i % 8, part = r / BN;
+        const int row = t.b_row[r % BN];
+        const __half *src = row < 0 ? t.b : t.b + ((int64_t)row * PARTS + part) * t.kp + kg * 64 + ch * 8;
+        cp_async16(stage + (r * 8 + (ch ^ (r & 7))) * 16, src, row >= 0);
+    }
+    uint8_t *sa = stage + BN * PARTS * 128;
+    for (int i = tid; i < 256 + 32; i += THREADS) {
+        if (i < 256) {
+            const int mt = i / 32, l = i % 32;
+            const bool ok = t.mt0 + mt < t.mtiles;
+            const uint8_t *src = ok ? t.codes + ((t.mt0 + mt) * t.groups + kg) * 512 + l * 16 : t.codes;
+            cp_async16(sa + i * 16, src, ok);
+        } else {
+            const int j = i - 256, mt = j / 4, part = j % 4;
+            const bool ok = t.mt0 + mt < t.mtiles;
+            const uint8_t *src = ok ? t.scales + ((t.mt0 + mt) * t.groups + kg) * 64 + part * 16 : t.scales;
+            cp_async16(sa + A_CODE_BYTES + j * 16, src, ok);
+        }
+    }
+}
+
+// The A fragment of 16-row tile mt (of the block's 8) for k step s of a stage, block scales
+// applied: words are the lane's 16 code bytes, sc its 8 scale bytes.
+static __device__ __forceinline__ void decode_a(const uint32_t words[4], uint2 sc, int s, uint32_t a[4])
+{
+    // block scales of rows g (low byte) and g + 8 of k step s, each broadcast to a half2
+    const uint32_t pair = __byte_perm(sc.x, sc.y, s | ((s + 4) << 4));
+    const __half2 both(__nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(pair & 0xffffu), __NV_E4M3));
+    const __half2 s_g = __low2half2(both), s_g8 = __high2half2(both);
+    a[0] = hmul2_bits(decode_pair(words[s], 0), s_g);
+    a[1] = hmul2_bits(decode_pair(words[s], 1), s_g8);
+    a[2] = hmul2_bits(decode_pair(words[s], 2), s_g);
+    a[3] = hmul2_bits(decode_pair(words[s], 3), s_g8);
+}
+
+static __device__ __forceinline__ void load_a(const uint8_t *stage_a, int mt, int lane, uint32_t words[4],
+                                              uint2 *sc)
+{
+    const uint4 w = reinterpret_cast<const uint4 *>(stage_a)[mt * 32 + lane];
+    words[0] = w.x, words[1] = w.y, words[2] = w.z, words[3] = w.w;
+    *sc = reinterpret_cast<const uint2 *>(stage_a + A_CODE_BYTES)[mt * 8 + lane / 4];
+}
+
+// mma.sync: the warp's 64 x BN/2 product over one stage (4 k steps of 16).
+template <int BN, int PARTS>
+static __device__ __forceinline__ void compute_stage_mma(const uint8_t *stage, int wm, int wn, int lane,
+                                                         float (*acc)[BN / 16][4])
+{
+    constexpr int NT = BN / 16; // n8 tiles per warp
+    uint32_t words[4][4];
+    uint2 sc[4];
+#pragma unroll
+    for (int mt = 0; mt < 4; mt++) load_a(stage + BN * PARTS * 128, wm * 4 + mt, lane, words[mt], &sc[mt]);
+    const unsigned sb = (unsigned)__cvta_generic_to_shared(stage);
+#pragma unroll
+    for (int s = 0; s < 4; s++) {
+        uint32_t a[4][4];
+#pragma unroll
+        for (int mt = 0; mt < 4; mt++) decode_a(words[mt], sc[mt], s, a[mt]);
+#pragma unroll
+        for (int part = 0; part < PARTS; part++) {
+#pragma unroll
+            for (int np = 0; np < NT / 2; np++) {
+                // matrices: (n 0-7, k 0-7), (n 0-7, k 8-15), (n 8-15, k 0-7), (n 8-15, k 8-15)
+                const int mi = lane / 8;
+                const int r = part * BN + wn * (BN / 2) + np * 16 + (mi / 2) * 8 + lane % 8;
+                const int ch = 2 * s + (mi % 2);
+                uint32_t b[4];
+                ldmatrix_x4(b, sb + (unsigned)((r * 8 + (ch ^ (r & 7))) * 16));
+#pragma unroll
+                for (int mt = 0; mt < 4; mt++) {
+                    mma_16816(acc[mt][2 * np], a[mt], b[0], b[1]);
+                    mma_16816(acc[mt][2 * np + 1], a[mt], b[2], b[3]);
+                }
+            }
+        }
+    }
+}
+
+// wgmma: the warpgroup's 64 x BN product over one stage; warp w of the group owns 16-row tile
+// (group * 4 + w) and decodes only that one.
+template <int BN, int PARTS>
+static __device__ __forceinline__ void compute_stage_wgmma(const uint8_t *stage, int mt, int lane,
+                                                           float *acc)
+{
+    uint32_t words[4], a[4][4];
+    uint2 sc;
+    load_a(stage + BN * PARTS * 128, mt, lane, words, &sc);
+#pragma unroll
+    for (int s = 0; s < 4; s++) decode_a(words, sc, s, a[s]);
+    const uint32_t sb = (uint32_t)__cvta_generic_to_shared(stage);
+    wgmma_fence();
+#pragma unroll
+    for (int s = 0; s < 4; s++)
+#pragma unroll
+        for (int part = 0; part < PARTS; part++) {
+            const uint64_t desc = wgmma_desc_sw128(sb + part * BN * 128 + s * 32);
+            if (BN == 128) wgmma_m64n128k16(acc, a[s], desc);
+            else wgmma_m64n64k16(acc, a[s], desc);
+        }
+    wgmma_commit();
+    wgmma_wait_all(); // the stage and a[] are free again once this returns
+}
+
+// The tile's results, one (row pair or row, column) per iteration: epi[col * EPI_STRIDE + row]
+// holds the FP32 sum of tile row `row` (block-local, 0..127) for column `col`.
+template <int BN, int FC2, int THREADS>
+static __device__ __forceinline__ void epilogue(const cuda_plan_view &p, const cuda_call_view &c,
+                                                const cuda_workspace &ws, const gemm_tile &t,
+                                                int64_t e, int64_t row0, const float *epi,
+                                                const int32_t *slot_of)
+{
+    float scale_low, scale_high;
+    if (FC2) {
+        float sc = 1.0f;
+        if (p.w4a4) sc = 1.0f / p.a2_global[e];
+        else if (p.fp8_down) sc = 1.0f / p.fp8_scale[e];
+        scale_low = scale_high = __fmul_rn(sc, p.w2_global[e]);
+    } else {
+        const float sa = p.w4a4 ? 1.0f / p.a1_global[e] : 1.0f;
+        scale_low = __fmul_rn(sa, p.w1_global[e]);
+        scale_high = __fmul_rn(sa, p.w1_global_half2[e]);
+    }
+    // FC2 and plain FC1: one output per tile row; gated FC1: one per (gate, up) row pair
+    const int per_col = !FC2 && p.gated ? CUDA_GEMM_ROWS / 2 : CUDA_GEMM_ROWS;
+#pragma unroll 1
+    for (int i = threadIdx.x; i < BN * per_col; i += THREADS) {
+        const int col = i / per_col, j = i % per_col;
+        const int32_t slot = slot_of[col];
+        if (slot < 0) continue;
+        // tile row of the output: 16-row tile j / 8 (gated) or j / 16, row g within it
+        const int mt = per_col == CUDA_GEMM_ROWS ? j / 16 : j / 8;
+        const int g = per_col == CUDA_GEMM_ROWS ? j % 16 : j % 8;
+        const int64_t mtile = t.mt0 + mt;
+        if (mtile >= t.mtiles) continue;
+        const float *v = epi + col * EPI_STRIDE + mt * 16;
+        const int64_t row = row0 + col;
+        // the weights were decoded as value * 2^-14: undo it (exact)
+        if (FC2) {
+            const int64_t n = mtile * CUDA_TILE_ROWS + g;
+            float y = __fmul_rn(__fmul_rn(v[g] * 16384.0f, ws.u_scale[row]), scale_low);
+            if (p.b2) y = __fadd_rn(y, p.b2[e * p.h + n]);
+            ws.y[(int64_t)slot * p.h + n] = y;
+        } else if (p.gated) {
+            fc1_epilogue(p, e, mtile, g, v[g] * 16384.0f, v[g + 8] * 16384.0f,
+                         ws.x_scale[c.x_per_slot ? slot : slot / p.top_k], scale_low, scale_high,
+                         c.hidden_dtype, ws.u + row * p.k2p);
+        } else if (g < 8) {
+            // plain FC1: fc1_epilogue stores rows g and g + 8 of the tile
+            fc1_epilogue(p, e, mtile, g, v[g] * 16384.0f, v[g + 8] * 16384.0f,
+                         ws.x_scale[c.x_per_slot ? slot : slot / p.top_k], scale_low, scale_high,
+                         c.hidden_dtype, ws.u + row * p.k2p);
+        }
+    }
+}
+
+template <int BN, int PARTS, int FC2, int WG>
+__global__ void __launch_bounds__(gemm_shape<BN, PARTS, WG>::threads, 2)
+grouped_gemm_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws)
+{
+    typedef gemm_shape<BN, PARTS, WG> S;
+    constexpr int THREADS = S::threads;
+    extern __shared__ uint8_t smem_raw[];
+    uint8_t *smem = smem_raw + ((1024 - ((uintptr_t)smem_raw & 1023)) & 1023);
+    wait_for_previous_kernel();
+    if ((int)blockIdx.y >= *ws.num_tiles) return;
+    const int2 te = ws.tile_list[blockIdx.y];
+    const int64_t e = te.x, row0 = te.y;
+    const int pipe = S::pipe_bytes > S::epi_bytes ? S::pipe_bytes : S::epi_bytes;
+    int32_t *b_row = reinterpret_cast<int32_t *>(smem + pipe);
+    int32_t *slot_of = b_row + BN;
+    const int tid = threadIdx.x;
+    for (int r = tid; r < BN; r += THREADS) {
+        const int32_t slot = ws.perm[row0 + r];
+        slot_of[r] = slot;
+        b_row[r] = slot < 0 ? -1 : FC2 ? (int32_t)(row0 + r) : c.x_per_slot ? slot : slot / p.top_k;
+    }
+    __syncthreads();
+
+    gemm_tile t;
+    t.mtiles = (FC2 ? p.h : p.n1) / CUDA_TILE_ROWS;
+    t.kp = FC2 ? p.k2p : p.k1p;
+    t.groups = t.kp / CUDA_KGROUP;
+    t.codes = (FC2 ? p.w2_codes : p.w1_codes) + e * t.mtiles * t.groups * 512;
+    t.scales = (FC2 ? p.w2_scales : p.w1_scales) + e * t.mtiles * t.groups * 64;
+    t.b = FC2 ? ws.ub : ws.xb;
+    t.mt0 = (int64_t)blockIdx.x * (CUDA_GEMM_ROWS / CUDA_TILE_ROWS);
+    t.b_row = b_row;
+
+    // accumulators: mma.sync [4 tiles][BN/16 n8 tiles][4]; wgmma [BN/8 n8 tiles][4]
+    constexpr int ACC = WG ? BN / 2 : BN;
+    float acc[ACC];
+#pragma unroll
+    for (int i = 0; i < ACC; i++) acc[i] = 0.0f;
+
+    for (int s = 0; s < S::stages - 1; s++) {
+        if (s < t.groups) load_stage<BN, PARTS, THREADS>(smem + s * S::stage_bytes, t, s);
+        cp_async_commit();
+    }
+    const int warp = tid / 32, lane = tid % 32;
+    for (int64_t kg = 0; kg < t.groups; kg++) {
+        cp_async_wait<S::stages - 2>();
+        if (WG) asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); // for wgmma's reads
+        __syncthreads(); // stage kg landed for all; the stage overwritten next is free
+        const int64_t next = kg + S::stages - 1;
+        if (next < t.groups) load_stage<BN, PARTS, THREADS>(smem + (next % S::stages) * S::stage_bytes, t, next);
+        cp_async_commit();
+        const uint8_t *stage = smem + (kg % S::stages) * S::stage_bytes;
+        if (WG) compute_stage_wgmma<BN, PARTS>(stage, warp, lane, acc);
+        else compute_stage_mma<BN, PARTS>(stage, warp / 2, warp % 2, lane,
+                                          reinterpret_cast<float (*)[BN / 16][4]>(acc));
+    }
+    cp_async_wait<0>();
+    __syncthreads(); // every warp is done with the pipeline: its memory holds the epilogue tile
+    allow_next_kernel();
+
+    // lane: rows g, g+8 of its 16-row tiles, columns 2q, 2q+1 of each n8 tile
+    float *epi = reinterpret_cast<float *>(smem);
+    const int g = lane / 4, q = lane % 4;
+    constexpr int MT = WG ? 1 : 4, NT = WG ? BN / 8 : BN / 16;
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                const int row = (WG ? warp : (warp / 2) * 4 + mt) * 16 + g + 8 * (i / 2);
+                const int col = (WG ? 0 : (warp % 2) * (BN / 2)) + nt * 8 + 2 * q + (i % 2);
+                epi[col * EPI_STRIDE + row] = acc[(mt * NT + nt) * 4 + i];
+            }
+    __syncthreads();
+    epilogue<BN, FC2, THREADS>(p, c, ws, t, e, row0, epi, slot_of);
+}
+
+template <int BN, int PARTS, int FC2, int WG>
+static cudaError_t launch(const cuda_plan_view *p, const cuda_call_view *c, const cuda_workspace *ws,
+                          int64_t max_tiles, cudaStream_t stream)
+{
+    typedef gemm_shape<BN, PARTS, WG> S;
+    cudaError_t err = cudaFuncSetAttribute(grouped_gemm_kernel<BN, PARTS, FC2, WG>,
+                                           cudaFuncAttributeMaxDynamicSharedMemorySize, S::smem_bytes);
+    if (err != cudaSuccess) return err;
+    const int64_t rows = FC2 ? p->h : p->n1;
+    const dim3 grid((unsigned)((rows + CUDA_GEMM_ROWS - 1) / CUDA_GEMM_ROWS), (unsigned)max_tiles);
+    return launch_dependent(grouped_gemm_kernel<BN, PARTS, FC2, WG>, grid, dim3(S::threads),
+                            (size_t)S::smem_bytes, stream, *p, *c, *ws);
+}
+
+template <int WG>
+static cudaError_t launch_variant(const cuda_plan_view *p, const cuda_call_view *c,
+                                  const cuda_workspace *ws, int fc2, int tile_tokens, int parts,
+                                  int64_t max_tiles, cudaStream_t stream)
+{
+    const int variant = (fc2 ? 4 : 0) + (tile_tokens == 128 ? 2 : 0) + (parts == 2 ? 1 : 0);
+    switch (variant) {
+    case 0: return launch<64, 1, 0, WG>(p, c, ws, max_tiles, stream);
+    case 1: return launch<64, 2, 0, WG>(p, c, ws, max_tiles, stream);
+    case 2: return launch<128, 1, 0, WG>(p, c, ws, max_tiles, stream);
+    case 3: return launch<128, 2, 0, WG>(p, c, ws, max_tiles, stream);
+    case 4: return launch<64, 1, 1, WG>(p, c, ws, max_tiles, stream);
+    case 5: return launch<64, 2, 1, WG>(p, c, ws, max_tiles, stream);
+    case 6: return launch<128, 1, 1, WG>(p, c, ws, max_tiles, stream);
+    default: return launch<128, 2, 1, WG>(p, c, ws, max_tiles, stream);
+    }
+}
+
+extern "C" cudaError_t cuda_launch_grouped_gemm(const cuda_plan_view *p, const cuda_call_view *c,
+                                                const cuda_workspace *ws, int fc2, int tile_tokens,
+                                                int parts, int64_t max_tiles, int wgmma,
+                                                cudaStream_t stream)
+{
+    if (max_tiles > 65535) return cudaErrorInvalidConfiguration;
+    return wgmma ? launch_variant<1>(p, c, ws, fc2, tile_tokens, parts, max_tiles, stream)
+                 : launch_variant<0>(p, c, ws, fc2, tile_tokens, parts, max_tiles, stream);
+}
+
+// Whether this build carries the wgmma kernels for the current device (sm_90a code).
+__global__ void wgmma_probe_kernel(int *out)
+{
+#if defined(FP4MOE_WGMMA)
+    *out = 1;
+#else
+    *out = 0;
+#endif
+}
+
+extern "C" cudaError_t cuda_gemm_has_wgmma(int *has)
+{
+    int *d = NULL;
+    *has = 0;
+    cudaError_t err = cudaMalloc(&d, sizeof(int));
+    if (err != cudaSuccess) return err;
+    wgmma_probe_kernel<<<1, 1>>>(d);
+    err = cudaGetLastError();
+    if (err == cudaSuccess) err = cudaMemcpy(has, d, sizeof(int), cudaMemcpyDeviceToHost);
+    cudaFree(d);
+    return err;
+}

@@ -1,0 +1,196 @@
+// The prefill path of one token chunk, after routing: (1) one block groups the chunk's (token,
+// slot) pairs by local expert into tiles of tile_tokens rows (counts, padded offsets, the tile
+// list, the permutation; all on the GPU); (2) the FC1 input rows as FP16 with a power-of-two row
+// scale; (3) the grouped FC1 GEMM + activation (cuda_grouped_gemm.cu); (4) the FC2 input rows
+// (W4A4 quantisation, FP16); (5) the grouped FC2 GEMM; (6) finalize (cuda_experts.cu). Every
+// launch is a programmatic dependent of the one before; nothing is decided on the host from
+// device data, so a call can be captured in a CUDA graph.
+#include "cuda_device.cuh"
+
+#define PERM_THREADS 1024
+#define ROW_THREADS 256
+
+// ------------------------------------------------------------------ permutation
+__global__ void __launch_bounds__(PERM_THREADS)
+prefill_perm_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws, int tile_tokens)
+{
+    wait_for_previous_kernel();
+    const int64_t k = p.top_k, slots = (c.t1 - c.t0) * k;
+    const int e_loc = (int)p.e_loc, tid = threadIdx.x, nthreads = blockDim.x;
+    for (int e = tid; e < e_loc; e += nthreads) ws.counts[e] = 0;
+    __syncthreads();
+    for (int64_t s = tid; s < slots; s += nthreads) {
+        // ids outside [0, E) fall outside the local range too and contribute nothing
+        const int64_t local = (int64_t)ws.ids[c.t0 * k + s] - p.e0;
+        const bool valid = local >= 0 && local < p.e_loc;
+        ws.slot_local[s] = valid ? (int32_t)local : -1;
+        if (valid) atomicAdd(&ws.counts[local], 1);
+    }
+    __syncthreads();
+    // Each thread owns a contiguous run of experts: its rows (padded to whole tiles) and tiles.
+    const int per = (e_loc + nthreads - 1) / nthreads;
+    const int e_begin = min(e_loc, tid * per), e_end = min(e_loc, e_begin + per);
+    int my_rows = 0;
+    for (int e = e_begin; e < e_end; e++)
+        my_rows += (ws.counts[e] + tile_tokens - 1) / tile_tokens * tile_tokens;
+    int total_rows;
+    int row = block_exclusive_scan(my_rows, &total_rows);
+    for (int e = e_begin; e < e_end; e++) {
+        const int n = ws.counts[e], padded = (n + tile_tokens - 1) / tile_tokens * tile_tokens;
+        for (int r = row; r < row + padded; r += tile_tokens)
+            ws.tile_list[r / tile_tokens] = make_int2(e, r);
+        for (int r = row + n; r < row + padded; r++) ws.perm[r] = -1;
+        ws.counts[e] = row; // the fill cursor from here on
+        row += padded;
+    }
+    if (tid == 0) *ws.num_tiles = total_rows / tile_tokens;
+    __syncthreads();
+    // Rows of an expert in any order: each column of a GEMM is computed on its own, so the
+    // order changes no bit of any result.
+    for (int64_t s = tid; s < slots; s += nthreads) {
+        const int local = ws.slot_local[s];
+        if (local >= 0) ws.perm[atomicAdd(&ws.counts[local], 1)] = (int32_t)s;
+    }
+    allow_next_kernel();
+}
+
+// ------------------------------------------------------------------ FP16 rows
+static __device__ float block_max(float v)
+{
+    __shared__ float warp_max[ROW_THREADS / 32];
+    for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(FULL_MASK, v, off));
+    if (threadIdx.x % 32 == 0) warp_max[threadIdx.x / 32] = v;
+    __syncthreads();
+    v = 0.0f;
+    for (int w = 0; w < ROW_THREADS / 32; w++) v = fmaxf(v, warp_max[w]);
+    return v;
+}
+
+// 16 values times inverse as FP16 parts (hi, and lo = the rest when parts == 2) at dst[0..15],
+// dst[kp..kp+15].
+static __device__ __forceinline__ void store_parts16(const float v[16], float inverse, int parts,
+                                                     int64_t kp, __half *dst)
+{
+    __half hi[16], lo[16];
+#pragma unroll
+    for (int j = 0; j < 16; j++) {
+        const float x = v[j] * inverse;
+        hi[j] = __float2half_rn(x);
+        lo[j] = __float2half_rn(x - __half2float(hi[j]));
+    }
+    uint4 *d = reinterpret_cast<uint4 *>(dst);
+    d[0] = *reinterpret_cast<const uint4 *>(hi);
+    d[1] = *reinterpret_cast<const uint4 *>(hi + 8);
+    if (parts == 2) {
+        uint4 *dl = reinterpret_cast<uint4 *>(dst + kp);
+        dl[0] = *reinterpret_cast<const uint4 *>(lo);
+        dl[1] = *reinterpret_cast<const uint4 *>(lo + 8);
+    }
+}
+
+// Block b (16 values) of FC1 input row `row`, as prepare_slot_inputs (cuda_front.cu) makes it:
+// the hidden state, times the router weight (on input), W4A4-quantised; zero past h.
+static __device__ __forceinline__ void fc1_input_block(const cuda_plan_view &p, const cuda_call_view &c,
+                                                       const cuda_workspace &ws, int64_t row,
+                                                       int64_t t, int local, int64_t b, float v[16])
+{
+#pragma unroll
+    for (int j = 0; j < 16; j++) {
+        const int64_t col = b * 16 + j;
+        v[j] = col < p.h ? load_as_f32(c.hidden, c.hidden_dtype, t * p.h + col) : 0.0f;
+    }
+    if (b * 16 >= p.h) return;
+    if (p.on_input) {
+        const float w = ws.weights[c.t0 * p.top_k + row];
+#pragma unroll
+        for (int j = 0; j < 16; j++) v[j] = round_to_dtype_dev(__fmul_rn(w, v[j]), c.hidden_dtype);
+    }
+    if (p.w4a4) nvfp4_fake_quantize16(v, p.a1_global[local]);
+}
+
+// One block per FC1 input row (a token, or a slot when the input depends on the slot).
+__global__ void __launch_bounds__(ROW_THREADS)
+prefill_fc1_input_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws, int parts)
+{
+    wait_for_previous_kernel();
+    const int64_t row = blockIdx.x;
+    const int64_t t = c.t0 + (c.x_per_slot ? row / p.top_k : row);
+    const int local = c.x_per_slot ? ws.slot_local[row] : 0;
+    if (local < 0) return; // never read
+    const int64_t blocks = p.k1p / 16;
+    float amax = 0.0f, v[16];
+    for (int64_t b = threadIdx.x; b < blocks; b += ROW_THREADS) {
+        fc1_input_block(p, c, ws, row, t, local, b, v);
+#pragma unroll
+        for (int j = 0; j < 16; j++) amax = fmaxf(amax, fabsf(v[j]));
+    }
+    amax = block_max(amax);
+    float inverse;
+    const float scale = row_scale_from_amax(amax, &inverse);
+    if (threadIdx.x == 0) ws.x_scale[row] = scale;
+    for (int64_t b = threadIdx.x; b < blocks; b += ROW_THREADS) {
+        fc1_input_block(p, c, ws, row, t, local, b, v); // again: cheaper than keeping the row
+        store_parts16(v, inverse, parts, p.k1p, ws.xb + row * parts * p.k1p + b * 16);
+    }
+    allow_next_kernel();
+}
+
+// One block per padded row: the FC2 input (FP32 from FC1's epilogue) W4A4-quantised in place
+// with the expert's a2 scale, then as FP16 parts with its row scale. Padding columns are zero.
+__global__ void __launch_bounds__(ROW_THREADS)
+prefill_fc2_input_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws, int parts,
+                         int tile_tokens)
+{
+    wait_for_previous_kernel();
+    const int64_t row = blockIdx.x;
+    if (row >= (int64_t)*ws.num_tiles * tile_tokens) return;
+    const int32_t slot = ws.perm[row];
+    if (slot < 0) return; // padding: never stored, so never read
+    float *u = ws.u + row * p.k2p;
+    const int64_t blocks = p.k2p / 16, live = p.inter / 16;
+    float amax = 0.0f, v[16];
+    for (int64_t b = threadIdx.x; b < blocks; b += ROW_THREADS) {
+#pragma unroll
+        for (int j = 0; j < 16; j++) v[j] = b < live ? u[b * 16 + j] : 0.0f;
+        if (p.w4a4 && b < live) {
+            nvfp4_fake_quantize16(v, p.a2_global[ws.slot_local[slot]]);
+#pragma unroll
+            for (int j = 0; j < 16; j++) u[b * 16 + j] = v[j];
+        }
+#pragma unroll
+        for (int j = 0; j < 16; j++) amax = fmaxf(amax, fabsf(v[j]));
+    }
+    amax = block_max(amax);
+    float inverse;
+    const float scale = row_scale_from_amax(amax, &inverse);
+    if (threadIdx.x == 0) ws.u_scale[row] = scale;
+    for (int64_t b = threadIdx.x; b < blocks; b += ROW_THREADS) {
+#pragma unroll
+        for (int j = 0; j < 16; j++) v[j] = b < live ? u[b * 16 + j] : 0.0f;
+        store_parts16(v, inverse, parts, p.k2p, ws.ub + row * parts * p.k2p + b * 16);
+    }
+    allow_next_kernel();
+}
+
+// ------------------------------------------------------------------ host side
+extern "C" cudaError_t cuda_launch_prefill(const cuda_plan_view *p, const cuda_call_view *c,
+                                           const cuda_workspace *ws, int tile_tokens, int parts,
+                                           int64_t max_tiles, cudaStream_t stream)
+{
+    const int64_t tokens = c->t1 - c->t0, slots = tokens * p->top_k;
+    const int64_t x_rows = c->x_per_slot ? slots : tokens;
+    cudaError_t err = launch_dependent(prefill_perm_kernel, dim3(1), dim3(PERM_THREADS), 0, stream,
+                                       *p, *c, *ws, tile_tokens);
+    if (err == cudaSuccess)
+        err = launch_dependent(prefill_fc1_input_kernel, dim3((unsigned)x_rows), dim3(ROW_THREADS), 0,
+                               stream, *p, *c, *ws, parts);
+    if (err == cudaSuccess)
+        err = cuda_launch_grouped_gemm(p, c, ws, 0, tile_tokens, parts, max_tiles, p->wgmma, stream);
+    if (err == cudaSuccess)
+        err = launch_dependent(prefill_fc2_input_kernel, dim3((unsigned)(max_tiles * tile_tokens)),
+                               dim3(ROW_THREADS), 0, stream, *p, *c, *ws, parts, tile_tokens);
+    if (err == cudaSuccess)
+        err = cuda_launch_grouped_gemm(p, c, ws, 1, tile_tokens, parts, max_tiles, p->wgmma, stream);
+    if (err == cudaSuccess) err = cuda_launch_finalize(p, c, ws, stream);
+    return err;
+}
