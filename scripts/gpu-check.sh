@@ -105,16 +105,26 @@ if [ $PROFILE = 3 ]; then
   # prefill: per-kernel times of one call, then the grouped GEMMs' limiters (BF16 inputs)
   P=${1:-qwen3-30b-a3b}
   T=${2:-8192}
-  ncu --metrics gpu__time_duration.sum --launch-skip 40 --launch-count 8 "./$BUILD/fp4moe" bench \
-    --backend cuda --dtype bf16 --repeat 1 --preset "$P" --tokens "$T" 2>&1 \
-    | grep -E "^  [a-zA-Z_0-9<>, ]+\(|gpu__time_duration" | tee "$OUT/prefill-kernels.log"
-  ncu -k "regex:grouped_gemm" --launch-skip 2 --launch-count 2 --section SpeedOfLight \
-    --section WarpStateStats --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
+  KERNELS="regex:route_kernel|prefill_|grouped_gemm|finalize_kernel"
+  ncu --metrics gpu__time_duration.sum -k "$KERNELS" --launch-skip 16 --launch-count 14 \
     "./$BUILD/fp4moe" bench --backend cuda --dtype bf16 --repeat 1 --preset "$P" --tokens "$T" 2>&1 \
-    | tee "$OUT/prefill-gemm.log" | grep -E "Duration|Stall|Warp Cycles|Issued|Throughput|Registers|Occupancy|Block Limit|Shared Memory|L2|Spill|Local" | head -80
-  obj=$(find "$BUILD" -name 'cuda_grouped_gemm.cu.o' | head -1)
-  cuobjdump --dump-sass "$obj" > "$OUT/gemm.sass" 2>&1
-  echo "gemm SASS: $(grep -c HMMA "$OUT/gemm.sass") HMMA, $(grep -c 'LDL\|STL' "$OUT/gemm.sass") local-memory ops"
+    | grep -E "^  [a-zA-Z_0-9<>, ]+\(|gpu__time_duration" | paste - - \
+    | sed -E 's/\(cuda_plan_view.*Device 0, CC 9.0//' | awk '{n=$1; if (n=="void") n=$2; print n, $NF}' | tee "$OUT/prefill-kernels.log"
+  M="smsp__average_warps_issue_stalled_barrier_per_issue_active.ratio"
+  for r in long_scoreboard short_scoreboard wait math_pipe_throttle mio_throttle not_selected \
+           selected no_instruction dispatch_stall lg_throttle branch_resolving membar sleeping math_pipe_throttle; do
+    M="$M,smsp__average_warps_issue_stalled_${r}_per_issue_active.ratio"
+  done
+  M="$M,sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active"
+  M="$M,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active"
+  M="$M,sm__warps_active.avg.pct_of_peak_sustained_active,lts__t_bytes.sum.per_second,dram__bytes.sum.per_second"
+  M="$M,smsp__inst_executed.sum,sm__throughput.avg.pct_of_peak_sustained_elapsed,gpu__time_duration.sum"
+  M="$M,lts__t_sectors_srcunit_tex_op_read.sum,smsp__cycles_active.avg"
+  ncu -k "regex:grouped_gemm" --launch-skip 2 --launch-count 2 --metrics "$M" \
+    "./$BUILD/fp4moe" bench --backend cuda --dtype bf16 --repeat 1 --preset "$P" --tokens "$T" 2>&1 \
+    | tee "$OUT/prefill-gemm.log" | grep -E "grouped_gemm|__" \
+    | sed -E 's/smsp__average_warps_issue_stalled_//;s/\(cuda_plan_view.*//;s/_per_issue_active.ratio//' \
+    | awk '$NF != "0" && $NF != "0.00"' | head -60
   exit 0
 fi
 if [ $PROFILE = 2 ]; then
@@ -166,6 +176,11 @@ if [ $PREFILL = 1 ]; then
   echo "== fp4moe bench (cuda, prefill path, BF16 hidden states)"
   "./$BUILD/fp4moe" bench --backend cuda --dtype bf16 --preset "$P" --tokens "$T" --repeat 50 2>&1 \
     | tee "$OUT/bench-prefill.log"
+  for tile in 128 256; do
+    echo "== prefill with $tile-token tiles"
+    FP4MOE_CUDA_TILE_TOKENS=$tile "./$BUILD/fp4moe" bench --backend cuda --dtype bf16 --preset "$P" \
+      --tokens 4096,8192 --repeat 50 2>&1 | grep -E "^(qwen3|deepseek)"
+  done
   echo "== crossover: decode path (threshold 64) vs prefill path (threshold 0), qwen3, BF16"
   for th in 64 0; do
     "./$BUILD/fp4moe" bench --backend cuda --dtype bf16 --threshold $th --preset qwen3-30b-a3b \

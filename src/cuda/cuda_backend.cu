@@ -150,6 +150,12 @@ static fp4moe_status cuda_prepare(fp4moe_plan *plan)
     }
     const char *force_mma = getenv("FP4MOE_CUDA_MMA_SYNC");
     if (force_mma != NULL && strcmp(force_mma, "1") == 0) v->wgmma = 0;
+    // Tuning knob for measurements: FP4MOE_CUDA_TILE_TOKENS=64|128|256 fixes the prefill tile.
+    const char *tile = getenv("FP4MOE_CUDA_TILE_TOKENS");
+    if (tile != NULL) {
+        const int t = atoi(tile);
+        if (t == 64 || t == 128 || (t == 256 && v->wgmma)) v->tile_tokens = t;
+    }
 
     // Routing scratch: as many warps per block as fit (the front block has 16 warps).
     const size_t per_warp = cuda_route_smem_bytes(e, 1);
@@ -204,12 +210,14 @@ static size_t align256(size_t n) { return (n + 255) / 256 * 256; }
 
 static int x_per_slot(const cuda_plan_view *v) { return v->on_input || v->w4a4; }
 
-// The prefill path's tiling of a chunk of `chunk` tokens: tokens per GEMM tile (128 once the
-// average expert gets that many rows of the chunk, else 64) and the most tiles it can need
+// The prefill path's tiling of a chunk of `chunk` tokens: tokens per GEMM tile (as many as the
+// average expert fills: 64 or 128) and the most tiles it can need
 // (every expert's last tile may be partial).
 static int prefill_tile_tokens(const cuda_plan_view *v, int64_t chunk)
 {
-    return chunk * v->top_k >= 96 * v->num_experts ? 128 : 64;
+    const int64_t rows = chunk * v->top_k; // over num_experts experts on average
+    if (v->tile_tokens) return v->tile_tokens; // 256 measured slower than 128 on the H100
+    return rows >= 96 * v->num_experts ? 128 : 64;
 }
 static int64_t prefill_max_tiles(const cuda_plan_view *v, int64_t chunk, int tile_tokens)
 {
@@ -243,7 +251,7 @@ static size_t layout(const cuda_plan_view *v, int64_t threshold, int64_t num_tok
         const int64_t slots = chunk * k, x_rows = x_per_slot(v) ? slots : chunk;
         // bounds over both tile sizes (a last, smaller chunk may use the other one)
         const int64_t max_tiles = prefill_max_tiles(v, chunk, 64) + 1;
-        const int64_t rows = slots + (v->e_loc + 1) * 128;
+        const int64_t rows = slots + (v->e_loc + 1) * 256;
         sizes[2] = (size_t)slots * 4;
         sizes[11] = (size_t)x_rows * 4;
         sizes[12] = (size_t)(rows * v->k2p) * 4;

@@ -26,14 +26,17 @@
 
 template <int BN, int PARTS, int WG> struct gemm_shape {
     static constexpr int threads = WG ? 256 : 128;
-    static constexpr int stages = PARTS == 2 ? 3 : 4;
     static constexpr int b_bytes = BN * PARTS * 128;
     // B first (1024-byte aligned, as the swizzled wgmma layout needs), then A
     static constexpr int stage_bytes = (b_bytes + A_STAGE_BYTES + 1023) / 1024 * 1024;
+    static constexpr int stages = WG ? (PARTS == 1 ? 5 : BN == 64 ? 4 : 3) : (PARTS == 1 ? 4 : 3);
+    static constexpr int ahead = stages - 1; // stages loaded ahead of the one computed
     static constexpr int pipe_bytes = stages * stage_bytes;
     static constexpr int epi_bytes = BN * EPI_STRIDE * 4;
-    static constexpr int smem_bytes =
-        1024 + (pipe_bytes > epi_bytes ? pipe_bytes : epi_bytes) + BN * 8; // + align, row tables
+    static constexpr int main_bytes = pipe_bytes > epi_bytes ? pipe_bytes : epi_bytes;
+    // + alignment, then the tile's B row pointers and slots
+    static constexpr int smem_bytes = 1024 + main_bytes + BN * 12;
+    static constexpr int min_blocks = WG && BN == 256 ? 1 : 2;
 };
 
 static __device__ __forceinline__ void cp_async16(void *smem, const void *gmem, bool valid)
@@ -64,37 +67,54 @@ static __device__ __forceinline__ uint32_t hmul2_bits(uint32_t a, __half2 s)
 // What one block works on.
 typedef struct gemm_tile {
     const uint8_t *codes, *scales; // the expert's repacked matrix
-    const __half *b;               // B rows: [row][PARTS][kp]
     int64_t mtiles, groups, kp, mt0;
-    const int32_t *b_row;          // smem [BN]: B row of each tile column, -1 for padding
+    const __half *const *b_src;    // smem [BN]: B row of each tile column (part 0), NULL: padding
 } gemm_tile;
+
+// The A chunks (16 bytes) a thread copies each stage: codes of 8 tiles (256 chunks), then their
+// scales (32 chunks); source offsets advance by 512 / 64 bytes per K group.
+template <int THREADS> struct a_chunks {
+    static constexpr int n = (256 + 32 + THREADS - 1) / THREADS;
+    const uint8_t *src[n];
+    int step[n], dst[n];
+    bool ok[n];
+};
+
+template <int THREADS>
+static __device__ __forceinline__ void plan_a_chunks(const gemm_tile &t, a_chunks<THREADS> &a)
+{
+#pragma unroll
+    for (int j = 0; j < a_chunks<THREADS>::n; j++) {
+        const int i = threadIdx.x + j * THREADS;
+        const int mt = i < 256 ? i / 32 : (i - 256) / 4;
+        a.ok[j] = i < 256 + 32 && t.mt0 + mt < t.mtiles;
+        a.dst[j] = i < 256 ? i * 16 : A_CODE_BYTES + (i - 256) * 16;
+        a.step[j] = i < 256 ? 512 : 64;
+        a.src[j] = !a.ok[j] ? t.codes
+                   : i < 256 ? t.codes + (t.mt0 + mt) * t.groups * 512 + (i % 32) * 16
+                             : t.scales + (t.mt0 + mt) * t.groups * 64 + ((i - 256) % 4) * 16;
+    }
+}
 
 // One pipeline stage: PARTS x BN activation rows of 64 values (chunk ch of row r stored at chunk
 // ch ^ (r & 7)), then the block's 8 A tiles (codes + scales) of K group kg.
 template <int BN, int PARTS, int THREADS>
-static __device__ __forceinline__ void load_stage(uint8_t *stage, const gemm_tile &t, int64_t kg)
+static __device__ __forceinline__ void load_stage(uint8_t *stage, const gemm_tile &t,
+                                                  const a_chunks<THREADS> &a, int64_t kg)
 {
-    const int tid = threadIdx.x;
-    for (int i = tid; i < BN * PARTS * 8; i += THREADS) {
-        const int r = i / 8, ch = i % 8, part = r / BN;
-        const int row = t.b_row[r % BN];
-        const __half *src = row < 0 ? t.b : t.b + ((int64_t)row * PARTS + part) * t.kp + kg * 64 + ch * 8;
-        cp_async16(stage + (r * 8 + (ch ^ (r & 7))) * 16, src, row >= 0);
+#pragma unroll 4
+    for (int i = threadIdx.x; i < BN * PARTS * 8; i += THREADS) {
+        const int r = i >> 3, ch = i & 7;
+        const char *row = reinterpret_cast<const char *>(t.b_src[PARTS == 2 ? r % BN : r]);
+        const int64_t off = (PARTS == 2 ? (r / BN) * t.kp * 2 : 0) + kg * 128 + ch * 16;
+        cp_async16(stage + ((r * 8 + (ch ^ (r & 7))) << 4), row != NULL ? (const void *)(row + off) : t.codes,
+                   row != NULL);
     }
     uint8_t *sa = stage + BN * PARTS * 128;
-    for (int i = tid; i < 256 + 32; i += THREADS) {
-        if (i < 256) {
-            const int mt = i / 32, l = i % 32;
-            const bool ok = t.mt0 + mt < t.mtiles;
-            const uint8_t *src = ok ? t.codes + ((t.mt0 + mt) * t.groups + kg) * 512 + l * 16 : t.codes;
-            cp_async16(sa + i * 16, src, ok);
-        } else {
-            const int j = i - 256, mt = j / 4, part = j % 4;
-            const bool ok = t.mt0 + mt < t.mtiles;
-            const uint8_t *src = ok ? t.scales + ((t.mt0 + mt) * t.groups + kg) * 64 + part * 16 : t.scales;
-            cp_async16(sa + A_CODE_BYTES + j * 16, src, ok);
-        }
-    }
+#pragma unroll
+    for (int j = 0; j < a_chunks<THREADS>::n; j++)
+        if (threadIdx.x + j * THREADS < 256 + 32)
+            cp_async16(sa + a.dst[j], a.src[j] + kg * a.step[j], a.ok[j]);
 }
 
 // The A fragment of 16-row tile mt (of the block's 8) for k step s of a stage, block scales
@@ -156,28 +176,30 @@ static __device__ __forceinline__ void compute_stage_mma(const uint8_t *stage, i
 }
 
 // wgmma: the warpgroup's 64 x BN product over one stage; warp w of the group owns 16-row tile
-// (group * 4 + w) and decodes only that one.
+// (group * 4 + w) and decodes only that one into a[] (untouched until these MMAs complete).
 template <int BN, int PARTS>
-static __device__ __forceinline__ void compute_stage_wgmma(const uint8_t *stage, int mt, int lane,
-                                                           float *acc)
+static __device__ __forceinline__ void issue_stage_wgmma(const uint8_t *stage, int mt, int lane,
+                                                         float *acc, uint32_t (&a)[4][4])
 {
-    uint32_t words[4], a[4][4];
+    uint32_t words[4];
     uint2 sc;
     load_a(stage + BN * PARTS * 128, mt, lane, words, &sc);
 #pragma unroll
     for (int s = 0; s < 4; s++) decode_a(words, sc, s, a[s]);
     const uint32_t sb = (uint32_t)__cvta_generic_to_shared(stage);
+    wgmma_fence_operands<BN / 2>(acc);
     wgmma_fence();
 #pragma unroll
     for (int s = 0; s < 4; s++)
 #pragma unroll
         for (int part = 0; part < PARTS; part++) {
             const uint64_t desc = wgmma_desc_sw128(sb + part * BN * 128 + s * 32);
-            if (BN == 128) wgmma_m64n128k16(acc, a[s], desc);
+            if (BN == 256) wgmma_m64n256k16(acc, a[s], desc);
+            else if (BN == 128) wgmma_m64n128k16(acc, a[s], desc);
             else wgmma_m64n64k16(acc, a[s], desc);
         }
     wgmma_commit();
-    wgmma_wait_all(); // the stage and a[] are free again once this returns
+    wgmma_fence_operands<BN / 2>(acc);
 }
 
 // The tile's results, one (row pair or row, column) per iteration: epi[col * EPI_STRIDE + row]
@@ -233,7 +255,7 @@ static __device__ __forceinline__ void epilogue(const cuda_plan_view &p, const c
 }
 
 template <int BN, int PARTS, int FC2, int WG>
-__global__ void __launch_bounds__(gemm_shape<BN, PARTS, WG>::threads, 2)
+__global__ void __launch_bounds__(gemm_shape<BN, PARTS, WG>::threads, gemm_shape<BN, PARTS, WG>::min_blocks)
 grouped_gemm_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws)
 {
     typedef gemm_shape<BN, PARTS, WG> S;
@@ -244,50 +266,66 @@ grouped_gemm_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws)
     if ((int)blockIdx.y >= *ws.num_tiles) return;
     const int2 te = ws.tile_list[blockIdx.y];
     const int64_t e = te.x, row0 = te.y;
-    const int pipe = S::pipe_bytes > S::epi_bytes ? S::pipe_bytes : S::epi_bytes;
-    int32_t *b_row = reinterpret_cast<int32_t *>(smem + pipe);
-    int32_t *slot_of = b_row + BN;
+    const __half **b_src = reinterpret_cast<const __half **>(smem + S::main_bytes);
+    int32_t *slot_of = reinterpret_cast<int32_t *>(b_src + BN);
     const int tid = threadIdx.x;
+    const int64_t kp = FC2 ? p.k2p : p.k1p;
+    const __half *b = FC2 ? ws.ub : ws.xb;
     for (int r = tid; r < BN; r += THREADS) {
         const int32_t slot = ws.perm[row0 + r];
         slot_of[r] = slot;
-        b_row[r] = slot < 0 ? -1 : FC2 ? (int32_t)(row0 + r) : c.x_per_slot ? slot : slot / p.top_k;
+        const int64_t row = FC2 ? row0 + r : c.x_per_slot ? slot : slot / p.top_k;
+        b_src[r] = slot < 0 ? NULL : b + row * PARTS * kp;
     }
     __syncthreads();
 
     gemm_tile t;
     t.mtiles = (FC2 ? p.h : p.n1) / CUDA_TILE_ROWS;
-    t.kp = FC2 ? p.k2p : p.k1p;
-    t.groups = t.kp / CUDA_KGROUP;
+    t.kp = kp;
+    t.groups = kp / CUDA_KGROUP;
     t.codes = (FC2 ? p.w2_codes : p.w1_codes) + e * t.mtiles * t.groups * 512;
     t.scales = (FC2 ? p.w2_scales : p.w1_scales) + e * t.mtiles * t.groups * 64;
-    t.b = FC2 ? ws.ub : ws.xb;
     t.mt0 = (int64_t)blockIdx.x * (CUDA_GEMM_ROWS / CUDA_TILE_ROWS);
-    t.b_row = b_row;
+    t.b_src = b_src;
+    a_chunks<THREADS> ac;
+    plan_a_chunks<THREADS>(t, ac);
 
     // accumulators: mma.sync [4 tiles][BN/16 n8 tiles][4]; wgmma [BN/8 n8 tiles][4]
     constexpr int ACC = WG ? BN / 2 : BN;
     float acc[ACC];
 #pragma unroll
     for (int i = 0; i < ACC; i++) acc[i] = 0.0f;
+    wgmma_fence_operands<ACC>(acc);
 
-    for (int s = 0; s < S::stages - 1; s++) {
-        if (s < t.groups) load_stage<BN, PARTS, THREADS>(smem + s * S::stage_bytes, t, s);
+    for (int s = 0; s < S::ahead; s++) {
+        if (s < t.groups) load_stage<BN, PARTS, THREADS>(smem + s * S::stage_bytes, t, ac, s);
         cp_async_commit();
     }
     const int warp = tid / 32, lane = tid % 32;
+    uint32_t a0[4][4]; // wgmma: the warp's A fragments of the current stage
     for (int64_t kg = 0; kg < t.groups; kg++) {
-        cp_async_wait<S::stages - 2>();
+        cp_async_wait<S::ahead - 1>();
         if (WG) asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); // for wgmma's reads
-        __syncthreads(); // stage kg landed for all; the stage overwritten next is free
-        const int64_t next = kg + S::stages - 1;
-        if (next < t.groups) load_stage<BN, PARTS, THREADS>(smem + (next % S::stages) * S::stage_bytes, t, next);
+        // stage kg landed for all; the stage loaded next was last read by stage kg - 1's MMAs,
+        // complete in every warp
+        __syncthreads();
+        const int64_t next = kg + S::ahead;
+        if (next < t.groups)
+            load_stage<BN, PARTS, THREADS>(smem + (next % S::stages) * S::stage_bytes, t, ac, next);
         cp_async_commit();
         const uint8_t *stage = smem + (kg % S::stages) * S::stage_bytes;
-        if (WG) compute_stage_wgmma<BN, PARTS>(stage, warp, lane, acc);
-        else compute_stage_mma<BN, PARTS>(stage, warp / 2, warp % 2, lane,
-                                          reinterpret_cast<float (*)[BN / 16][4]>(acc));
+        if constexpr (WG != 0) {
+            // (Keeping one stage's MMAs in flight while the next is decoded, with two A buffers,
+            // gave wrong results on the H100: docs/PERF.md. Each stage completes here.)
+            issue_stage_wgmma<BN, PARTS>(stage, warp, lane, acc, a0);
+            wgmma_wait_all();
+        } else {
+            compute_stage_mma<BN, PARTS>(stage, warp / 2, warp % 2, lane,
+                                         reinterpret_cast<float (*)[BN / 16][4]>(acc));
+        }
     }
+    if (WG) wgmma_wait_all();
+    wgmma_fence_operands<ACC>(acc);
     cp_async_wait<0>();
     __syncthreads(); // every warp is done with the pipeline: its memory holds the epilogue tile
     allow_next_kernel();
@@ -324,22 +362,15 @@ static cudaError_t launch(const cuda_plan_view *p, const cuda_call_view *c, cons
                             (size_t)S::smem_bytes, stream, *p, *c, *ws);
 }
 
-template <int WG>
-static cudaError_t launch_variant(const cuda_plan_view *p, const cuda_call_view *c,
-                                  const cuda_workspace *ws, int fc2, int tile_tokens, int parts,
-                                  int64_t max_tiles, cudaStream_t stream)
+template <int BN, int WG>
+static cudaError_t launch_tile(const cuda_plan_view *p, const cuda_call_view *c,
+                               const cuda_workspace *ws, int fc2, int parts, int64_t max_tiles,
+                               cudaStream_t stream)
 {
-    const int variant = (fc2 ? 4 : 0) + (tile_tokens == 128 ? 2 : 0) + (parts == 2 ? 1 : 0);
-    switch (variant) {
-    case 0: return launch<64, 1, 0, WG>(p, c, ws, max_tiles, stream);
-    case 1: return launch<64, 2, 0, WG>(p, c, ws, max_tiles, stream);
-    case 2: return launch<128, 1, 0, WG>(p, c, ws, max_tiles, stream);
-    case 3: return launch<128, 2, 0, WG>(p, c, ws, max_tiles, stream);
-    case 4: return launch<64, 1, 1, WG>(p, c, ws, max_tiles, stream);
-    case 5: return launch<64, 2, 1, WG>(p, c, ws, max_tiles, stream);
-    case 6: return launch<128, 1, 1, WG>(p, c, ws, max_tiles, stream);
-    default: return launch<128, 2, 1, WG>(p, c, ws, max_tiles, stream);
-    }
+    if (fc2) return parts == 2 ? launch<BN, 2, 1, WG>(p, c, ws, max_tiles, stream)
+                               : launch<BN, 1, 1, WG>(p, c, ws, max_tiles, stream);
+    return parts == 2 ? launch<BN, 2, 0, WG>(p, c, ws, max_tiles, stream)
+                      : launch<BN, 1, 0, WG>(p, c, ws, max_tiles, stream);
 }
 
 extern "C" cudaError_t cuda_launch_grouped_gemm(const cuda_plan_view *p, const cuda_call_view *c,
@@ -348,8 +379,14 @@ extern "C" cudaError_t cuda_launch_grouped_gemm(const cuda_plan_view *p, const c
                                                 cudaStream_t stream)
 {
     if (max_tiles > 65535) return cudaErrorInvalidConfiguration;
-    return wgmma ? launch_variant<1>(p, c, ws, fc2, tile_tokens, parts, max_tiles, stream)
-                 : launch_variant<0>(p, c, ws, fc2, tile_tokens, parts, max_tiles, stream);
+    if (wgmma) {
+        if (tile_tokens == 256) return launch_tile<256, 1>(p, c, ws, fc2, parts, max_tiles, stream);
+        if (tile_tokens == 128) return launch_tile<128, 1>(p, c, ws, fc2, parts, max_tiles, stream);
+        return launch_tile<64, 1>(p, c, ws, fc2, parts, max_tiles, stream);
+    }
+    if (tile_tokens == 128) return launch_tile<128, 0>(p, c, ws, fc2, parts, max_tiles, stream);
+    if (tile_tokens == 64) return launch_tile<64, 0>(p, c, ws, fc2, parts, max_tiles, stream);
+    return cudaErrorInvalidValue; // 256-token tiles need wgmma's registers
 }
 
 // Whether this build carries the wgmma kernels for the current device (sm_90a code).

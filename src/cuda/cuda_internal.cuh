@@ -55,7 +55,8 @@ typedef struct cuda_plan_view {
     int routing, n_group, topk_group, norm_topk_prob;
     float routed_scaling_factor;
     int on_input, w4a4, fp8_down;
-    int wgmma; // host side: the prefill GEMMs use the sm_90a warpgroup kernels
+    int wgmma;       // host side: the prefill GEMMs use the sm_90a warpgroup kernels
+    int tile_tokens; // host side: tokens per prefill GEMM tile, 0 = chosen per call
 } cuda_plan_view;
 
 // Workspace of one call. Routing results cover every token; the rest is per token chunk.

@@ -11,20 +11,41 @@
 #define ROW_THREADS 256
 
 // ------------------------------------------------------------------ permutation
+// Warp-aggregated shared-memory atomics: the lanes of a warp with the same expert add once.
+static __device__ __forceinline__ int warp_aggregated_add(int *counter, int key, int lane, int *rank)
+{
+    const unsigned peers = __match_any_sync(FULL_MASK, key);
+    const int leader = __ffs(peers) - 1;
+    int base = 0;
+    if (key >= 0 && lane == leader) base = atomicAdd(counter, __popc(peers));
+    base = __shfl_sync(FULL_MASK, base, leader);
+    *rank = __popc(peers & ((1u << lane) - 1));
+    return base;
+}
+
+// One block: counts per local expert (shared memory, e_loc ints), padded offsets, the tile list,
+// the permutation.
 __global__ void __launch_bounds__(PERM_THREADS)
 prefill_perm_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws, int tile_tokens)
 {
+    extern __shared__ int cursor[]; // [e_loc]
     wait_for_previous_kernel();
     const int64_t k = p.top_k, slots = (c.t1 - c.t0) * k;
-    const int e_loc = (int)p.e_loc, tid = threadIdx.x, nthreads = blockDim.x;
-    for (int e = tid; e < e_loc; e += nthreads) ws.counts[e] = 0;
+    const int e_loc = (int)p.e_loc, tid = threadIdx.x, nthreads = blockDim.x, lane = tid % 32;
+    for (int e = tid; e < e_loc; e += nthreads) cursor[e] = 0;
     __syncthreads();
-    for (int64_t s = tid; s < slots; s += nthreads) {
-        // ids outside [0, E) fall outside the local range too and contribute nothing
-        const int64_t local = (int64_t)ws.ids[c.t0 * k + s] - p.e0;
-        const bool valid = local >= 0 && local < p.e_loc;
-        ws.slot_local[s] = valid ? (int32_t)local : -1;
-        if (valid) atomicAdd(&ws.counts[local], 1);
+    // whole warps iterate together (the aggregation needs every lane)
+    for (int64_t base = tid - lane; base < slots; base += nthreads) {
+        const int64_t s = base + lane;
+        int key = -1;
+        if (s < slots) {
+            // ids outside [0, E) fall outside the local range too and contribute nothing
+            const int64_t local = (int64_t)ws.ids[c.t0 * k + s] - p.e0;
+            key = local >= 0 && local < p.e_loc ? (int)local : -1;
+            ws.slot_local[s] = key;
+        }
+        int rank;
+        warp_aggregated_add(&cursor[key < 0 ? 0 : key], key, lane, &rank);
     }
     __syncthreads();
     // Each thread owns a contiguous run of experts: its rows (padded to whole tiles) and tiles.
@@ -32,24 +53,27 @@ prefill_perm_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws, int t
     const int e_begin = min(e_loc, tid * per), e_end = min(e_loc, e_begin + per);
     int my_rows = 0;
     for (int e = e_begin; e < e_end; e++)
-        my_rows += (ws.counts[e] + tile_tokens - 1) / tile_tokens * tile_tokens;
+        my_rows += (cursor[e] + tile_tokens - 1) / tile_tokens * tile_tokens;
     int total_rows;
     int row = block_exclusive_scan(my_rows, &total_rows);
     for (int e = e_begin; e < e_end; e++) {
-        const int n = ws.counts[e], padded = (n + tile_tokens - 1) / tile_tokens * tile_tokens;
+        const int n = cursor[e], padded = (n + tile_tokens - 1) / tile_tokens * tile_tokens;
         for (int r = row; r < row + padded; r += tile_tokens)
             ws.tile_list[r / tile_tokens] = make_int2(e, r);
         for (int r = row + n; r < row + padded; r++) ws.perm[r] = -1;
-        ws.counts[e] = row; // the fill cursor from here on
+        cursor[e] = row; // the fill cursor from here on
         row += padded;
     }
     if (tid == 0) *ws.num_tiles = total_rows / tile_tokens;
     __syncthreads();
     // Rows of an expert in any order: each column of a GEMM is computed on its own, so the
     // order changes no bit of any result.
-    for (int64_t s = tid; s < slots; s += nthreads) {
-        const int local = ws.slot_local[s];
-        if (local >= 0) ws.perm[atomicAdd(&ws.counts[local], 1)] = (int32_t)s;
+    for (int64_t base = tid - lane; base < slots; base += nthreads) {
+        const int64_t s = base + lane;
+        const int key = s < slots ? ws.slot_local[s] : -1;
+        int rank;
+        const int first = warp_aggregated_add(&cursor[key < 0 ? 0 : key], key, lane, &rank);
+        if (key >= 0) ws.perm[first + rank] = (int32_t)s;
     }
     allow_next_kernel();
 }
@@ -135,38 +159,47 @@ prefill_fc1_input_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws, 
     allow_next_kernel();
 }
 
-// One block per padded row: the FC2 input (FP32 from FC1's epilogue) W4A4-quantised in place
+// One warp per padded row: the FC2 input (FP32 from FC1's epilogue) W4A4-quantised in place
 // with the expert's a2 scale, then as FP16 parts with its row scale. Padding columns are zero.
 __global__ void __launch_bounds__(ROW_THREADS)
 prefill_fc2_input_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws, int parts,
                          int tile_tokens)
 {
     wait_for_previous_kernel();
-    const int64_t row = blockIdx.x;
+    const int lane = threadIdx.x % 32;
+    const int64_t row = (int64_t)blockIdx.x * (ROW_THREADS / 32) + threadIdx.x / 32;
     if (row >= (int64_t)*ws.num_tiles * tile_tokens) return;
     const int32_t slot = ws.perm[row];
     if (slot < 0) return; // padding: never stored, so never read
     float *u = ws.u + row * p.k2p;
     const int64_t blocks = p.k2p / 16, live = p.inter / 16;
     float amax = 0.0f, v[16];
-    for (int64_t b = threadIdx.x; b < blocks; b += ROW_THREADS) {
+    for (int64_t b = lane; b < blocks; b += 32) {
+        float4 *src = reinterpret_cast<float4 *>(u + b * 16);
 #pragma unroll
-        for (int j = 0; j < 16; j++) v[j] = b < live ? u[b * 16 + j] : 0.0f;
+        for (int j = 0; j < 4; j++) {
+            const float4 f = b < live ? src[j] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            v[4 * j] = f.x, v[4 * j + 1] = f.y, v[4 * j + 2] = f.z, v[4 * j + 3] = f.w;
+        }
         if (p.w4a4 && b < live) {
             nvfp4_fake_quantize16(v, p.a2_global[ws.slot_local[slot]]);
 #pragma unroll
-            for (int j = 0; j < 16; j++) u[b * 16 + j] = v[j];
+            for (int j = 0; j < 4; j++) src[j] = make_float4(v[4 * j], v[4 * j + 1], v[4 * j + 2], v[4 * j + 3]);
         }
 #pragma unroll
         for (int j = 0; j < 16; j++) amax = fmaxf(amax, fabsf(v[j]));
     }
-    amax = block_max(amax);
+    for (int off = 16; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(FULL_MASK, amax, off));
     float inverse;
     const float scale = row_scale_from_amax(amax, &inverse);
-    if (threadIdx.x == 0) ws.u_scale[row] = scale;
-    for (int64_t b = threadIdx.x; b < blocks; b += ROW_THREADS) {
+    if (lane == 0) ws.u_scale[row] = scale;
+    for (int64_t b = lane; b < blocks; b += 32) {
+        const float4 *src = reinterpret_cast<const float4 *>(u + b * 16);
 #pragma unroll
-        for (int j = 0; j < 16; j++) v[j] = b < live ? u[b * 16 + j] : 0.0f;
+        for (int j = 0; j < 4; j++) {
+            const float4 f = b < live ? src[j] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            v[4 * j] = f.x, v[4 * j + 1] = f.y, v[4 * j + 2] = f.z, v[4 * j + 3] = f.w;
+        }
         store_parts16(v, inverse, parts, p.k2p, ws.ub + row * parts * p.k2p + b * 16);
     }
     allow_next_kernel();
@@ -179,15 +212,16 @@ extern "C" cudaError_t cuda_launch_prefill(const cuda_plan_view *p, const cuda_c
 {
     const int64_t tokens = c->t1 - c->t0, slots = tokens * p->top_k;
     const int64_t x_rows = c->x_per_slot ? slots : tokens;
-    cudaError_t err = launch_dependent(prefill_perm_kernel, dim3(1), dim3(PERM_THREADS), 0, stream,
-                                       *p, *c, *ws, tile_tokens);
+    cudaError_t err = launch_dependent(prefill_perm_kernel, dim3(1), dim3(PERM_THREADS),
+                                       (size_t)p->e_loc * sizeof(int), stream, *p, *c, *ws, tile_tokens);
     if (err == cudaSuccess)
         err = launch_dependent(prefill_fc1_input_kernel, dim3((unsigned)x_rows), dim3(ROW_THREADS), 0,
                                stream, *p, *c, *ws, parts);
     if (err == cudaSuccess)
         err = cuda_launch_grouped_gemm(p, c, ws, 0, tile_tokens, parts, max_tiles, p->wgmma, stream);
     if (err == cudaSuccess)
-        err = launch_dependent(prefill_fc2_input_kernel, dim3((unsigned)(max_tiles * tile_tokens)),
+        err = launch_dependent(prefill_fc2_input_kernel,
+                               dim3((unsigned)((max_tiles * tile_tokens + ROW_THREADS / 32 - 1) / (ROW_THREADS / 32))),
                                dim3(ROW_THREADS), 0, stream, *p, *c, *ws, parts, tile_tokens);
     if (err == cudaSuccess)
         err = cuda_launch_grouped_gemm(p, c, ws, 1, tile_tokens, parts, max_tiles, p->wgmma, stream);
