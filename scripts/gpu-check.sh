@@ -7,7 +7,7 @@
 # packages in .deb/ (apt-get download libcjson-dev libcjson1 zlib1g-dev), which this script
 # unpacks into a private prefix. Usage there: bash scripts/gpu-check.sh [--sanitize|--profile] [presets] [tokens]
 # (--sanitize: build, then the GPU tests' quick subset under compute-sanitizer's four tools;
-#  --ep: build and run only the expert-parallel NCCL test, one rank per visible GPU;
+#  --ep: build and run only the expert-parallel NCCL test and benchmark, one rank per GPU;
 #  --large: build and run only tests/test_large_sizes.c on the CUDA backend;
 #  --prefill: build, GPU tests, then the prefill benchmark (BF16 hidden states) beside the
 #  PyTorch baseline and the cuBLAS BF16 GEMM rate, and the decode/prefill crossover)
@@ -67,7 +67,7 @@ echo "== configure + build"
 cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90a "${extra[@]}" \
   -DCMAKE_C_FLAGS=-Wno-error=maybe-uninitialized \
   > "$OUT/build.log" 2>&1 \
-  && cmake --build "$BUILD" -j16 --target $([ $EP_ONLY = 1 ] && echo test_ep_nccl || \
+  && cmake --build "$BUILD" -j16 --target $([ $EP_ONLY = 1 ] && echo test_ep_nccl ep_nccl_bench || \
        { [ $LARGE_ONLY = 1 ] && echo test_large_sizes; } || \
        echo fp4moe_cli fp4moe test_gpu_backend test_ep_nccl test_large_sizes) \
        >> "$OUT/build.log" 2>&1
@@ -83,7 +83,11 @@ fi
 
 if [ $EP_ONLY = 1 ]; then
   "./$BUILD/test_ep_nccl" 2>&1 | tee "$OUT/ep-nccl.log"
-  exit "${PIPESTATUS[0]}"
+  rc=${PIPESTATUS[0]}
+  echo "== EP benchmark (deepseek-v3: dispatch + experts + combine vs one GPU)"
+  "./$BUILD/ep_nccl_bench" --preset deepseek-v3 --tokens "${EP_TOKENS:-16,128,1024,4096}" --repeat 10 \
+    2>&1 | tee "$OUT/ep-bench.log"
+  exit $rc
 fi
 
 if [ $SANITIZE = 1 ]; then
