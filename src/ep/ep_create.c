@@ -254,7 +254,7 @@ fp4moe_status fp4moe_ep_create_with_options(fp4moe_context *ctx, const fp4moe_co
     ep->transport = *transport;
     ep_buffer *device_side[] = {&ep->dev_ids, &ep->dev_weights, &ep->dev_rows_hidden,
                                 &ep->dev_rows_ids, &ep->dev_rows_ones, &ep->dev_rows_out,
-                                &ep->dev_send, &ep->dev_recv};
+                                &ep->dev_send, &ep->dev_recv, &ep->dev_result_row};
     for (size_t i = 0; i < sizeof device_side / sizeof device_side[0]; i++)
         device_side[i]->backend_memory = 1;
 

@@ -1,7 +1,10 @@
 /* One expert-parallel forward call (docs/EP.md): route, count, dispatch, compute, return,
- * combine. Everything but the expert compute and the transport is host bookkeeping over
- * staging buffers sized at create (nothing here allocates: ep_buffer_reserve only checks); on
- * the CUDA backend the inputs are downloaded once and the output uploaded once.
+ * combine, over staging buffers sized at create (nothing here allocates: ep_buffer_reserve only
+ * checks). The bookkeeping (which rank, which row) is made on the host from the routed ids.
+ * The rows themselves move on the device (ep_device.h: pack, the transport, unpack, combine)
+ * when the backend is CUDA, the transport takes device buffers and the dispatched row is the
+ * hidden row as given (W4A16 without the router weight on the input); otherwise the host
+ * packs, unpacks and combines (on CUDA the inputs downloaded once, the output uploaded once).
  *
  * Exactness: the expert computes each received row as the plain layer computes that (token,
  * slot) (same input bits, same expert, FP32 output), and the combine below is the CPU
@@ -13,6 +16,7 @@
 
 #include "../core/context.h"
 #include "../format/format.h"
+#include "ep_device.h"
 #include "ep_internal.h"
 
 /* The count message, the same to every peer: whether this rank is fine, its hidden dtype, then
@@ -34,6 +38,10 @@ typedef struct call_state {
     int64_t *send_rows, *recv_rows; /* [size] */
     size_t *send_bytes, *recv_bytes; /* [size] */
     int64_t total_recv;
+    int device;                  /* the device path (see the top of this file) */
+    const void *dev_hidden;      /* device path: [T, H], the caller's */
+    const int32_t *dev_ids;      /* device path: [T*k] */
+    const float *dev_weights;    /* device path: [T*k] FP32 */
 } call_state;
 
 size_t fp4moe_ep_dispatch_row_bytes(const fp4moe_ep *ep, fp4moe_dtype hidden_dtype)
@@ -115,6 +123,12 @@ static fp4moe_status load_inputs(fp4moe_ep *ep, call_state *cs, void *stream)
                 return fp4moe_fail(ep->ctx, FP4MOE_ERROR_INVALID_ARGUMENT,
                                    "ep: topk_ids[%lld] = %d is not in [0, num_experts = %lld)",
                                    (long long)s, cs->ids[s], (long long)ep->cfg.num_experts);
+        if (cs->device) { /* the caller's ids; the weights as FP32 */
+            TRY(ep_buffer_reserve(ep, &ep->dev_weights, (size_t)slots * sizeof(float)));
+            TRY(ep_from_host(ep, ep->dev_weights.data, cs->weights, (size_t)slots * sizeof(float)));
+            cs->dev_ids = a->topk_ids;
+            cs->dev_weights = ep->dev_weights.data;
+        }
     } else {
         int32_t *ids_out = cs->ids;
         float *weights_out = cs->weights;
@@ -126,6 +140,8 @@ static fp4moe_status load_inputs(fp4moe_ep *ep, call_state *cs, void *stream)
         }
         TRY(fp4moe_route(ep->route_plan, cs->t, a->router_logits, a->router_logits_dtype, ids_out,
                          weights_out, ep->route_workspace, ep->route_workspace_bytes, stream));
+        cs->dev_ids = ids_out;
+        cs->dev_weights = weights_out;
         TRY(ep_to_host(ep, cs->ids, ids_out, (size_t)slots * sizeof(int32_t), stream));
         TRY(ep_to_host(ep, cs->weights, weights_out, (size_t)slots * sizeof(float), stream));
         if (a->topk_ids_out)
@@ -136,7 +152,8 @@ static fp4moe_status load_inputs(fp4moe_ep *ep, call_state *cs, void *stream)
     const size_t hidden_bytes = (size_t)(cs->t * cs->h) * dtype_size(cs->dtype);
     cs->hidden = a->hidden_states;
     cs->token_scale = a->per_token_scale;
-    if (cuda) {
+    cs->dev_hidden = a->hidden_states;
+    if (cuda && !cs->device) {
         TRY(ep_buffer_reserve(ep, &ep->hidden_in, hidden_bytes));
         TRY(ep_to_host(ep, ep->hidden_in.data, a->hidden_states, hidden_bytes, stream));
         cs->hidden = ep->hidden_in.data;
@@ -233,6 +250,31 @@ static fp4moe_status dispatch(fp4moe_ep *ep, call_state *cs, void *stream)
         send_total += cs->send_bytes[p];
         recv_total += cs->recv_bytes[p];
     }
+    ep->stats.dispatch_bytes_sent = send_total;
+    ep->stats.dispatch_bytes_received = recv_total;
+    if (cs->device) {
+        /* each slot's row among all rows sent (peer by peer): its record and its result row */
+        const int64_t slots = cs->t * cs->k;
+        int64_t *row_index = cs->slot_row; /* rewritten in place: the host combine is not used */
+        int64_t *first_row = ep->peer_first_row;
+        first_row[0] = 0;
+        for (int p = 1; p < size; p++)
+            first_row[p] = first_row[p - 1] + cs->send_rows[p - 1];
+        for (int64_t s = 0; s < slots; s++)
+            row_index[s] += first_row[cs->dest[s]];
+        TRY(ep_buffer_reserve(ep, &ep->dev_result_row, (size_t)slots * sizeof(int64_t)));
+        TRY(ep_buffer_reserve(ep, &ep->dev_send, send_total));
+        TRY(ep_buffer_reserve(ep, &ep->dev_recv, recv_total));
+        TRY(ep_from_host(ep, ep->dev_result_row.data, row_index, (size_t)slots * sizeof(int64_t)));
+        const int code = ep_device_pack(cs->dev_hidden, (size_t)cs->h * elt, cs->dev_ids,
+                                        ep->dev_result_row.data, slots, cs->k, ep->dev_send.data,
+                                        stream);
+        if (code)
+            return fp4moe_fail(ep->ctx, FP4MOE_ERROR_CUDA, "ep: pack kernel: %s",
+                               ep_device_error_string(code));
+        return ep_exchange_device(ep, ep->dev_send.data, cs->send_bytes, ep->dev_recv.data,
+                                  cs->recv_bytes, stream);
+    }
     TRY(ep_buffer_reserve(ep, &ep->send, send_total));
     TRY(ep_buffer_reserve(ep, &ep->recv, recv_total));
     TRY(ep_buffer_reserve(ep, &ep->scratch, (size_t)cs->h * sizeof(float)));
@@ -267,9 +309,58 @@ static fp4moe_status dispatch(fp4moe_ep *ep, call_state *cs, void *stream)
         else
             store_f32(x, cs->h, cs->dtype, payload);
     }
-    ep->stats.dispatch_bytes_sent = send_total;
-    ep->stats.dispatch_bytes_received = recv_total;
     return ep_exchange(ep, send, cs->send_bytes, ep->recv.data, cs->recv_bytes, stream);
+}
+
+/* The expert plan over rows [0, rows) of hidden / ids (backend memory), in chunks of its
+ * max_tokens: top_k = 1, weight 1 (ones: [chunk]), finalize off, FP32 rows into out. */
+static fp4moe_status run_expert_rows(fp4moe_ep *ep, const call_state *cs, const void *hidden,
+                                     const int32_t *ids, const float *ones, float *out,
+                                     int64_t rows, int64_t chunk, void *stream)
+{
+    const int64_t h = cs->h;
+    const size_t elt = dtype_size(cs->dtype);
+    for (int64_t r0 = 0; r0 < rows; r0 += chunk) {
+        fp4moe_forward_args a;
+        fp4moe_forward_args_init(&a);
+        a.num_tokens = rows - r0 < chunk ? rows - r0 : chunk;
+        a.hidden_states = (const uint8_t *)hidden + (size_t)(r0 * h) * elt;
+        a.hidden_dtype = cs->dtype;
+        a.topk_ids = ids + r0;
+        a.topk_weights = ones;
+        a.topk_weights_dtype = FP4MOE_DTYPE_F32;
+        a.output = out + r0 * h;
+        a.output_dtype = FP4MOE_DTYPE_F32;
+        a.skip_finalize = 1;
+        TRY(fp4moe_forward_routed(ep->expert_plan, &a, ep->expert_workspace,
+                                  ep->expert_workspace_bytes, stream));
+    }
+    return FP4MOE_SUCCESS;
+}
+
+/* The device path's compute: records unpacked on the GPU, results left in dev_rows_out. */
+static fp4moe_status compute_rows_device(fp4moe_ep *ep, call_state *cs, void *stream)
+{
+    const int64_t rows = cs->total_recv, h = cs->h;
+    const size_t rec = fp4moe_ep_dispatch_row_bytes(ep, cs->dtype), elt = dtype_size(cs->dtype);
+    const int64_t chunk = rows < ep->expert_rows_max ? rows : ep->expert_rows_max;
+    TRY(ep_buffer_reserve(ep, &ep->dev_rows_out, (size_t)(rows * h) * sizeof(float)));
+    if (rows == 0) return FP4MOE_SUCCESS;
+    TRY(ep_buffer_reserve(ep, &ep->dev_rows_hidden, (size_t)(rows * h) * elt));
+    TRY(ep_buffer_reserve(ep, &ep->dev_rows_ids, (size_t)rows * sizeof(int32_t)));
+    TRY(ep_buffer_reserve(ep, &ep->dev_rows_ones, (size_t)chunk * sizeof(float)));
+    TRY(ep_buffer_reserve(ep, &ep->rows_ones, (size_t)chunk * sizeof(float)));
+    float *ones = ep->rows_ones.data;
+    for (int64_t i = 0; i < chunk; i++)
+        ones[i] = 1.0f;
+    TRY(ep_from_host(ep, ep->dev_rows_ones.data, ones, (size_t)chunk * sizeof(float)));
+    const int code = ep_device_unpack(ep->dev_recv.data, rows, rec, (size_t)h * elt,
+                                      ep->dev_rows_hidden.data, ep->dev_rows_ids.data, stream);
+    if (code)
+        return fp4moe_fail(ep->ctx, FP4MOE_ERROR_CUDA, "ep: unpack kernel: %s",
+                           ep_device_error_string(code));
+    return run_expert_rows(ep, cs, ep->dev_rows_hidden.data, ep->dev_rows_ids.data,
+                           ep->dev_rows_ones.data, ep->dev_rows_out.data, rows, chunk, stream);
 }
 
 /* The plain layer on the received rows: top_k = 1, weight 1, finalize off, FP32 out. */
@@ -328,21 +419,7 @@ static fp4moe_status compute_rows(fp4moe_ep *ep, call_state *cs, void *stream)
         in_ones = ep->dev_rows_ones.data;
         out = ep->dev_rows_out.data;
     }
-    for (int64_t r0 = 0; r0 < rows; r0 += chunk) {
-        fp4moe_forward_args a;
-        fp4moe_forward_args_init(&a);
-        a.num_tokens = rows - r0 < chunk ? rows - r0 : chunk;
-        a.hidden_states = (const uint8_t *)in_hidden + (size_t)(r0 * h) * elt;
-        a.hidden_dtype = cs->dtype;
-        a.topk_ids = in_ids + r0;
-        a.topk_weights = in_ones;
-        a.topk_weights_dtype = FP4MOE_DTYPE_F32;
-        a.output = out + r0 * h;
-        a.output_dtype = FP4MOE_DTYPE_F32;
-        a.skip_finalize = 1;
-        TRY(fp4moe_forward_routed(ep->expert_plan, &a, ep->expert_workspace,
-                                  ep->expert_workspace_bytes, stream));
-    }
+    TRY(run_expert_rows(ep, cs, in_hidden, in_ids, in_ones, out, rows, chunk, stream));
     if (cuda)
         TRY(ep_to_host(ep, ep->rows_out.data, out, (size_t)(rows * h) * sizeof(float), stream));
     return FP4MOE_SUCCESS;
@@ -360,16 +437,31 @@ static fp4moe_status return_results(fp4moe_ep *ep, call_state *cs, void *stream)
         send_total += cs->send_bytes[p];
         recv_total += cs->recv_bytes[p];
     }
-    TRY(ep_buffer_reserve(ep, &ep->results, recv_total));
     ep->stats.combine_bytes_sent = send_total;
     ep->stats.combine_bytes_received = recv_total;
+    if (cs->device) { /* into dev_recv, free again since compute_rows_device unpacked it */
+        TRY(ep_buffer_reserve(ep, &ep->dev_recv, recv_total));
+        return ep_exchange_device(ep, ep->dev_rows_out.data, cs->send_bytes, ep->dev_recv.data,
+                                  cs->recv_bytes, stream);
+    }
+    TRY(ep_buffer_reserve(ep, &ep->results, recv_total));
     return ep_exchange(ep, ep->rows_out.data, cs->send_bytes, ep->results.data, cs->recv_bytes,
                        stream);
 }
 
-static fp4moe_status combine(fp4moe_ep *ep, call_state *cs)
+static fp4moe_status combine(fp4moe_ep *ep, call_state *cs, void *stream)
 {
     const fp4moe_forward_args *a = cs->args;
+    if (cs->device) {
+        const int code = ep_device_combine(ep->dev_recv.data, ep->dev_result_row.data,
+                                           cs->dev_weights, cs->t, cs->k, cs->h,
+                                           a->per_token_scale, a->skip_finalize, a->output,
+                                           (int)a->output_dtype, stream);
+        if (code)
+            return fp4moe_fail(ep->ctx, FP4MOE_ERROR_CUDA, "ep: combine kernel: %s",
+                               ep_device_error_string(code));
+        return FP4MOE_SUCCESS;
+    }
     const int size = ep->transport.size;
     const int64_t k = cs->k, h = cs->h;
     const size_t out_elt = dtype_size(a->output_dtype);
@@ -440,6 +532,9 @@ static fp4moe_status forward_common(fp4moe_ep *ep, const fp4moe_forward_args *ar
     fp4moe_status local = check_args(ep, args, routed);
     if (local == FP4MOE_SUCCESS) {
         cs.t = args->num_tokens;
+        cs.device = ep->ctx->backend == FP4MOE_BACKEND_CUDA && ep->transport.device_buffers &&
+                    ep->cfg.precision != FP4MOE_PRECISION_W4A4 &&
+                    !ep->cfg.apply_router_weight_on_input;
         if (cs.t > 0) local = load_inputs(ep, &cs, stream);
         if (local == FP4MOE_SUCCESS) local = assign_slots(ep, &cs);
     }
@@ -452,17 +547,23 @@ static fp4moe_status forward_common(fp4moe_ep *ep, const fp4moe_forward_args *ar
     if ((st = dispatch(ep, &cs, stream)) != FP4MOE_SUCCESS) return st;
     /* From here every rank must take part in the return exchange whatever happens locally:
      * a failed compute returns NaN rows so that the peers' results cannot look valid. */
-    fp4moe_status compute = compute_rows(ep, &cs, stream);
+    fp4moe_status compute = cs.device ? compute_rows_device(ep, &cs, stream)
+                                      : compute_rows(ep, &cs, stream);
     if (compute != FP4MOE_SUCCESS) {
         memcpy(saved, ep->ctx->last_error, sizeof saved);
-        float *out = ep->rows_out.data;
-        for (int64_t i = 0; out != NULL && i < cs.total_recv * cs.h; i++)
-            out[i] = NAN;
+        if (cs.device) {
+            if (ep->dev_rows_out.data != NULL)
+                (void)ep_device_fill_nan(ep->dev_rows_out.data, cs.total_recv * cs.h, stream);
+        } else {
+            float *out = ep->rows_out.data;
+            for (int64_t i = 0; out != NULL && i < cs.total_recv * cs.h; i++)
+                out[i] = NAN;
+        }
     }
     st = return_results(ep, &cs, stream);
     if (compute != FP4MOE_SUCCESS) return fp4moe_fail(ep->ctx, compute, "%s", saved);
     if (st != FP4MOE_SUCCESS) return st;
-    st = combine(ep, &cs);
+    st = combine(ep, &cs, stream);
     ep->stats.rows_sent = cs.t * cs.k;
     ep->stats.rows_received = cs.total_recv;
     ep->stats.rows_to_self = cs.send_rows[ep->transport.rank];

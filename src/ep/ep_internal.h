@@ -45,8 +45,8 @@ struct fp4moe_ep {
     ep_buffer scratch; /* per-row FP32 work */
     /* Backend-memory staging (CUDA backend): routing outputs, expert-plan inputs/outputs. */
     ep_buffer dev_ids, dev_weights, dev_rows_hidden, dev_rows_ids, dev_rows_ones, dev_rows_out;
-    /* Device-transport staging. */
-    ep_buffer dev_send, dev_recv;
+    /* Device-transport staging; with the CUDA backend also the device path's index arrays. */
+    ep_buffer dev_send, dev_recv, dev_result_row;
 };
 
 /* Makes b hold at least bytes (contents not kept). Allocates only while the EP object is being
@@ -65,6 +65,10 @@ size_t ep_allocation_count(const fp4moe_ep *ep);
  * device transports). send_bytes/recv_bytes: [size]. */
 fp4moe_status ep_exchange(fp4moe_ep *ep, const void *send, const size_t *send_bytes, void *recv,
                           const size_t *recv_bytes, void *stream);
+
+/* The same for buffers already in device memory (device transports only): no staging. */
+fp4moe_status ep_exchange_device(fp4moe_ep *ep, const void *send, const size_t *send_bytes,
+                                 void *recv, const size_t *recv_bytes, void *stream);
 
 /* Copies between backend memory and the host (memcpy on the CPU backend; on CUDA, the stream
  * is synchronised first so that queued work is done). */

@@ -52,7 +52,7 @@ size_t ep_allocation_count(const fp4moe_ep *ep)
 }
 
 /* The staging buffers, in one list for sizing, accounting and release. */
-enum { EP_BUFFERS = 23 };
+enum { EP_BUFFERS = 24 };
 static void list_buffers(fp4moe_ep *ep, ep_buffer *all[EP_BUFFERS])
 {
     ep_buffer *list[EP_BUFFERS] = {
@@ -61,7 +61,7 @@ static void list_buffers(fp4moe_ep *ep, ep_buffer *all[EP_BUFFERS])
         &ep->rows_hidden, &ep->rows_ids,     &ep->rows_ones,    &ep->rows_out,
         &ep->results,     &ep->out_host,     &ep->scratch,      &ep->dev_ids,
         &ep->dev_weights, &ep->dev_rows_hidden, &ep->dev_rows_ids, &ep->dev_rows_ones,
-        &ep->dev_rows_out, &ep->dev_send,    &ep->dev_recv};
+        &ep->dev_rows_out, &ep->dev_send,    &ep->dev_recv,     &ep->dev_result_row};
     memcpy(all, list, sizeof list);
 }
 
@@ -182,6 +182,8 @@ fp4moe_status ep_size_staging(fp4moe_ep *ep)
         {&ep->dev_rows_ones, chunk_4, cuda},
         {&ep->dev_rows_out, recv_row, cuda},
         /* The device transport carries the counts, the dispatch and the return. */
+        /* The device path (ep_forward.c): each slot's row among the rows of its rank. */
+        {&ep->dev_result_row, slot_8, cuda && ep->transport.device_buffers},
         {&ep->dev_send, max3(counts, slot_rec, recv_row), ep->transport.device_buffers},
         {&ep->dev_recv, max3(counts, recv_rec, slot_row), ep->transport.device_buffers},
     };
@@ -272,4 +274,12 @@ fp4moe_status ep_exchange(fp4moe_ep *ep, const void *send, const size_t *send_by
         t->all_to_all_v(t->user, ep->dev_send.data, send_bytes, ep->dev_recv.data, recv_bytes, stream);
     if (code) return transport_failed(ep, code);
     return ep_to_host(ep, recv, ep->dev_recv.data, recv_total, stream);
+}
+
+fp4moe_status ep_exchange_device(fp4moe_ep *ep, const void *send, const size_t *send_bytes,
+                                 void *recv, const size_t *recv_bytes, void *stream)
+{
+    const fp4moe_ep_transport *t = &ep->transport;
+    const int code = t->all_to_all_v(t->user, send, send_bytes, recv, recv_bytes, stream);
+    return code ? transport_failed(ep, code) : FP4MOE_SUCCESS;
 }
