@@ -121,6 +121,8 @@ static void *run_rank(void *arg)
         a.skip_finalize = c->skip_finalize;
         job->status = c->routed ? fp4moe_ep_forward_routed(ep, &a, stream)
                                 : fp4moe_ep_forward(ep, &a, stream);
+        /* the output is written on the stream (the device path does not wait for it) */
+        if (job->status == FP4MOE_SUCCESS) job->status = fp4moe_synchronize(ctx, stream);
         if (job->status == FP4MOE_SUCCESS && out_rows > 0)
             job->status =
                 fp4moe_buffer_download(ctx, job->out, d_out, (size_t)(out_rows * H) * out_elt);
