@@ -29,6 +29,7 @@ int main(void)
 #include "fp4moe.h"
 #include "fp4moe_ep.h"
 #include "presets.h"
+#include "ref/ref_moe.h"
 #include "synthetic.h"
 
 #define MAX_RANKS 8
@@ -77,31 +78,6 @@ static double median(double *v, int n)
     return v[n / 2];
 }
 
-/* The weights of experts [e0, e0 + count) of a whole layer (pointer offsets, no copy). */
-static fp4moe_weights slice_weights(const fp4moe_config *c, const fp4moe_weights *all, int64_t e0)
-{
-    const int64_t n1 = fp4moe_config_fc1_rows(c), h = c->hidden_size, inter = c->intermediate_size;
-    fp4moe_weights w = *all;
-#define SLICE(field, per) \
-    if (w.field) w.field += e0 * (per)
-    SLICE(w1, n1 * h / 2);
-    SLICE(w1_scale, n1 * h / 16);
-    SLICE(w1_global_scale, 1);
-    SLICE(w1_global_scale_half2, 1);
-    SLICE(w2, h * inter / 2);
-    SLICE(w2_scale, h * inter / 16);
-    SLICE(w2_global_scale, 1);
-    SLICE(b1, n1);
-    SLICE(b2, h);
-    SLICE(a1_global_scale, 1);
-    SLICE(a2_global_scale, 1);
-    SLICE(fc2_input_fp8_scale, 1);
-    SLICE(swiglu_alpha, 1);
-    SLICE(swiglu_beta, 1);
-    SLICE(swiglu_limit, 1);
-#undef SLICE
-    return w;
-}
 
 /* Random BF16 hidden states and FP32 logits for T tokens (seeded per rank). */
 static int make_inputs(const fp4moe_config *c, long long t, uint64_t seed, uint16_t **x,
@@ -182,7 +158,7 @@ static void *run_rank(void *arg)
     for (int i = 0; i < s->num_t; i++)
         if (s->tokens[i] > max_t) max_t = s->tokens[i];
     cfg.max_tokens = max_t;
-    const fp4moe_weights w = slice_weights(&s->cfg, s->w, cfg.local_expert_offset);
+    const fp4moe_weights w = ref_weights_slice(&s->cfg, s->w, cfg.local_expert_offset);
     fp4moe_status st = fp4moe_context_create(&o, &ctx);
     if (st == FP4MOE_SUCCESS) st = fp4moe_ep_nccl_transport(ctx, s->comms[rank], &tr);
     if (st == FP4MOE_SUCCESS) st = fp4moe_ep_create(ctx, &cfg, &w, &tr, stream, &ep);

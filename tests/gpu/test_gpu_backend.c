@@ -304,6 +304,24 @@ static gpu_case make(const char *name, fp4moe_config cfg, int64_t tokens)
     return c;
 }
 
+/* One case per activation (gate/up order alternating), with biases, per-half global scales and
+ * per-expert SwiGLU parameters, at the given T; returns the new case count. */
+static int add_activation_cases(gpu_case *cases, int n, const char *name, int64_t tokens)
+{
+    static const fp4moe_activation acts[] = {FP4MOE_ACT_SWIGLU, FP4MOE_ACT_GEGLU, FP4MOE_ACT_GEGLU_TANH,
+                                             FP4MOE_ACT_RELU2, FP4MOE_ACT_SILU, FP4MOE_ACT_GELU,
+                                             FP4MOE_ACT_IDENTITY};
+    for (int i = 0; i < 7; i++) {
+        fp4moe_config c = base_config(32, 4, 256, 192);
+        c.activation = acts[i];
+        c.gate_up_order = i % 2 ? FP4MOE_UP_GATE : FP4MOE_GATE_UP;
+        cases[n] = make(name, c, tokens);
+        cases[n].gen.biases = 1, cases[n].gen.half2_scale = 1, cases[n].gen.per_expert_swiglu = 1;
+        n++;
+    }
+    return n;
+}
+
 int main(void)
 {
     testing_state st = {0, 0};
@@ -351,17 +369,7 @@ int main(void)
         n++;
     }
     /* every activation, with biases and per-half scales */
-    static const fp4moe_activation acts[] = {FP4MOE_ACT_SWIGLU, FP4MOE_ACT_GEGLU, FP4MOE_ACT_GEGLU_TANH,
-                                             FP4MOE_ACT_RELU2, FP4MOE_ACT_SILU, FP4MOE_ACT_GELU,
-                                             FP4MOE_ACT_IDENTITY};
-    for (int i = 0; i < 7; i++) {
-        fp4moe_config c = base_config(32, 4, 256, 192);
-        c.activation = acts[i];
-        c.gate_up_order = i % 2 ? FP4MOE_UP_GATE : FP4MOE_GATE_UP;
-        cases[n] = make("activation (+b1/b2, half2, per-expert)", c, 6);
-        cases[n].gen.biases = 1, cases[n].gen.half2_scale = 1, cases[n].gen.per_expert_swiglu = 1;
-        n++;
-    }
+    n = add_activation_cases(cases, n, "activation (+b1/b2, half2, per-expert)", 6);
     /* nemotron-nano shape: H = 2688, I = 1856, relu2, deepseek n_group 1 with bias */
     {
         fp4moe_config c = base_config(8, 6, 2688, 1856);
@@ -461,14 +469,7 @@ int main(void)
         g.graph = 0;
         cases[n++] = g;
     }
-    for (int i = 0; i < 7; i++) {
-        fp4moe_config c = base_config(32, 4, 256, 192);
-        c.activation = acts[i];
-        c.gate_up_order = i % 2 ? FP4MOE_UP_GATE : FP4MOE_GATE_UP;
-        cases[n] = make("prefill activation (+b1/b2, half2)", c, 40);
-        cases[n].gen.biases = 1, cases[n].gen.half2_scale = 1, cases[n].gen.per_expert_swiglu = 1;
-        n++;
-    }
+    n = add_activation_cases(cases, n, "prefill activation (+b1/b2, half2)", 40);
     {
         fp4moe_config c = base_config(8, 6, 2688, 1856);
         c.activation = FP4MOE_ACT_RELU2;

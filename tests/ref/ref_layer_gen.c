@@ -161,11 +161,10 @@ fail:
     return -1;
 }
 
-fp4moe_weights ref_layer_slice_weights(const ref_layer *layer, int64_t e0)
+fp4moe_weights ref_weights_slice(const fp4moe_config *c, const fp4moe_weights *all, int64_t e0)
 {
-    const fp4moe_config *c = &layer->cfg;
     const int64_t n1 = ref_fc1_rows(c), h = c->hidden_size, inter = c->intermediate_size;
-    fp4moe_weights w = layer->w;
+    fp4moe_weights w = *all;
 #define SLICE(field, per) \
     if (w.field) w.field += e0 * (per)
     SLICE(w1, n1 * h / 2);
@@ -185,4 +184,9 @@ fp4moe_weights ref_layer_slice_weights(const ref_layer *layer, int64_t e0)
     SLICE(swiglu_limit, 1);
 #undef SLICE
     return w;
+}
+
+fp4moe_weights ref_layer_slice_weights(const ref_layer *layer, int64_t e0)
+{
+    return ref_weights_slice(&layer->cfg, &layer->w, e0);
 }

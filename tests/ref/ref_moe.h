@@ -121,7 +121,9 @@ int ref_layer_generate(ref_layer *layer, const fp4moe_config *cfg, const ref_gen
 int ref_layer_calibrate(ref_layer *layer, const float *hidden, int64_t num_tokens);
 void ref_layer_free(ref_layer *layer);
 /* The weights of experts [e0, ...) of a layer (an expert-parallel rank's slice): every
- * per-expert array advanced by e0 experts; routing_bias (global) unchanged. */
+ * per-expert array advanced by e0 experts (pointer offsets, no copy); routing_bias (global)
+ * unchanged. ref_weights_slice does it for any weights of configuration c. */
+fp4moe_weights ref_weights_slice(const fp4moe_config *c, const fp4moe_weights *all, int64_t e0);
 fp4moe_weights ref_layer_slice_weights(const ref_layer *layer, int64_t e0);
 
 /* n values N(0, stddev) (never exactly zero), rounded to dtype, into data (dtype layout). */
