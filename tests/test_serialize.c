@@ -36,6 +36,14 @@ static int run_layer(fp4moe_plan *plan, int64_t t, const float *x, const float *
     return st != FP4MOE_SUCCESS;
 }
 
+/* Whether needle[0, len) occurs in hay[0, n). */
+static int contains(const uint8_t *hay, size_t n, const uint8_t *needle, size_t len)
+{
+    for (size_t i = 0; i + len <= n; i++)
+        if (hay[i] == needle[0] && memcmp(hay + i, needle, len) == 0) return 1;
+    return 0;
+}
+
 int main(void)
 {
     testing_state st = {0, 0};
@@ -69,6 +77,23 @@ int main(void)
           "short buffer refused");
     CHECK(&st, fp4moe_plan_serialize(plan, blob, n, &written) == FP4MOE_SUCCESS && written == n,
           "serialize");
+
+    /* The CPU backend keeps only its repacked weights: the blob's expert matrices are rebuilt
+     * from them and must be the caller's canonical bytes (w2 has an odd number of 16-value
+     * blocks per row: the repacked pair padding must not leak). */
+    {
+        /* (the layer holds the local experts only) */
+        const int64_t el = cfg.local_num_experts;
+        const int64_t h = cfg.hidden_size, in = cfg.intermediate_size, n1 = 2 * in;
+        const struct { const uint8_t *src; size_t bytes; const char *name; } m[] = {
+            {layer.w.w1, (size_t)(el * n1 * h / 2), "w1"},
+            {layer.w.w1_scale, (size_t)(el * n1 * h / 16), "w1_scale"},
+            {layer.w.w2, (size_t)(el * h * in / 2), "w2"},
+            {layer.w.w2_scale, (size_t)(el * h * in / 16), "w2_scale"}};
+        for (int i = 0; i < 4; i++)
+            CHECK(&st, contains(blob, n, m[i].src, m[i].bytes), "blob holds the canonical %s",
+                  m[i].name);
+    }
 
     /* Round trip: same config, same outputs bit for bit. */
     fp4moe_plan *back = NULL;

@@ -37,6 +37,9 @@ struct fp4moe_plan {
     int64_t n1;        /* FC1 rows: 2I gated, I otherwise */
     int gated;         /* activation uses gate and up halves */
     plan_weights w;
+    /* Set by a backend whose prepare freed w.w1, w1_scale, w2 and w2_scale (it keeps only its
+     * own layout; ops->export_matrix gives them back, e.g. for serialisation). */
+    int matrices_in_backend;
     const struct backend_ops *ops;
     void *backend_state; /* owned by ops */
 };
@@ -73,7 +76,12 @@ typedef struct backend_ops {
     fp4moe_status (*route)(fp4moe_plan *plan, int64_t num_tokens, const void *logits,
                            fp4moe_dtype logits_dtype, int32_t *ids_out, float *weights_out,
                            void *workspace, size_t workspace_bytes, void *stream);
+    /* For backends that drop plan->w's expert matrices after prepare (matrices_in_backend):
+     * writes one of them (PLAN_MATRIX_*) in the canonical layout, linear scales; else NULL. */
+    void (*export_matrix)(const fp4moe_plan *plan, int which, uint8_t *dst);
 } backend_ops;
+
+enum { PLAN_MATRIX_W1, PLAN_MATRIX_W1_SCALE, PLAN_MATRIX_W2, PLAN_MATRIX_W2_SCALE };
 
 /* Validates a configuration; on success writes the normalised copy to out (may be NULL). */
 fp4moe_status plan_normalise_config(fp4moe_context *ctx, const fp4moe_config *in,

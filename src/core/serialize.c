@@ -92,6 +92,25 @@ static void plan_arrays(const fp4moe_plan *p, array_view a[NUM_ARRAYS])
     memcpy(a, views, sizeof views);
 }
 
+/* Array i when the backend holds it (matrices_in_backend: w1, w1_scale, w2, w2_scale): its
+ * PLAN_MATRIX_* for ops->export_matrix; else -1. */
+static int exported_matrix(const fp4moe_plan *p, int i)
+{
+    if (!p->matrices_in_backend) return -1;
+    switch (i) {
+    case 0: return PLAN_MATRIX_W1;
+    case 1: return PLAN_MATRIX_W1_SCALE;
+    case 4: return PLAN_MATRIX_W2;
+    case 5: return PLAN_MATRIX_W2_SCALE;
+    default: return -1;
+    }
+}
+
+static int present(const fp4moe_plan *p, const array_view *a, int i)
+{
+    return a[i].data != NULL || exported_matrix(p, i) >= 0;
+}
+
 static void put_u32(uint8_t **p, uint32_t v)
 {
     for (int i = 0; i < 4; i++) *(*p)++ = (uint8_t)(v >> (8 * i));
@@ -122,7 +141,7 @@ static uint64_t total_size(const fp4moe_plan *plan)
     plan_arrays(plan, a);
     uint64_t n = HEADER_BYTES + NUM_INTS * 8 + NUM_FLOATS * 4 + 4 + 4;
     for (int i = 0; i < NUM_ARRAYS; i++)
-        if (a[i].data != NULL) n += 8 + a[i].bytes;
+        if (present(plan, a, i)) n += 8 + a[i].bytes;
     return n;
 }
 
@@ -168,12 +187,13 @@ fp4moe_status fp4moe_plan_serialize(const fp4moe_plan *plan, void *buffer, size_
     plan_arrays(plan, a);
     uint32_t mask = 0;
     for (int i = 0; i < NUM_ARRAYS; i++)
-        if (a[i].data != NULL) mask |= 1u << i;
+        if (present(plan, a, i)) mask |= 1u << i;
     put_u32(&p, mask);
     for (int i = 0; i < NUM_ARRAYS; i++) {
-        if (a[i].data == NULL) continue;
+        if (!present(plan, a, i)) continue;
         put_u64(&p, a[i].bytes);
-        memcpy(p, a[i].data, (size_t)a[i].bytes);
+        if (a[i].data != NULL) memcpy(p, a[i].data, (size_t)a[i].bytes);
+        else plan->ops->export_matrix(plan, exported_matrix(plan, i), p);
         p += a[i].bytes;
     }
     uint32_t crc = (uint32_t)crc32_z(0L, buffer, (size_t)(p - (uint8_t *)buffer));

@@ -84,7 +84,30 @@ static fp4moe_status cpu_prepare(fp4moe_plan *plan)
         cpu_repack_matrix(plan->w.w2 + e * w2_bytes, plan->w.w2_scale + e * w2_scale_bytes,
                           &st->fc2[e]);
     }
+    /* Only the repacked copy stays resident (cpu_export_matrix rebuilds the canonical one). */
+    uint8_t **canonical[] = {&plan->w.w1, &plan->w.w1_scale, &plan->w.w2, &plan->w.w2_scale};
+    for (size_t i = 0; i < sizeof canonical / sizeof canonical[0]; i++) {
+        free(*canonical[i]);
+        *canonical[i] = NULL;
+    }
+    plan->matrices_in_backend = 1;
     return FP4MOE_SUCCESS;
+}
+
+/* The canonical bytes of one expert matrix stack, from the repacked copy. */
+static void cpu_export_matrix(const fp4moe_plan *plan, int which, uint8_t *dst)
+{
+    const cpu_state *st = (const cpu_state *)plan->backend_state;
+    const int64_t n1 = plan->n1, h = plan->cfg.hidden_size, inter = plan->cfg.intermediate_size;
+    const int fc2 = which == PLAN_MATRIX_W2 || which == PLAN_MATRIX_W2_SCALE;
+    const int scales = which == PLAN_MATRIX_W1_SCALE || which == PLAN_MATRIX_W2_SCALE;
+    const int64_t rows = fc2 ? h : n1, cols = fc2 ? inter : h;
+    const size_t code_bytes = (size_t)(rows * cols / 2), scale_bytes = (size_t)(rows * cols / 16);
+    for (int64_t e = 0; e < plan->e_loc; e++) {
+        const cpu_packed_matrix *m = fc2 ? &st->fc2[e] : &st->fc1[e];
+        cpu_unpack_matrix(m, scales ? NULL : dst + (size_t)e * code_bytes,
+                          scales ? dst + (size_t)e * scale_bytes : NULL);
+    }
 }
 
 static size_t cpu_workspace_size(const fp4moe_plan *plan, int64_t num_tokens)
@@ -174,4 +197,4 @@ static fp4moe_status cpu_route(fp4moe_plan *plan, int64_t num_tokens, const void
 }
 
 const backend_ops cpu_backend_ops = {"cpu",       cpu_prepare, cpu_release, cpu_workspace_size,
-                                     cpu_forward, cpu_route};
+                                     cpu_forward, cpu_route,   cpu_export_matrix};

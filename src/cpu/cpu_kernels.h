@@ -76,6 +76,9 @@ size_t cpu_packed_scale_bytes(int64_t rows, int64_t cols);
 void cpu_packed_init(cpu_packed_matrix *m, int64_t rows, int64_t cols, uint8_t *codes,
                      uint8_t *scales);
 void cpu_repack_matrix(const uint8_t *packed, const uint8_t *scales, cpu_packed_matrix *m);
+/* The inverse: the canonical codes [rows][cols/2] and linear scales [rows][cols/16] of m
+ * (either output may be NULL). */
+void cpu_unpack_matrix(const cpu_packed_matrix *m, uint8_t *packed, uint8_t *scales);
 
 /* The kernel sets. Those of wider instruction sets exist only on x86 builds; call them only
  * when cpu_isa_supported() says the CPU runs them. */

@@ -1,4 +1,4 @@
-/* Canonical NVFP4 matrices -> the pair-tile layout of cpu_kernels.h. */
+/* Canonical NVFP4 matrices <-> the pair-tile layout of cpu_kernels.h. */
 #include <string.h>
 
 #include "cpu_kernels.h"
@@ -62,6 +62,33 @@ void cpu_repack_matrix(const uint8_t *packed, const uint8_t *scales, cpu_packed_
             }
             dst_scales[0] = row_scales[block_a];
             dst_scales[1] = block_b < blocks ? row_scales[block_b] : 0;
+        }
+    }
+}
+
+void cpu_unpack_matrix(const cpu_packed_matrix *m, uint8_t *packed, uint8_t *scales)
+{
+    const int64_t blocks = m->cols / 16;
+    for (int64_t n = 0; n < m->rows; n++) {
+        const int64_t tile = n / CPU_TILE_ROWS, r = n % CPU_TILE_ROWS;
+        uint8_t *row = packed ? packed + n * (m->cols / 2) : NULL;
+        uint8_t *row_scales = scales ? scales + n * blocks : NULL;
+        const uint8_t *tile_codes = m->codes + tile * m->pairs * CPU_TILE_ROWS * CPU_PAIR_CODE_BYTES;
+        const uint8_t *tile_scales = m->scales + tile * m->pairs * CPU_TILE_ROWS * CPU_PAIR_SCALE_BYTES;
+        for (int64_t p = 0; p < m->pairs; p++) {
+            const uint8_t *src = tile_codes + (p * CPU_TILE_ROWS + r) * CPU_PAIR_CODE_BYTES;
+            const uint8_t *src_scales = tile_scales + (p * CPU_TILE_ROWS + r) * CPU_PAIR_SCALE_BYTES;
+            for (int half = 0; half < 2; half++) {
+                const int64_t block = 2 * p + half;
+                if (block >= blocks) break;
+                /* value j of the block sits in nibble `half` of src[j] */
+                for (int j = 0; row != NULL && j < 16; j += 2) {
+                    const uint8_t lo = (uint8_t)((src[j] >> (4 * half)) & 0xf);
+                    const uint8_t hi = (uint8_t)((src[j + 1] >> (4 * half)) & 0xf);
+                    row[(block * 16 + j) / 2] = (uint8_t)(lo | (hi << 4));
+                }
+                if (row_scales != NULL) row_scales[block] = src_scales[half];
+            }
         }
     }
 }

@@ -400,6 +400,6 @@ static fp4moe_status cuda_route(fp4moe_plan *plan, int64_t num_tokens, const voi
 }
 
 static const backend_ops cuda_ops = {"cuda", cuda_prepare, cuda_release, cuda_workspace_size,
-                                     cuda_forward, cuda_route};
+                                     cuda_forward, cuda_route, NULL};
 
 extern "C" const backend_ops *cuda_backend_get_ops(void) { return &cuda_ops; }
