@@ -1,4 +1,5 @@
-"""A drop-in for flashinfer.fused_moe.trtllm_fp4_block_scale_moe on Hopper GPUs and CPUs.
+"""A drop-in for flashinfer.fused_moe.trtllm_fp4_block_scale_moe (and _routed_moe) on Hopper
+GPUs and CPUs.
 
     from fp4moe.flashinfer_compat import trtllm_fp4_block_scale_moe
 
@@ -112,59 +113,15 @@ def _nvfp4_to_float(hidden_states, hidden_states_scale, lut, hidden_size):
     return x.reshape(t, hidden_size).to(torch.bfloat16)
 
 
-def trtllm_fp4_block_scale_moe(
-    routing_logits: torch.Tensor,
-    routing_bias: Optional[torch.Tensor],
-    hidden_states: torch.Tensor,
-    hidden_states_scale: Optional[torch.Tensor],
-    gemm1_weights: torch.Tensor,
-    gemm1_weights_scale: torch.Tensor,
-    gemm1_bias: Optional[torch.Tensor],
-    gemm1_alpha: Optional[torch.Tensor],
-    gemm1_beta: Optional[torch.Tensor],
-    gemm1_clamp_limit: Optional[torch.Tensor],
-    gemm2_weights: torch.Tensor,
-    gemm2_weights_scale: torch.Tensor,
-    gemm2_bias: Optional[torch.Tensor],
-    output1_scale_scalar: Optional[torch.Tensor],
-    output1_scale_gate_scalar: Optional[torch.Tensor],
-    output2_scale_scalar: Optional[torch.Tensor],
-    num_experts: int,
-    top_k: int,
-    n_group: Optional[int],
-    topk_group: Optional[int],
-    intermediate_size: int,
-    local_expert_offset: int,
-    local_num_experts: int,
-    routed_scaling_factor: Optional[float],
-    routing_method_type: int = 0,
-    do_finalize: bool = True,
-    enable_pdl: Optional[bool] = None,
-    activation_type=3,
-    per_token_scale: Optional[torch.Tensor] = None,
-    output: Optional[torch.Tensor] = None,
-    tune_max_num_tokens: int = 8192,
-    norm_topk_prob: bool = True,
-    routing_replay_out: Optional[torch.Tensor] = None,
-    num_fused_shared_experts: Optional[int] = None,
-    *,
-    weight_layout: str = "shuffled",
-    epilogue_tile_m: int = 128,
-) -> List[torch.Tensor]:
-    """FlashInfer's trtllm_fp4_block_scale_moe computed by fp4moe; returns [output] (BF16
-    [T, H]). See the module docstring for the layouts and scales. enable_pdl and
-    tune_max_num_tokens are performance hints without effect here."""
-    if not do_finalize:
-        raise NotImplementedError(
-            "fp4moe: do_finalize=False returns FlashInfer's permuted intermediate layout, which "
-            "fp4moe does not reproduce; use fp4moe.torch_api.moe(..., skip_finalize=True) for "
-            "per-(token, slot) expert outputs")
-    if num_fused_shared_experts:
-        raise NotImplementedError("fp4moe: num_fused_shared_experts is not supported (run the "
-                                  "shared experts as a separate MLP)")
-    if routing_logits is None:
-        raise ValueError("fp4moe: routing_logits is required (for precomputed routing use "
-                         "fp4moe.torch_api.moe_routed)")
+def _prepare(hidden_states, hidden_states_scale, routing_bias, gemm1_weights, gemm1_weights_scale,
+             gemm1_bias, gemm1_alpha, gemm1_beta, gemm1_clamp_limit, gemm2_weights,
+             gemm2_weights_scale, gemm2_bias, output1_scale_scalar, output1_scale_gate_scalar,
+             output2_scale_scalar, num_experts, top_k, n_group, topk_group, intermediate_size,
+             local_expert_offset, local_num_experts, routed_scaling_factor, routing_method_type,
+             activation_type, norm_topk_prob, tune_max_num_tokens, weight_layout,
+             epilogue_tile_m):
+    """The cached plan for these weights and settings, and the hidden states as fp4moe takes
+    them: (entry, x, out_dtype). Shared by the logits and the routed entry points."""
     activation = activation_from_flashinfer(activation_type)
     gated = activation in (Activation.SWIGLU, Activation.GEGLU, Activation.GEGLU_TANH)
     try:
@@ -254,21 +211,155 @@ def trtllm_fp4_block_scale_moe(
     else:
         x = hidden_states.contiguous()
         out_dtype = torch.bfloat16 if x.dtype == torch.float32 else x.dtype
+    return entry, x, out_dtype
+
+
+def _unfinalized(rows, weights):
+    """do_finalize=False: FlashInfer's (gemm2_output, expert_weights,
+    expanded_idx_to_permuted_idx). fp4moe's rows are already in (token, slot) order, so the
+    permutation is the identity: row t*k + j holds token t's slot j (no router weight)."""
+    t, k = weights.shape
+    index = torch.arange(t * k, dtype=torch.int32, device=rows.device).view(t, k)
+    return [rows, weights.to(torch.bfloat16), index]
+
+
+def _check_unsupported(num_fused_shared_experts):
+    if num_fused_shared_experts:
+        raise NotImplementedError("fp4moe: num_fused_shared_experts is not supported (run the "
+                                  "shared experts as a separate MLP)")
+
+
+def trtllm_fp4_block_scale_moe(
+    routing_logits: torch.Tensor,
+    routing_bias: Optional[torch.Tensor],
+    hidden_states: torch.Tensor,
+    hidden_states_scale: Optional[torch.Tensor],
+    gemm1_weights: torch.Tensor,
+    gemm1_weights_scale: torch.Tensor,
+    gemm1_bias: Optional[torch.Tensor],
+    gemm1_alpha: Optional[torch.Tensor],
+    gemm1_beta: Optional[torch.Tensor],
+    gemm1_clamp_limit: Optional[torch.Tensor],
+    gemm2_weights: torch.Tensor,
+    gemm2_weights_scale: torch.Tensor,
+    gemm2_bias: Optional[torch.Tensor],
+    output1_scale_scalar: Optional[torch.Tensor],
+    output1_scale_gate_scalar: Optional[torch.Tensor],
+    output2_scale_scalar: Optional[torch.Tensor],
+    num_experts: int,
+    top_k: int,
+    n_group: Optional[int],
+    topk_group: Optional[int],
+    intermediate_size: int,
+    local_expert_offset: int,
+    local_num_experts: int,
+    routed_scaling_factor: Optional[float],
+    routing_method_type: int = 0,
+    do_finalize: bool = True,
+    enable_pdl: Optional[bool] = None,
+    activation_type=3,
+    per_token_scale: Optional[torch.Tensor] = None,
+    output: Optional[torch.Tensor] = None,
+    tune_max_num_tokens: int = 8192,
+    norm_topk_prob: bool = True,
+    routing_replay_out: Optional[torch.Tensor] = None,
+    num_fused_shared_experts: Optional[int] = None,
+    *,
+    weight_layout: str = "shuffled",
+    epilogue_tile_m: int = 128,
+) -> List[torch.Tensor]:
+    """FlashInfer's trtllm_fp4_block_scale_moe computed by fp4moe; returns [output] (BF16
+    [T, H]), or with do_finalize=False [gemm2_output [T*k, H], expert_weights [T, k],
+    expanded_idx_to_permuted_idx [T, k]] (see _unfinalized). See the module docstring for the
+    layouts and scales. enable_pdl and tune_max_num_tokens are performance hints without effect
+    here."""
+    _check_unsupported(num_fused_shared_experts)
+    if routing_logits is None:
+        raise ValueError("fp4moe: routing_logits is required (for precomputed routing use "
+                         "trtllm_fp4_block_scale_routed_moe)")
+    entry, x, out_dtype = _prepare(
+        hidden_states, hidden_states_scale, routing_bias, gemm1_weights, gemm1_weights_scale,
+        gemm1_bias, gemm1_alpha, gemm1_beta, gemm1_clamp_limit, gemm2_weights,
+        gemm2_weights_scale, gemm2_bias, output1_scale_scalar, output1_scale_gate_scalar,
+        output2_scale_scalar, num_experts, top_k, n_group, topk_group, intermediate_size,
+        local_expert_offset, local_num_experts, routed_scaling_factor, routing_method_type,
+        activation_type, norm_topk_prob, tune_max_num_tokens, weight_layout, epilogue_tile_m)
+    t = int(hidden_states.shape[0])
     logits = routing_logits.contiguous()
-    result, ids, _ = torch_api.moe(entry.plan, x, logits, per_token_scale=per_token_scale,
-                                   output_dtype=out_dtype, return_routing=True)
+    result, ids, weights = torch_api.moe(entry.plan, x, logits, per_token_scale=per_token_scale,
+                                         output_dtype=out_dtype, return_routing=True,
+                                         skip_finalize=not do_finalize)
     if routing_replay_out is not None:
         routing_replay_out[:t].copy_(ids.to(routing_replay_out.dtype))
+    if not do_finalize:
+        return _unfinalized(result, weights)
     if output is not None:
         output.copy_(result)
         return [output]
     return [result]
 
 
-def trtllm_fp4_block_scale_routed_moe(*args, **kwargs):
-    raise NotImplementedError(
-        "fp4moe: trtllm_fp4_block_scale_routed_moe's packed (id << 16 | bf16 weight) routing is "
-        "not mapped yet; use fp4moe.torch_api.moe_routed(plan, hidden, topk_ids, topk_weights)")
+def trtllm_fp4_block_scale_routed_moe(
+    topk_ids: torch.Tensor,
+    routing_bias: Optional[torch.Tensor],
+    hidden_states: torch.Tensor,
+    hidden_states_scale: Optional[torch.Tensor],
+    gemm1_weights: torch.Tensor,
+    gemm1_weights_scale: torch.Tensor,
+    gemm1_bias: Optional[torch.Tensor],
+    gemm1_alpha: Optional[torch.Tensor],
+    gemm1_beta: Optional[torch.Tensor],
+    gemm1_clamp_limit: Optional[torch.Tensor],
+    gemm2_weights: torch.Tensor,
+    gemm2_weights_scale: torch.Tensor,
+    gemm2_bias: Optional[torch.Tensor],
+    output1_scale_scalar: Optional[torch.Tensor],
+    output1_scale_gate_scalar: Optional[torch.Tensor],
+    output2_scale_scalar: Optional[torch.Tensor],
+    num_experts: int,
+    top_k: int,
+    n_group: Optional[int],
+    topk_group: Optional[int],
+    intermediate_size: int,
+    local_expert_offset: int,
+    local_num_experts: int,
+    routed_scaling_factor: Optional[float],
+    routing_method_type: int = 0,
+    do_finalize: bool = True,
+    enable_pdl: Optional[bool] = None,
+    activation_type=3,
+    output: Optional[torch.Tensor] = None,
+    tune_max_num_tokens: int = 8192,
+    *,
+    weight_layout: str = "shuffled",
+    epilogue_tile_m: int = 128,
+) -> List[torch.Tensor]:
+    """FlashInfer's trtllm_fp4_block_scale_routed_moe: the experts already chosen. topk_ids is
+    int32 [T, k] packed as TRT-LLM's PackedScoreIdx {bf16 score; int16 idx} in memory, i.e.
+    (expert << 16) | bf16 weight bits (FlashInfer's docstring says the reverse; the struct
+    decides: docs/ROUTING.md). Returns as trtllm_fp4_block_scale_moe."""
+    if topk_ids is None or topk_ids.dim() != 2 or topk_ids.shape[1] != top_k:
+        raise ValueError("fp4moe: topk_ids must be int32 [T, top_k] (packed expert and weight)")
+    entry, x, out_dtype = _prepare(
+        hidden_states, hidden_states_scale, routing_bias, gemm1_weights, gemm1_weights_scale,
+        gemm1_bias, gemm1_alpha, gemm1_beta, gemm1_clamp_limit, gemm2_weights,
+        gemm2_weights_scale, gemm2_bias, output1_scale_scalar, output1_scale_gate_scalar,
+        output2_scale_scalar, num_experts, top_k, n_group, topk_group, intermediate_size,
+        local_expert_offset, local_num_experts, routed_scaling_factor, routing_method_type,
+        activation_type, True, tune_max_num_tokens, weight_layout, epilogue_tile_m)
+    packed = topk_ids.to(torch.int64) & 0xFFFFFFFF  # the 32 bits, unsigned
+    ids = (packed >> 16).to(torch.int32).contiguous()
+    bits = (packed & 0xFFFF) << 16  # a BF16 value's bits are the top half of its FP32 bits
+    bits = torch.where(bits >= 2**31, bits - 2**32, bits).to(torch.int32)
+    weights = bits.view(torch.float32).contiguous()
+    result = torch_api.moe_routed(entry.plan, x, ids, weights, output_dtype=out_dtype,
+                                  skip_finalize=not do_finalize)
+    if not do_finalize:
+        return _unfinalized(result, weights)
+    if output is not None:
+        output.copy_(result)
+        return [output]
+    return [result]
 
 
 __all__ = ["trtllm_fp4_block_scale_moe", "trtllm_fp4_block_scale_routed_moe", "clear_cache",

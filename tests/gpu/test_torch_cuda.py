@@ -252,6 +252,26 @@ def test_flashinfer_drop_in():
     assert_bitwise_equal(again, got, "drop-in, cached plan")
     assert int(replay.min()) >= 0 and int(replay.max()) < E
 
+    # do_finalize=False: per-(token, slot) rows, the weights, the identity permutation; the
+    # weighted sum of the rows gives the finalized output back.
+    rows, weights, index = trtllm_fp4_block_scale_moe(**args, do_finalize=False)
+    assert rows.shape == (T * k, H) and weights.shape == (T, k) and index.shape == (T, k)
+    summed = (rows.float()[index.long().flatten()].view(T, k, H) *
+              weights.float().unsqueeze(-1)).sum(1)
+    err = float((summed.cpu() - got.float().cpu()).norm() / got.float().norm())
+    assert err < 2e-2, err
+
+    # The routed entry point: the same experts and weights, packed as (id << 16) | bf16 bits.
+    from fp4moe.flashinfer_compat import trtllm_fp4_block_scale_routed_moe
+    ids = replay.to(torch.int64)
+    wbits = weights.to(torch.bfloat16).view(torch.int16).to(torch.int64) & 0xFFFF
+    packed_ids = ((ids << 16) | wbits)
+    packed_ids = torch.where(packed_ids >= 2**31, packed_ids - 2**32, packed_ids).to(torch.int32)
+    routed_args = {key: value for key, value in args.items() if key != "routing_logits"}
+    routed = trtllm_fp4_block_scale_routed_moe(topk_ids=packed_ids, **routed_args)[0]
+    err = float((routed.float() - got.float()).norm() / got.float().norm())
+    assert err < 1e-2, err
+
 
 TESTS = [test_eager_equals_c_api, test_current_stream_is_used, test_cuda_graph_capture_and_replay,
          test_torch_compile, test_routed_and_route_ops, test_errors_are_python_exceptions,
