@@ -214,13 +214,19 @@ def _prepare(hidden_states, hidden_states_scale, routing_bias, gemm1_weights, ge
     return entry, x, out_dtype
 
 
-def _unfinalized(rows, weights):
-    """do_finalize=False: FlashInfer's (gemm2_output, expert_weights,
-    expanded_idx_to_permuted_idx). fp4moe's rows are already in (token, slot) order, so the
-    permutation is the identity: row t*k + j holds token t's slot j (no router weight)."""
-    t, k = weights.shape
-    index = torch.arange(t * k, dtype=torch.int32, device=rows.device).view(t, k)
-    return [rows, weights.to(torch.bfloat16), index]
+def _results(result, weights, do_finalize, output):
+    """FlashInfer's return value: [output], or with do_finalize=False (gemm2_output,
+    expert_weights, expanded_idx_to_permuted_idx). fp4moe's unfinalized rows are already in
+    (token, slot) order, so the permutation is the identity: row t*k + j holds token t's slot j
+    (no router weight)."""
+    if not do_finalize:
+        t, k = weights.shape
+        index = torch.arange(t * k, dtype=torch.int32, device=result.device).view(t, k)
+        return [result, weights.to(torch.bfloat16), index]
+    if output is not None:
+        output.copy_(result)
+        return [output]
+    return [result]
 
 
 def _check_unsupported(num_fused_shared_experts):
@@ -270,7 +276,7 @@ def trtllm_fp4_block_scale_moe(
 ) -> List[torch.Tensor]:
     """FlashInfer's trtllm_fp4_block_scale_moe computed by fp4moe; returns [output] (BF16
     [T, H]), or with do_finalize=False [gemm2_output [T*k, H], expert_weights [T, k],
-    expanded_idx_to_permuted_idx [T, k]] (see _unfinalized). See the module docstring for the
+    expanded_idx_to_permuted_idx [T, k]] (see _results). See the module docstring for the
     layouts and scales. enable_pdl and tune_max_num_tokens are performance hints without effect
     here."""
     _check_unsupported(num_fused_shared_experts)
@@ -291,12 +297,7 @@ def trtllm_fp4_block_scale_moe(
                                          skip_finalize=not do_finalize)
     if routing_replay_out is not None:
         routing_replay_out[:t].copy_(ids.to(routing_replay_out.dtype))
-    if not do_finalize:
-        return _unfinalized(result, weights)
-    if output is not None:
-        output.copy_(result)
-        return [output]
-    return [result]
+    return _results(result, weights, do_finalize, output)
 
 
 def trtllm_fp4_block_scale_routed_moe(
@@ -354,12 +355,7 @@ def trtllm_fp4_block_scale_routed_moe(
     weights = bits.view(torch.float32).contiguous()
     result = torch_api.moe_routed(entry.plan, x, ids, weights, output_dtype=out_dtype,
                                   skip_finalize=not do_finalize)
-    if not do_finalize:
-        return _unfinalized(result, weights)
-    if output is not None:
-        output.copy_(result)
-        return [output]
-    return [result]
+    return _results(result, weights, do_finalize, output)
 
 
 __all__ = ["trtllm_fp4_block_scale_moe", "trtllm_fp4_block_scale_routed_moe", "clear_cache",
