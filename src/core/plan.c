@@ -1,5 +1,6 @@
-/* Plans: validate the caller's weights, keep an owned canonical copy (linear scales), hand it
- * to the backend to repack, and release everything on destroy. */
+/* Plans: validate the caller's weights, keep an owned canonical copy (linear scales; the CPU
+ * backend repacks straight from the caller's codes and keeps only its own layout), hand it to
+ * the backend to repack, and release everything on destroy. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -13,11 +14,26 @@
 void plan_weights_free(plan_weights *w)
 {
     if (w == NULL) return;
+    if (w->codes_borrowed) w->w1 = w->w2 = NULL;
     void *arrays[] = {w->w1, w->w1_scale, w->w1_global, w->w1_global_half2, w->w2, w->w2_scale,
                       w->w2_global, w->b1, w->b2, w->routing_bias, w->a1_global, w->a2_global,
                       w->fc2_input_fp8_scale, w->swiglu_alpha, w->swiglu_beta, w->swiglu_limit};
     for (size_t i = 0; i < sizeof arrays / sizeof arrays[0]; i++) free(arrays[i]);
     memset(w, 0, sizeof *w);
+}
+
+void plan_drop_matrices(fp4moe_plan *plan)
+{
+    plan_weights *w = &plan->w;
+    if (!w->codes_borrowed) {
+        free(w->w1);
+        free(w->w2);
+    }
+    free(w->w1_scale);
+    free(w->w2_scale);
+    w->w1 = w->w2 = w->w1_scale = w->w2_scale = NULL;
+    w->codes_borrowed = 0;
+    plan->matrices_in_backend = 1;
 }
 
 /* Copies count floats, each required to pass the check named by `rule`. */
@@ -117,8 +133,10 @@ static fp4moe_status copy_bytes(fp4moe_context *ctx, const char *name, const uin
         }                                                                                       \
     } while (0)
 
+/* The plan's own copy of the caller's weights (scales made linear, every value checked);
+ * with borrow_codes the codes are not copied but pointed at (see plan_weights). */
 static fp4moe_status copy_weights(fp4moe_context *ctx, const fp4moe_config *c,
-                                  const fp4moe_weights *in, plan_weights *out)
+                                  const fp4moe_weights *in, int borrow_codes, plan_weights *out)
 {
     const fp4moe_status bad = FP4MOE_ERROR_INVALID_ARGUMENT;
     const char *missing = in->w1 == NULL                ? "w1"
@@ -146,8 +164,14 @@ static fp4moe_status copy_weights(fp4moe_context *ctx, const fp4moe_config *c,
     const int64_t h = c->hidden_size, inter = c->intermediate_size;
     plan_weights w;
     memset(&w, 0, sizeof w);
-    TRY(copy_bytes(ctx, "w1", in->w1, plan_w1_bytes(c), &w.w1));
-    TRY(copy_bytes(ctx, "w2", in->w2, plan_w2_bytes(c), &w.w2));
+    if (borrow_codes) {
+        w.w1 = (uint8_t *)(uintptr_t)in->w1; /* read only, and only during plan creation */
+        w.w2 = (uint8_t *)(uintptr_t)in->w2;
+        w.codes_borrowed = 1;
+    } else {
+        TRY(copy_bytes(ctx, "w1", in->w1, plan_w1_bytes(c), &w.w1));
+        TRY(copy_bytes(ctx, "w2", in->w2, plan_w2_bytes(c), &w.w2));
+    }
     TRY(copy_scales(ctx, "w1_scale", in->w1_scale, in->w1_scale_layout, e_loc, n1, h, &w.w1_scale));
     TRY(copy_scales(ctx, "w2_scale", in->w2_scale, in->w2_scale_layout, e_loc, h, inter,
                     &w.w2_scale));
@@ -231,7 +255,9 @@ fp4moe_status fp4moe_plan_create(fp4moe_context *ctx, const fp4moe_config *cfg,
     fp4moe_status status = plan_normalise_config(ctx, cfg, &normal);
     if (status != FP4MOE_SUCCESS) return status;
     plan_weights w;
-    status = copy_weights(ctx, &normal, weights, &w);
+    /* A backend that keeps only its own layout repacks straight from the caller's codes. */
+    const backend_ops *ops = ops_for(ctx);
+    status = copy_weights(ctx, &normal, weights, ops != NULL && ops->export_matrix != NULL, &w);
     if (status != FP4MOE_SUCCESS) return status;
     return plan_assemble(ctx, &normal, &w, out);
 }

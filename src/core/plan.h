@@ -26,6 +26,9 @@ typedef struct plan_weights {
     float *swiglu_alpha;        /* [E_loc] always */
     float *swiglu_beta;         /* [E_loc] always */
     float *swiglu_limit;        /* [E_loc] always */
+    /* w1 and w2 point at the caller's codes for the duration of fp4moe_plan_create (backends
+     * that keep only their own layout repack straight from them): never freed here. */
+    int codes_borrowed;
 } plan_weights;
 
 struct backend_ops;
@@ -94,6 +97,9 @@ int plan_routing_takes_bias(fp4moe_routing routing);
 fp4moe_status plan_assemble(fp4moe_context *ctx, const fp4moe_config *cfg, plan_weights *w,
                             fp4moe_plan **out);
 void plan_weights_free(plan_weights *w);
+/* For a backend's prepare once it holds its own layout: releases w1, w1_scale, w2 and w2_scale
+ * (owned or borrowed) and sets matrices_in_backend (ops->export_matrix gives them back). */
+void plan_drop_matrices(fp4moe_plan *plan);
 
 /* Element counts of the weight tensors, for copy, serialisation and checks. */
 int64_t plan_w1_bytes(const fp4moe_config *cfg);       /* E_loc * N1 * H/2 */

@@ -85,12 +85,7 @@ static fp4moe_status cpu_prepare(fp4moe_plan *plan)
                           &st->fc2[e]);
     }
     /* Only the repacked copy stays resident (cpu_export_matrix rebuilds the canonical one). */
-    uint8_t **canonical[] = {&plan->w.w1, &plan->w.w1_scale, &plan->w.w2, &plan->w.w2_scale};
-    for (size_t i = 0; i < sizeof canonical / sizeof canonical[0]; i++) {
-        free(*canonical[i]);
-        *canonical[i] = NULL;
-    }
-    plan->matrices_in_backend = 1;
+    plan_drop_matrices(plan);
     return FP4MOE_SUCCESS;
 }
 
