@@ -29,17 +29,25 @@ int ckpt_quantize_matrix(const void *data, fp4moe_dtype dtype, int64_t rows, int
                          uint8_t *packed, uint8_t *scales, float *ws2_out, double *amax_out,
                          double *rel_l2_error, double *max_abs_error)
 {
-    const int64_t n = rows * cols;
+    /* Blocks are independent: both passes are split over OpenMP threads (OMP_NUM_THREADS).
+     * The codes do not depend on the split; the error sums (a report) may in the last bits. */
+    const int64_t n = rows * cols, blocks = n / 16;
+    const int parallel = n >= (1 << 16);
     float amax = 0.0f;
+    int bad = 0;
+#pragma omp parallel for if (parallel) schedule(static) reduction(max : amax) reduction(| : bad)
     for (int64_t i = 0; i < n; i++) {
-        float v = fabsf(ckpt_load_float(data, dtype, i));
-        if (!isfinite(v)) return -1;
-        amax = v > amax ? v : amax;
+        const float v = fabsf(ckpt_load_float(data, dtype, i));
+        if (!isfinite(v)) bad = 1;
+        else amax = v > amax ? v : amax;
     }
+    if (bad) return -1;
     const float ws2 = amax > 0.0f ? amax / (6.0f * 448.0f) : 1.0f;
     double err_sq = 0, ref_sq = 0, max_err = 0;
-    float block[16];
-    for (int64_t b = 0; b < n / 16; b++) {
+#pragma omp parallel for if (parallel) schedule(static) reduction(+ : err_sq, ref_sq) \
+    reduction(max : max_err)
+    for (int64_t b = 0; b < blocks; b++) {
+        float block[16];
         float bamax = 0.0f;
         for (int k = 0; k < 16; k++) {
             block[k] = ckpt_load_float(data, dtype, b * 16 + k);
