@@ -222,18 +222,29 @@ static fp4moe_plan *create_bench_plan(fp4moe_context *ctx, const preset *p,
     return plan;
 }
 
+/* The preset's configuration for this run: max_tokens the largest count of the token list
+ * (also in *max_t), the decode threshold if given. 2 (usage) on a bad token list. */
+static int bench_config(const preset *p, const bench_options *o, fp4moe_config *cfg,
+                        long long *max_t)
+{
+    *cfg = p->cfg;
+    if (largest_token_count(o->tokens, max_t)) return 2;
+    cfg->max_tokens = *max_t;
+    if (o->threshold >= 0) cfg->decode_threshold = o->threshold;
+    return 0;
+}
+
 /* Runs one preset over the token list; rows printed as they come. */
 static int bench_preset(fp4moe_context *ctx, const preset *p, const bench_options *o,
                         double bandwidth, int *first_row)
 {
-    fp4moe_config cfg = p->cfg;
+    fp4moe_config cfg;
     long long max_t = 1;
     char tokens[256];
-    if (largest_token_count(o->tokens, &max_t)) return 2;
-    cfg.max_tokens = max_t;
-    if (o->threshold >= 0) cfg.decode_threshold = o->threshold;
+    if (bench_config(p, o, &cfg, &max_t)) return 2;
     const int64_t e = cfg.num_experts, h = cfg.hidden_size, k = cfg.top_k;
-    /* The generator's copy, the plan's canonical copy and a backend copy may coexist. */
+    /* The generator's copy and the backend's copy coexist while the plan is made (the CPU
+     * backend keeps no canonical copy); the third copy is headroom for the rest. */
     double need = 3.0 * expert_nvfp4_bytes(&cfg) * (double)e;
     double avail = (double)sysconf(_SC_AVPHYS_PAGES) * (double)sysconf(_SC_PAGESIZE);
     if (need > avail) {
@@ -349,12 +360,10 @@ done:
 static int bench_preset_cuda(fp4moe_context *ctx, const preset *p, const bench_options *o,
                              double bandwidth, int *first_row)
 {
-    fp4moe_config cfg = p->cfg;
+    fp4moe_config cfg;
     long long max_t = 1;
     char tokens[256];
-    if (largest_token_count(o->tokens, &max_t)) return 2;
-    cfg.max_tokens = max_t;
-    if (o->threshold >= 0) cfg.decode_threshold = o->threshold;
+    if (bench_config(p, o, &cfg, &max_t)) return 2;
     const int64_t e = cfg.num_experts, h = cfg.hidden_size, k = cfg.top_k;
     fp4moe_plan *plan = create_bench_plan(ctx, p, &cfg);
     if (plan == NULL) return 1;
