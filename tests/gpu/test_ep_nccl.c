@@ -69,6 +69,26 @@ static void *dev_upload(fp4moe_context *ctx, const void *host, size_t bytes)
     return d;
 }
 
+/* The forward arguments of a case over t tokens in device buffers (the EP call and the
+ * single-GPU reference take the same ones). */
+static fp4moe_forward_args case_args(const gpu_ep_case *c, int64_t t, void *hidden, void *logits,
+                                     void *ids, void *weights, void *scale, void *out)
+{
+    fp4moe_forward_args a;
+    fp4moe_forward_args_init(&a);
+    a.num_tokens = t;
+    a.hidden_states = hidden;
+    a.hidden_dtype = c->hidden;
+    a.router_logits = logits;
+    a.topk_ids = ids;
+    a.topk_weights = weights;
+    a.per_token_scale = c->per_token_scale ? scale : NULL;
+    a.output = out;
+    a.output_dtype = c->out;
+    a.skip_finalize = c->skip_finalize;
+    return a;
+}
+
 static void *run_rank(void *arg)
 {
     rank_job *job = arg;
@@ -107,18 +127,7 @@ static void *run_rank(void *arg)
     void *d_scale = dev_upload(ctx, job->scale, (size_t)job->t * sizeof(float));
     void *d_out = dev_upload(ctx, NULL, (size_t)(out_rows * H) * out_elt);
     if (job->status == FP4MOE_SUCCESS) {
-        fp4moe_forward_args a;
-        fp4moe_forward_args_init(&a);
-        a.num_tokens = job->t;
-        a.hidden_states = d_hidden;
-        a.hidden_dtype = c->hidden;
-        a.router_logits = d_logits;
-        a.topk_ids = d_ids;
-        a.topk_weights = d_weights;
-        a.per_token_scale = c->per_token_scale ? d_scale : NULL;
-        a.output = d_out;
-        a.output_dtype = c->out;
-        a.skip_finalize = c->skip_finalize;
+        fp4moe_forward_args a = case_args(c, job->t, d_hidden, d_logits, d_ids, d_weights, d_scale, d_out);
         job->status = c->routed ? fp4moe_ep_forward_routed(ep, &a, stream)
                                 : fp4moe_ep_forward(ep, &a, stream);
         /* the output is written on the stream (the device path does not wait for it) */
@@ -225,18 +234,7 @@ static void run_case(testing_state *st, testing_rng *rng, const gpu_ep_case *c, 
         void *d_weights = dev_upload(ctx, weights, (size_t)(T * k) * sizeof(float));
         void *d_scale = dev_upload(ctx, scale, (size_t)T * sizeof(float));
         void *d_out = dev_upload(ctx, NULL, (size_t)(out_rows * H) * out_elt);
-        fp4moe_forward_args a;
-        fp4moe_forward_args_init(&a);
-        a.num_tokens = T;
-        a.hidden_states = d_hidden;
-        a.hidden_dtype = c->hidden;
-        a.router_logits = d_logits;
-        a.topk_ids = d_ids;
-        a.topk_weights = d_weights;
-        a.per_token_scale = c->per_token_scale ? d_scale : NULL;
-        a.output = d_out;
-        a.output_dtype = c->out;
-        a.skip_finalize = c->skip_finalize;
+        fp4moe_forward_args a = case_args(c, T, d_hidden, d_logits, d_ids, d_weights, d_scale, d_out);
         s = c->routed ? fp4moe_forward_routed(plan, &a, ws, ws_bytes, NULL)
                       : fp4moe_forward(plan, &a, ws, ws_bytes, NULL);
         if (s == FP4MOE_SUCCESS) s = fp4moe_synchronize(ctx, NULL);
