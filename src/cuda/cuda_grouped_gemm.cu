@@ -30,12 +30,14 @@ template <int BN, int PARTS, int WG> struct gemm_shape {
     // B first (1024-byte aligned, as the swizzled wgmma layout needs), then A
     static constexpr int stage_bytes = (b_bytes + A_STAGE_BYTES + 1023) / 1024 * 1024;
     static constexpr int stages = WG ? (PARTS == 1 ? 5 : BN == 64 ? 4 : 3) : (PARTS == 1 ? 4 : 3);
-    static constexpr int ahead = stages - 1; // stages loaded ahead of the one computed
+    // stages loaded ahead of the one computed: wgmma keeps one stage's MMAs in flight while the
+    // next is issued, so the stage refilled is the one before the previous
+    static constexpr int ahead = WG ? stages - 2 : stages - 1;
     static constexpr int pipe_bytes = stages * stage_bytes;
     static constexpr int epi_bytes = BN * EPI_STRIDE * 4;
     static constexpr int main_bytes = pipe_bytes > epi_bytes ? pipe_bytes : epi_bytes;
-    // + alignment, then the tile's B row pointers and slots
-    static constexpr int smem_bytes = 1024 + main_bytes + BN * 12;
+    // + alignment, then the tile's B row offsets and slots
+    static constexpr int smem_bytes = 1024 + main_bytes + BN * 8;
     static constexpr int min_blocks = WG && BN == 256 ? 1 : 2;
 };
 
@@ -68,8 +70,35 @@ static __device__ __forceinline__ uint32_t hmul2_bits(uint32_t a, __half2 s)
 typedef struct gemm_tile {
     const uint8_t *codes, *scales; // the expert's repacked matrix
     int64_t mtiles, groups, kp, mt0;
-    const __half *const *b_src;    // smem [BN]: B row of each tile column (part 0), NULL: padding
+    const uint8_t *b;              // the B rows (FP16 inputs)
+    const uint32_t *b_row;         // smem [BN]: each tile column's row in 16-byte units from b, ~0: padding
 } gemm_tile;
+
+#define B_PAD 0xffffffffu
+
+// The B chunks (16 bytes) a thread copies each stage: chunk i = threadIdx.x + j * THREADS is
+// chunk i % 8 of staged row i / 8 (part i / 8 / BN of column i / 8 % BN). Its place in the stage
+// is the same every stage (and, as THREADS is a multiple of 64, j * THREADS * 16 bytes after the
+// thread's first), its source advances by 128 bytes per K group: planned once per tile.
+template <int BN, int PARTS, int THREADS> struct b_chunks {
+    static constexpr int n = BN * PARTS * 8 / THREADS;
+    static_assert(n * THREADS == BN * PARTS * 8 && THREADS % 64 == 0, "B chunks per thread");
+    uint32_t src[n]; // 16-byte units from t.b, B_PAD: padding column
+    int dst;
+};
+
+template <int BN, int PARTS, int THREADS>
+static __device__ __forceinline__ void plan_b_chunks(const gemm_tile &t, b_chunks<BN, PARTS, THREADS> &b)
+{
+    const int ch = threadIdx.x & 7, r0 = threadIdx.x >> 3;
+    b.dst = (r0 * 8 + (ch ^ (r0 & 7))) << 4;
+#pragma unroll
+    for (int j = 0; j < b_chunks<BN, PARTS, THREADS>::n; j++) {
+        const int r = r0 + j * (THREADS / 8);
+        const uint32_t row = t.b_row[r % BN];
+        b.src[j] = row == B_PAD ? B_PAD : row + (uint32_t)((r / BN) * (t.kp / 8) + ch);
+    }
+}
 
 // The A chunks (16 bytes) a thread copies each stage: codes of 8 tiles (256 chunks), then their
 // scales (32 chunks); source offsets advance by 512 / 64 bytes per K group.
@@ -100,15 +129,15 @@ static __device__ __forceinline__ void plan_a_chunks(const gemm_tile &t, a_chunk
 // ch ^ (r & 7)), then the block's 8 A tiles (codes + scales) of K group kg.
 template <int BN, int PARTS, int THREADS>
 static __device__ __forceinline__ void load_stage(uint8_t *stage, const gemm_tile &t,
-                                                  const a_chunks<THREADS> &a, int64_t kg)
+                                                  const a_chunks<THREADS> &a,
+                                                  const b_chunks<BN, PARTS, THREADS> &b, int64_t kg)
 {
-#pragma unroll 4
-    for (int i = threadIdx.x; i < BN * PARTS * 8; i += THREADS) {
-        const int r = i >> 3, ch = i & 7;
-        const char *row = reinterpret_cast<const char *>(t.b_src[PARTS == 2 ? r % BN : r]);
-        const int64_t off = (PARTS == 2 ? (r / BN) * t.kp * 2 : 0) + kg * 128 + ch * 16;
-        cp_async16(stage + ((r * 8 + (ch ^ (r & 7))) << 4), row != NULL ? (const void *)(row + off) : t.codes,
-                   row != NULL);
+#pragma unroll
+    for (int j = 0; j < b_chunks<BN, PARTS, THREADS>::n; j++) {
+        const uint32_t src = b.src[j];
+        const bool ok = src != B_PAD;
+        cp_async16(stage + b.dst + j * THREADS * 16,
+                   t.b + (ok ? (uint64_t)(src + (uint32_t)kg * 8) * 16 : 0), ok);
     }
     uint8_t *sa = stage + BN * PARTS * 128;
 #pragma unroll
@@ -202,7 +231,33 @@ static __device__ __forceinline__ void issue_stage_wgmma(const uint8_t *stage, i
     wgmma_fence_operands<BN / 2>(acc);
 }
 
-// The tile's results, one (row pair or row, column) per iteration: epi[col * EPI_STRIDE + row]
+// Stage kg of the main loop: wait for its copies, refill the slot ahead, multiply.
+template <int BN, int PARTS, int WG, int THREADS>
+static __device__ __forceinline__ void run_stage(uint8_t *smem, const gemm_tile &t, const a_chunks<THREADS> &ac,
+                                                 const b_chunks<BN, PARTS, THREADS> &bc, int64_t kg,
+                                                 int warp, int lane, float *acc, uint32_t (&a)[4][4])
+{
+    typedef gemm_shape<BN, PARTS, WG> S;
+    cp_async_wait<S::ahead - 1>();
+    if (WG) asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); // for wgmma's reads
+    // Stage kg landed for all. The slot refilled next was last read by the MMAs of stage
+    // kg + ahead - stages: kg - 1 for mma.sync (done in every warp), kg - 2 for wgmma (every
+    // warpgroup waited for it after issuing kg - 1, before this barrier).
+    __syncthreads();
+    const int64_t next = kg + S::ahead;
+    if (next < t.groups) load_stage<BN, PARTS, THREADS>(smem + (next % S::stages) * S::stage_bytes, t, ac, bc, next);
+    cp_async_commit();
+    const uint8_t *stage = smem + (kg % S::stages) * S::stage_bytes;
+    if constexpr (WG != 0) {
+        // a was last read by stage kg - 2's MMAs: complete
+        issue_stage_wgmma<BN, PARTS>(stage, warp, lane, acc, a);
+        wgmma_wait<1>(); // stage kg - 1's MMAs are done, kg's may run on
+    } else {
+        compute_stage_mma<BN, PARTS>(stage, warp / 2, warp % 2, lane, reinterpret_cast<float (*)[BN / 16][4]>(acc));
+    }
+}
+
+// The tile's results: epi[col * EPI_STRIDE + row]
 // holds the FP32 sum of tile row `row` (block-local, 0..127) for column `col`.
 template <int BN, int FC2, int THREADS>
 static __device__ __forceinline__ void epilogue(const cuda_plan_view &p, const cuda_call_view &c,
@@ -221,36 +276,47 @@ static __device__ __forceinline__ void epilogue(const cuda_plan_view &p, const c
         scale_low = __fmul_rn(sa, p.w1_global[e]);
         scale_high = __fmul_rn(sa, p.w1_global_half2[e]);
     }
-    // FC2 and plain FC1: one output per tile row; gated FC1: one per (gate, up) row pair
-    const int per_col = !FC2 && p.gated ? CUDA_GEMM_ROWS / 2 : CUDA_GEMM_ROWS;
+    if (FC2) {
+        // four consecutive output columns n per iteration (H is a multiple of 16): one 16-byte
+        // store of the (token, slot) row
 #pragma unroll 1
-    for (int i = threadIdx.x; i < BN * per_col; i += THREADS) {
-        const int col = i / per_col, j = i % per_col;
-        const int32_t slot = slot_of[col];
-        if (slot < 0) continue;
-        // tile row of the output: 16-row tile j / 8 (gated) or j / 16, row g within it
-        const int mt = per_col == CUDA_GEMM_ROWS ? j / 16 : j / 8;
-        const int g = per_col == CUDA_GEMM_ROWS ? j % 16 : j % 8;
-        const int64_t mtile = t.mt0 + mt;
-        if (mtile >= t.mtiles) continue;
-        const float *v = epi + col * EPI_STRIDE + mt * 16;
-        const int64_t row = row0 + col;
-        // the weights were decoded as value * 2^-14: undo it (exact)
-        if (FC2) {
-            const int64_t n = mtile * CUDA_TILE_ROWS + g;
-            float y = __fmul_rn(__fmul_rn(v[g] * 16384.0f, ws.u_scale[row]), scale_low);
-            if (p.b2) y = __fadd_rn(y, p.b2[e * p.h + n]);
-            ws.y[(int64_t)slot * p.h + n] = y;
-        } else if (p.gated) {
-            fc1_epilogue(p, e, mtile, g, v[g] * 16384.0f, v[g + 8] * 16384.0f,
-                         ws.x_scale[c.x_per_slot ? slot : slot / p.top_k], scale_low, scale_high,
-                         c.hidden_dtype, ws.u + row * p.k2p);
-        } else if (g < 8) {
-            // plain FC1: fc1_epilogue stores rows g and g + 8 of the tile
-            fc1_epilogue(p, e, mtile, g, v[g] * 16384.0f, v[g + 8] * 16384.0f,
-                         ws.x_scale[c.x_per_slot ? slot : slot / p.top_k], scale_low, scale_high,
-                         c.hidden_dtype, ws.u + row * p.k2p);
+        for (int i = threadIdx.x; i < BN * (CUDA_GEMM_ROWS / 4); i += THREADS) {
+            const int col = i / (CUDA_GEMM_ROWS / 4), j = (i % (CUDA_GEMM_ROWS / 4)) * 4;
+            const int32_t slot = slot_of[col];
+            const int64_t mtile = t.mt0 + j / 16;
+            if (slot < 0 || mtile >= t.mtiles) continue;
+            const float4 v = *reinterpret_cast<const float4 *>(epi + col * EPI_STRIDE + j);
+            const int64_t n = mtile * CUDA_TILE_ROWS + j % 16;
+            // the weights were decoded as value * 2^-14: undo it (exact)
+            const float us = ws.u_scale[row0 + col];
+            float4 y;
+            y.x = __fmul_rn(__fmul_rn(v.x * 16384.0f, us), scale_low);
+            y.y = __fmul_rn(__fmul_rn(v.y * 16384.0f, us), scale_low);
+            y.z = __fmul_rn(__fmul_rn(v.z * 16384.0f, us), scale_low);
+            y.w = __fmul_rn(__fmul_rn(v.w * 16384.0f, us), scale_low);
+            if (p.b2) {
+                const float *b2 = p.b2 + e * p.h + n;
+                y.x = __fadd_rn(y.x, b2[0]), y.y = __fadd_rn(y.y, b2[1]);
+                y.z = __fadd_rn(y.z, b2[2]), y.w = __fadd_rn(y.w, b2[3]);
+            }
+            *reinterpret_cast<float4 *>(ws.y + (int64_t)slot * p.h + n) = y;
         }
+        return;
+    }
+    // FC1: one (row g, row g + 8) pair of a 16-row tile per iteration: gate and up of a channel
+    // (gated) or two output rows (plain), both stored by fc1_epilogue
+    constexpr int PAIRS = CUDA_GEMM_ROWS / 2;
+#pragma unroll 1
+    for (int i = threadIdx.x; i < BN * PAIRS; i += THREADS) {
+        const int col = i / PAIRS, mt = (i % PAIRS) / 8, g = i % 8;
+        const int32_t slot = slot_of[col];
+        const int64_t mtile = t.mt0 + mt;
+        if (slot < 0 || mtile >= t.mtiles) continue;
+        const float *v = epi + col * EPI_STRIDE + mt * 16;
+        // the weights were decoded as value * 2^-14: undo it (exact)
+        fc1_epilogue(p, e, mtile, g, v[g] * 16384.0f, v[g + 8] * 16384.0f,
+                     ws.x_scale[c.x_per_slot ? slot : slot / p.top_k], scale_low, scale_high,
+                     c.hidden_dtype, ws.u + (row0 + col) * p.k2p);
     }
 }
 
@@ -266,16 +332,16 @@ grouped_gemm_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws)
     if ((int)blockIdx.y >= *ws.num_tiles) return;
     const int2 te = ws.tile_list[blockIdx.y];
     const int64_t e = te.x, row0 = te.y;
-    const __half **b_src = reinterpret_cast<const __half **>(smem + S::main_bytes);
-    int32_t *slot_of = reinterpret_cast<int32_t *>(b_src + BN);
+    uint32_t *b_row = reinterpret_cast<uint32_t *>(smem + S::main_bytes);
+    int32_t *slot_of = reinterpret_cast<int32_t *>(b_row + BN);
     const int tid = threadIdx.x;
     const int64_t kp = FC2 ? p.k2p : p.k1p;
-    const __half *b = FC2 ? ws.ub : ws.xb;
     for (int r = tid; r < BN; r += THREADS) {
         const int32_t slot = ws.perm[row0 + r];
         slot_of[r] = slot;
         const int64_t row = FC2 ? row0 + r : c.x_per_slot ? slot : slot / p.top_k;
-        b_src[r] = slot < 0 ? NULL : b + row * PARTS * kp;
+        // (in 16-byte units: the workspace's B rows stay far below 64 GB)
+        b_row[r] = slot < 0 ? B_PAD : (uint32_t)(row * PARTS * kp / 8);
     }
     __syncthreads();
 
@@ -286,9 +352,12 @@ grouped_gemm_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws)
     t.codes = (FC2 ? p.w2_codes : p.w1_codes) + e * t.mtiles * t.groups * 512;
     t.scales = (FC2 ? p.w2_scales : p.w1_scales) + e * t.mtiles * t.groups * 64;
     t.mt0 = (int64_t)blockIdx.x * (CUDA_GEMM_ROWS / CUDA_TILE_ROWS);
-    t.b_src = b_src;
+    t.b = reinterpret_cast<const uint8_t *>(FC2 ? ws.ub : ws.xb);
+    t.b_row = b_row;
     a_chunks<THREADS> ac;
     plan_a_chunks<THREADS>(t, ac);
+    b_chunks<BN, PARTS, THREADS> bc;
+    plan_b_chunks<BN, PARTS, THREADS>(t, bc);
 
     // accumulators: mma.sync [4 tiles][BN/16 n8 tiles][4]; wgmma [BN/8 n8 tiles][4]
     constexpr int ACC = WG ? BN / 2 : BN;
@@ -298,32 +367,20 @@ grouped_gemm_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws)
     wgmma_fence_operands<ACC>(acc);
 
     for (int s = 0; s < S::ahead; s++) {
-        if (s < t.groups) load_stage<BN, PARTS, THREADS>(smem + s * S::stage_bytes, t, ac, s);
+        if (s < t.groups) load_stage<BN, PARTS, THREADS>(smem + s * S::stage_bytes, t, ac, bc, s);
         cp_async_commit();
     }
     const int warp = tid / 32, lane = tid % 32;
-    uint32_t a0[4][4]; // wgmma: the warp's A fragments of the current stage
-    for (int64_t kg = 0; kg < t.groups; kg++) {
-        cp_async_wait<S::ahead - 1>();
-        if (WG) asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); // for wgmma's reads
-        // stage kg landed for all; the stage loaded next was last read by stage kg - 1's MMAs,
-        // complete in every warp
-        __syncthreads();
-        const int64_t next = kg + S::ahead;
-        if (next < t.groups)
-            load_stage<BN, PARTS, THREADS>(smem + (next % S::stages) * S::stage_bytes, t, ac, next);
-        cp_async_commit();
-        const uint8_t *stage = smem + (kg % S::stages) * S::stage_bytes;
-        if constexpr (WG != 0) {
-            // (Keeping one stage's MMAs in flight while the next is decoded, with two A buffers,
-            // gave wrong results on the H100: docs/PERF.md. Each stage completes here.)
-            issue_stage_wgmma<BN, PARTS>(stage, warp, lane, acc, a0);
-            wgmma_wait_all();
-        } else {
-            compute_stage_mma<BN, PARTS>(stage, warp / 2, warp % 2, lane,
-                                         reinterpret_cast<float (*)[BN / 16][4]>(acc));
-        }
+    // wgmma: the warp's A fragments, two sets: stage kg's MMAs read one while stage kg + 1 is
+    // decoded into the other. Each call names its set at compile time and the loop has no exit
+    // between the two: otherwise ptxas serialises every MMA (warning C7513).
+    uint32_t a_even[4][4], a_odd[4][4];
+    int64_t kg = 0;
+    for (; kg + 1 < t.groups; kg += 2) {
+        run_stage<BN, PARTS, WG, THREADS>(smem, t, ac, bc, kg, warp, lane, acc, a_even);
+        run_stage<BN, PARTS, WG, THREADS>(smem, t, ac, bc, kg + 1, warp, lane, acc, a_odd);
     }
+    if (kg < t.groups) run_stage<BN, PARTS, WG, THREADS>(smem, t, ac, bc, kg, warp, lane, acc, a_even);
     if (WG) wgmma_wait_all();
     wgmma_fence_operands<ACC>(acc);
     cp_async_wait<0>();

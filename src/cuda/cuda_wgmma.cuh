@@ -39,12 +39,14 @@ static __device__ __forceinline__ void wgmma_commit()
     asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
 #endif
 }
-static __device__ __forceinline__ void wgmma_wait_all()
+// Waits until at most N of the warpgroup's committed MMA groups are still in flight.
+template <int N> static __device__ __forceinline__ void wgmma_wait()
 {
 #if defined(FP4MOE_WGMMA)
-    asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+    asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory");
 #endif
 }
+static __device__ __forceinline__ void wgmma_wait_all() { wgmma_wait<0>(); }
 
 static __device__ __forceinline__ void wgmma_m64n64k16(float *d, const uint32_t a[4], uint64_t desc)
 {
