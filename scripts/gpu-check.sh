@@ -173,6 +173,10 @@ echo "== GPU tests, prefill cases on the mma.sync kernels (the path of GPUs with
 FP4MOE_CUDA_MMA_SYNC=1 FP4MOE_GPU_FILTER=prefill "./$BUILD/test_gpu_backend" > "$OUT/gpu-tests-mma.log" 2>&1 \
   || tests_rc=1
 grep -E "check failed|passed" "$OUT/gpu-tests-mma.log" | tail -8
+echo "== GPU tests, prefill cases on the 128-row wgmma kernels (FP4MOE_CUDA_GEMM_ROWS=128)"
+FP4MOE_CUDA_GEMM_ROWS=128 FP4MOE_GPU_FILTER=prefill "./$BUILD/test_gpu_backend" > "$OUT/gpu-tests-rows128.log" 2>&1 \
+  || tests_rc=1
+grep -E "check failed|passed" "$OUT/gpu-tests-rows128.log" | tail -8
 
 if [ $PREFILL = 1 ]; then
   P=${1:-qwen3-30b-a3b,deepseek-v3}
@@ -180,15 +184,15 @@ if [ $PREFILL = 1 ]; then
   echo "== fp4moe bench (cuda, prefill path, BF16 hidden states)"
   "./$BUILD/fp4moe" bench --backend cuda --dtype bf16 --preset "$P" --tokens "$T" --repeat 50 2>&1 \
     | tee "$OUT/bench-prefill.log"
-  for tile in 128 256; do
-    echo "== prefill with $tile-token tiles"
-    FP4MOE_CUDA_TILE_TOKENS=$tile "./$BUILD/fp4moe" bench --backend cuda --dtype bf16 --preset "$P" \
-      --tokens 4096,8192 --repeat 50 2>&1 | grep -E "^(qwen3|deepseek)"
+  for knob in FP4MOE_CUDA_GEMM_ROWS=128 FP4MOE_CUDA_TILE_TOKENS=256; do
+    echo "== prefill with $knob"
+    env "$knob" "./$BUILD/fp4moe" bench --backend cuda --dtype bf16 --preset "$P" \
+      --tokens 1024,4096,8192 --repeat 50 2>&1 | grep -E "^(qwen3|deepseek)"
   done
   echo "== crossover: decode path (threshold 64) vs prefill path (threshold 0), qwen3, BF16"
   for th in 64 0; do
     "./$BUILD/fp4moe" bench --backend cuda --dtype bf16 --threshold $th --preset qwen3-30b-a3b \
-      --tokens 8,16,24,32,48,64 2>&1 | tee -a "$OUT/crossover.log" | grep -E "^qwen3"
+      --tokens 8,12,16,20,24,32 2>&1 | tee -a "$OUT/crossover.log" | grep -E "^qwen3"
   done
   echo "== PyTorch BF16 baseline + cuBLAS BF16 rate"
   PYTHONUNBUFFERED=1 python3 bench/torch_moe_baseline.py --cublas --preset "$P" --tokens "$T" \

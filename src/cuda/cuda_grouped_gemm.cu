@@ -20,25 +20,29 @@
 #include "cuda_device.cuh"
 #include "cuda_wgmma.cuh"
 
-#define A_CODE_BYTES (8 * 512)
-#define A_STAGE_BYTES (A_CODE_BYTES + 8 * 64)
-#define EPI_STRIDE (CUDA_GEMM_ROWS + 4) /* floats per tile column in the epilogue (no bank conflicts) */
-
+// WG: warpgroups per block for wgmma (2: 128 weight rows, 4: 256), 0: 4 warps of mma.sync (128
+// rows). 256 rows halve the activation bytes each MMA needs from L2 (the limit at 128 rows:
+// docs/PERF.md).
 template <int BN, int PARTS, int WG> struct gemm_shape {
-    static constexpr int threads = WG ? 256 : 128;
+    static constexpr int rows = WG ? WG * 64 : 128;
+    static constexpr int mt = rows / CUDA_TILE_ROWS; // 16-row A tiles per block
+    static constexpr int threads = WG ? WG * 128 : 128;
     static constexpr int b_bytes = BN * PARTS * 128;
+    static constexpr int a_code_bytes = mt * 512, a_bytes = mt * (512 + 64);
+    static constexpr int epi_stride = rows + 4; // floats per tile column in the epilogue (no bank conflicts)
     // B first (1024-byte aligned, as the swizzled wgmma layout needs), then A
-    static constexpr int stage_bytes = (b_bytes + A_STAGE_BYTES + 1023) / 1024 * 1024;
-    static constexpr int stages = WG ? (PARTS == 1 ? 5 : BN == 64 ? 4 : 3) : (PARTS == 1 ? 4 : 3);
+    static constexpr int stage_bytes = (b_bytes + a_bytes + 1023) / 1024 * 1024;
+    static constexpr int stages = WG == 4 ? (208 * 1024 / stage_bytes < 8 ? 208 * 1024 / stage_bytes : 8)
+                                  : WG ? (PARTS == 1 ? 5 : BN == 64 ? 4 : 3) : (PARTS == 1 ? 4 : 3);
     // stages loaded ahead of the one computed: wgmma keeps one stage's MMAs in flight while the
     // next is issued, so the stage refilled is the one before the previous
     static constexpr int ahead = WG ? stages - 2 : stages - 1;
     static constexpr int pipe_bytes = stages * stage_bytes;
-    static constexpr int epi_bytes = BN * EPI_STRIDE * 4;
+    static constexpr int epi_bytes = BN * epi_stride * 4;
     static constexpr int main_bytes = pipe_bytes > epi_bytes ? pipe_bytes : epi_bytes;
     // + alignment, then the tile's B row offsets and slots
     static constexpr int smem_bytes = 1024 + main_bytes + BN * 8;
-    static constexpr int min_blocks = WG && BN == 256 ? 1 : 2;
+    static constexpr int min_blocks = WG == 4 || BN == 256 ? 1 : 2;
 };
 
 static __device__ __forceinline__ void cp_async16(void *smem, const void *gmem, bool valid)
@@ -100,36 +104,38 @@ static __device__ __forceinline__ void plan_b_chunks(const gemm_tile &t, b_chunk
     }
 }
 
-// The A chunks (16 bytes) a thread copies each stage: codes of 8 tiles (256 chunks), then their
-// scales (32 chunks); source offsets advance by 512 / 64 bytes per K group.
-template <int THREADS> struct a_chunks {
-    static constexpr int n = (256 + 32 + THREADS - 1) / THREADS;
+// The A chunks (16 bytes) a thread copies each stage: codes of the block's MT tiles (32 chunks
+// each), then their scales (4 chunks each); source offsets advance by 512 / 64 bytes per K group.
+template <int MT, int THREADS> struct a_chunks {
+    static constexpr int codes = MT * 32, total = MT * 36;
+    static constexpr int n = (total + THREADS - 1) / THREADS;
     const uint8_t *src[n];
     int step[n], dst[n];
     bool ok[n];
 };
 
-template <int THREADS>
-static __device__ __forceinline__ void plan_a_chunks(const gemm_tile &t, a_chunks<THREADS> &a)
+template <int MT, int THREADS>
+static __device__ __forceinline__ void plan_a_chunks(const gemm_tile &t, a_chunks<MT, THREADS> &a)
 {
+    typedef a_chunks<MT, THREADS> A;
 #pragma unroll
-    for (int j = 0; j < a_chunks<THREADS>::n; j++) {
+    for (int j = 0; j < A::n; j++) {
         const int i = threadIdx.x + j * THREADS;
-        const int mt = i < 256 ? i / 32 : (i - 256) / 4;
-        a.ok[j] = i < 256 + 32 && t.mt0 + mt < t.mtiles;
-        a.dst[j] = i < 256 ? i * 16 : A_CODE_BYTES + (i - 256) * 16;
-        a.step[j] = i < 256 ? 512 : 64;
+        const int mt = i < A::codes ? i / 32 : (i - A::codes) / 4;
+        a.ok[j] = i < A::total && t.mt0 + mt < t.mtiles;
+        a.dst[j] = i * 16; // the scales follow the codes
+        a.step[j] = i < A::codes ? 512 : 64;
         a.src[j] = !a.ok[j] ? t.codes
-                   : i < 256 ? t.codes + (t.mt0 + mt) * t.groups * 512 + (i % 32) * 16
-                             : t.scales + (t.mt0 + mt) * t.groups * 64 + ((i - 256) % 4) * 16;
+                   : i < A::codes ? t.codes + (t.mt0 + mt) * t.groups * 512 + (i % 32) * 16
+                                  : t.scales + (t.mt0 + mt) * t.groups * 64 + ((i - A::codes) % 4) * 16;
     }
 }
 
 // One pipeline stage: PARTS x BN activation rows of 64 values (chunk ch of row r stored at chunk
-// ch ^ (r & 7)), then the block's 8 A tiles (codes + scales) of K group kg.
-template <int BN, int PARTS, int THREADS>
+// ch ^ (r & 7)), then the block's MT A tiles (codes + scales) of K group kg.
+template <int BN, int PARTS, int MT, int THREADS>
 static __device__ __forceinline__ void load_stage(uint8_t *stage, const gemm_tile &t,
-                                                  const a_chunks<THREADS> &a,
+                                                  const a_chunks<MT, THREADS> &a,
                                                   const b_chunks<BN, PARTS, THREADS> &b, int64_t kg)
 {
 #pragma unroll
@@ -141,8 +147,8 @@ static __device__ __forceinline__ void load_stage(uint8_t *stage, const gemm_til
     }
     uint8_t *sa = stage + BN * PARTS * 128;
 #pragma unroll
-    for (int j = 0; j < a_chunks<THREADS>::n; j++)
-        if (threadIdx.x + j * THREADS < 256 + 32)
+    for (int j = 0; j < a_chunks<MT, THREADS>::n; j++)
+        if (threadIdx.x + j * THREADS < a_chunks<MT, THREADS>::total)
             cp_async16(sa + a.dst[j], a.src[j] + kg * a.step[j], a.ok[j]);
 }
 
@@ -160,12 +166,14 @@ static __device__ __forceinline__ void decode_a(const uint32_t words[4], uint2 s
     a[3] = hmul2_bits(decode_pair(words[s], 3), s_g8);
 }
 
+// The lane's code words and scales of A tile mt (of the block's MT) from a stage's A part.
+template <int MT>
 static __device__ __forceinline__ void load_a(const uint8_t *stage_a, int mt, int lane, uint32_t words[4],
                                               uint2 *sc)
 {
     const uint4 w = reinterpret_cast<const uint4 *>(stage_a)[mt * 32 + lane];
     words[0] = w.x, words[1] = w.y, words[2] = w.z, words[3] = w.w;
-    *sc = reinterpret_cast<const uint2 *>(stage_a + A_CODE_BYTES)[mt * 8 + lane / 4];
+    *sc = reinterpret_cast<const uint2 *>(stage_a + MT * 512)[mt * 8 + lane / 4];
 }
 
 // mma.sync: the warp's 64 x BN/2 product over one stage (4 k steps of 16).
@@ -177,7 +185,7 @@ static __device__ __forceinline__ void compute_stage_mma(const uint8_t *stage, i
     uint32_t words[4][4];
     uint2 sc[4];
 #pragma unroll
-    for (int mt = 0; mt < 4; mt++) load_a(stage + BN * PARTS * 128, wm * 4 + mt, lane, words[mt], &sc[mt]);
+    for (int mt = 0; mt < 4; mt++) load_a<8>(stage + BN * PARTS * 128, wm * 4 + mt, lane, words[mt], &sc[mt]);
     const unsigned sb = (unsigned)__cvta_generic_to_shared(stage);
 #pragma unroll
     for (int s = 0; s < 4; s++) {
@@ -204,15 +212,15 @@ static __device__ __forceinline__ void compute_stage_mma(const uint8_t *stage, i
     }
 }
 
-// wgmma: the warpgroup's 64 x BN product over one stage; warp w of the group owns 16-row tile
-// (group * 4 + w) and decodes only that one into a[] (untouched until these MMAs complete).
-template <int BN, int PARTS>
+// wgmma: the warpgroup's 64 x BN product over one stage; warp w of the block owns 16-row tile w
+// (of MT) and decodes only that one into a[] (untouched until these MMAs complete).
+template <int BN, int PARTS, int MT>
 static __device__ __forceinline__ void issue_stage_wgmma(const uint8_t *stage, int mt, int lane,
                                                          float *acc, uint32_t (&a)[4][4])
 {
     uint32_t words[4];
     uint2 sc;
-    load_a(stage + BN * PARTS * 128, mt, lane, words, &sc);
+    load_a<MT>(stage + BN * PARTS * 128, mt, lane, words, &sc);
 #pragma unroll
     for (int s = 0; s < 4; s++) decode_a(words, sc, s, a[s]);
     const uint32_t sb = (uint32_t)__cvta_generic_to_shared(stage);
@@ -233,7 +241,8 @@ static __device__ __forceinline__ void issue_stage_wgmma(const uint8_t *stage, i
 
 // Stage kg of the main loop: wait for its copies, refill the slot ahead, multiply.
 template <int BN, int PARTS, int WG, int THREADS>
-static __device__ __forceinline__ void run_stage(uint8_t *smem, const gemm_tile &t, const a_chunks<THREADS> &ac,
+static __device__ __forceinline__ void run_stage(uint8_t *smem, const gemm_tile &t,
+                                                 const a_chunks<gemm_shape<BN, PARTS, WG>::mt, THREADS> &ac,
                                                  const b_chunks<BN, PARTS, THREADS> &bc, int64_t kg,
                                                  int warp, int lane, float *acc, uint32_t (&a)[4][4])
 {
@@ -245,21 +254,21 @@ static __device__ __forceinline__ void run_stage(uint8_t *smem, const gemm_tile 
     // warpgroup waited for it after issuing kg - 1, before this barrier).
     __syncthreads();
     const int64_t next = kg + S::ahead;
-    if (next < t.groups) load_stage<BN, PARTS, THREADS>(smem + (next % S::stages) * S::stage_bytes, t, ac, bc, next);
+    if (next < t.groups) load_stage<BN, PARTS, S::mt, THREADS>(smem + (next % S::stages) * S::stage_bytes, t, ac, bc, next);
     cp_async_commit();
     const uint8_t *stage = smem + (kg % S::stages) * S::stage_bytes;
     if constexpr (WG != 0) {
         // a was last read by stage kg - 2's MMAs: complete
-        issue_stage_wgmma<BN, PARTS>(stage, warp, lane, acc, a);
+        issue_stage_wgmma<BN, PARTS, S::mt>(stage, warp, lane, acc, a);
         wgmma_wait<1>(); // stage kg - 1's MMAs are done, kg's may run on
     } else {
         compute_stage_mma<BN, PARTS>(stage, warp / 2, warp % 2, lane, reinterpret_cast<float (*)[BN / 16][4]>(acc));
     }
 }
 
-// The tile's results: epi[col * EPI_STRIDE + row]
-// holds the FP32 sum of tile row `row` (block-local, 0..127) for column `col`.
-template <int BN, int FC2, int THREADS>
+// The tile's results: epi[col * (ROWS + 4) + row]
+// holds the FP32 sum of tile row `row` (block-local, 0..ROWS-1) for column `col`.
+template <int BN, int FC2, int ROWS, int THREADS>
 static __device__ __forceinline__ void epilogue(const cuda_plan_view &p, const cuda_call_view &c,
                                                 const cuda_workspace &ws, const gemm_tile &t,
                                                 int64_t e, int64_t row0, const float *epi,
@@ -280,12 +289,12 @@ static __device__ __forceinline__ void epilogue(const cuda_plan_view &p, const c
         // four consecutive output columns n per iteration (H is a multiple of 16): one 16-byte
         // store of the (token, slot) row
 #pragma unroll 1
-        for (int i = threadIdx.x; i < BN * (CUDA_GEMM_ROWS / 4); i += THREADS) {
-            const int col = i / (CUDA_GEMM_ROWS / 4), j = (i % (CUDA_GEMM_ROWS / 4)) * 4;
+        for (int i = threadIdx.x; i < BN * (ROWS / 4); i += THREADS) {
+            const int col = i / (ROWS / 4), j = (i % (ROWS / 4)) * 4;
             const int32_t slot = slot_of[col];
             const int64_t mtile = t.mt0 + j / 16;
             if (slot < 0 || mtile >= t.mtiles) continue;
-            const float4 v = *reinterpret_cast<const float4 *>(epi + col * EPI_STRIDE + j);
+            const float4 v = *reinterpret_cast<const float4 *>(epi + col * (ROWS + 4) + j);
             const int64_t n = mtile * CUDA_TILE_ROWS + j % 16;
             // the weights were decoded as value * 2^-14: undo it (exact)
             const float us = ws.u_scale[row0 + col];
@@ -305,14 +314,14 @@ static __device__ __forceinline__ void epilogue(const cuda_plan_view &p, const c
     }
     // FC1: one (row g, row g + 8) pair of a 16-row tile per iteration: gate and up of a channel
     // (gated) or two output rows (plain), both stored by fc1_epilogue
-    constexpr int PAIRS = CUDA_GEMM_ROWS / 2;
+    constexpr int PAIRS = ROWS / 2;
 #pragma unroll 1
     for (int i = threadIdx.x; i < BN * PAIRS; i += THREADS) {
         const int col = i / PAIRS, mt = (i % PAIRS) / 8, g = i % 8;
         const int32_t slot = slot_of[col];
         const int64_t mtile = t.mt0 + mt;
         if (slot < 0 || mtile >= t.mtiles) continue;
-        const float *v = epi + col * EPI_STRIDE + mt * 16;
+        const float *v = epi + col * (ROWS + 4) + mt * 16;
         // the weights were decoded as value * 2^-14: undo it (exact)
         fc1_epilogue(p, e, mtile, g, v[g] * 16384.0f, v[g + 8] * 16384.0f,
                      ws.x_scale[c.x_per_slot ? slot : slot / p.top_k], scale_low, scale_high,
@@ -351,11 +360,11 @@ grouped_gemm_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws)
     t.groups = kp / CUDA_KGROUP;
     t.codes = (FC2 ? p.w2_codes : p.w1_codes) + e * t.mtiles * t.groups * 512;
     t.scales = (FC2 ? p.w2_scales : p.w1_scales) + e * t.mtiles * t.groups * 64;
-    t.mt0 = (int64_t)blockIdx.x * (CUDA_GEMM_ROWS / CUDA_TILE_ROWS);
+    t.mt0 = (int64_t)blockIdx.x * S::mt;
     t.b = reinterpret_cast<const uint8_t *>(FC2 ? ws.ub : ws.xb);
     t.b_row = b_row;
-    a_chunks<THREADS> ac;
-    plan_a_chunks<THREADS>(t, ac);
+    a_chunks<S::mt, THREADS> ac;
+    plan_a_chunks<S::mt, THREADS>(t, ac);
     b_chunks<BN, PARTS, THREADS> bc;
     plan_b_chunks<BN, PARTS, THREADS>(t, bc);
 
@@ -367,7 +376,7 @@ grouped_gemm_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws)
     wgmma_fence_operands<ACC>(acc);
 
     for (int s = 0; s < S::ahead; s++) {
-        if (s < t.groups) load_stage<BN, PARTS, THREADS>(smem + s * S::stage_bytes, t, ac, bc, s);
+        if (s < t.groups) load_stage<BN, PARTS, S::mt, THREADS>(smem + s * S::stage_bytes, t, ac, bc, s);
         cp_async_commit();
     }
     const int warp = tid / 32, lane = tid % 32;
@@ -399,10 +408,10 @@ grouped_gemm_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws)
             for (int i = 0; i < 4; i++) {
                 const int row = (WG ? warp : (warp / 2) * 4 + mt) * 16 + g + 8 * (i / 2);
                 const int col = (WG ? 0 : (warp % 2) * (BN / 2)) + nt * 8 + 2 * q + (i % 2);
-                epi[col * EPI_STRIDE + row] = acc[(mt * NT + nt) * 4 + i];
+                epi[col * S::epi_stride + row] = acc[(mt * NT + nt) * 4 + i];
             }
     __syncthreads();
-    epilogue<BN, FC2, THREADS>(p, c, ws, t, e, row0, epi, slot_of);
+    epilogue<BN, FC2, S::rows, THREADS>(p, c, ws, t, e, row0, epi, slot_of);
 }
 
 template <int BN, int PARTS, int FC2, int WG>
@@ -414,7 +423,7 @@ static cudaError_t launch(const cuda_plan_view *p, const cuda_call_view *c, cons
                                            cudaFuncAttributeMaxDynamicSharedMemorySize, S::smem_bytes);
     if (err != cudaSuccess) return err;
     const int64_t rows = FC2 ? p->h : p->n1;
-    const dim3 grid((unsigned)((rows + CUDA_GEMM_ROWS - 1) / CUDA_GEMM_ROWS), (unsigned)max_tiles);
+    const dim3 grid((unsigned)((rows + S::rows - 1) / S::rows), (unsigned)max_tiles);
     return launch_dependent(grouped_gemm_kernel<BN, PARTS, FC2, WG>, grid, dim3(S::threads),
                             (size_t)S::smem_bytes, stream, *p, *c, *ws);
 }
@@ -432,14 +441,19 @@ static cudaError_t launch_tile(const cuda_plan_view *p, const cuda_call_view *c,
 
 extern "C" cudaError_t cuda_launch_grouped_gemm(const cuda_plan_view *p, const cuda_call_view *c,
                                                 const cuda_workspace *ws, int fc2, int tile_tokens,
-                                                int parts, int64_t max_tiles, int wgmma,
+                                                int parts, int64_t max_tiles, int warpgroups,
                                                 cudaStream_t stream)
 {
     if (max_tiles > 65535) return cudaErrorInvalidConfiguration;
-    if (wgmma) {
-        if (tile_tokens == 256) return launch_tile<256, 1>(p, c, ws, fc2, parts, max_tiles, stream);
-        if (tile_tokens == 128) return launch_tile<128, 1>(p, c, ws, fc2, parts, max_tiles, stream);
-        return launch_tile<64, 1>(p, c, ws, fc2, parts, max_tiles, stream);
+    if (warpgroups == 4) {
+        if (tile_tokens == 128) return launch_tile<128, 4>(p, c, ws, fc2, parts, max_tiles, stream);
+        if (tile_tokens == 64) return launch_tile<64, 4>(p, c, ws, fc2, parts, max_tiles, stream);
+        return cudaErrorInvalidValue; // 256 x 256 tiles: too many accumulators
+    }
+    if (warpgroups == 2) {
+        if (tile_tokens == 256) return launch_tile<256, 2>(p, c, ws, fc2, parts, max_tiles, stream);
+        if (tile_tokens == 128) return launch_tile<128, 2>(p, c, ws, fc2, parts, max_tiles, stream);
+        return launch_tile<64, 2>(p, c, ws, fc2, parts, max_tiles, stream);
     }
     if (tile_tokens == 128) return launch_tile<128, 0>(p, c, ws, fc2, parts, max_tiles, stream);
     if (tile_tokens == 64) return launch_tile<64, 0>(p, c, ws, fc2, parts, max_tiles, stream);

@@ -34,8 +34,6 @@ extern "C" {
 #define ROUTE_SMEM_LIMIT (96 * 1024)
 // Tokens per pass of the prefill path (bounds its workspace: about C*k*(4H + 6I) bytes).
 #define CUDA_PREFILL_CHUNK 8192
-// Weight rows per block of the grouped GEMMs (8 tiles of 16).
-#define CUDA_GEMM_ROWS 128
 
 // The plan as the kernels see it: device pointers and sizes, passed by value.
 typedef struct cuda_plan_view {
@@ -56,6 +54,7 @@ typedef struct cuda_plan_view {
     float routed_scaling_factor;
     int on_input, w4a4, fp8_down;
     int wgmma;       // host side: the prefill GEMMs use the sm_90a warpgroup kernels
+    int gemm_rows;   // host side: weight rows per wgmma GEMM block (128 or 256)
     int tile_tokens; // host side: tokens per prefill GEMM tile, 0 = chosen per call
 } cuda_plan_view;
 
@@ -248,10 +247,11 @@ cudaError_t cuda_launch_prefill(const cuda_plan_view *p, const cuda_call_view *c
                                 const cuda_workspace *ws, int tile_tokens, int parts,
                                 int64_t max_tiles, cudaStream_t stream);
 // cuda_grouped_gemm.cu: FC1 (fc2 = 0) or FC2 over every tile of ws->tile_list.
-// wgmma: the sm_90a warpgroup kernels (when cuda_gemm_has_wgmma said so), else mma.sync.
+// warpgroups: 2 or 4 for the sm_90a warpgroup kernels (128 or 256 weight rows per block, when
+// cuda_gemm_has_wgmma said so), 0 for mma.sync.
 cudaError_t cuda_launch_grouped_gemm(const cuda_plan_view *p, const cuda_call_view *c,
                                      const cuda_workspace *ws, int fc2, int tile_tokens, int parts,
-                                     int64_t max_tiles, int wgmma, cudaStream_t stream);
+                                     int64_t max_tiles, int warpgroups, cudaStream_t stream);
 cudaError_t cuda_gemm_has_wgmma(int *has);
 // cuda_repack.cu: one expert's canonical codes + linear scales (device) -> tile layout.
 cudaError_t cuda_launch_repack(const uint8_t *codes, const uint8_t *scales, int64_t rows,

@@ -210,6 +210,7 @@ extern "C" cudaError_t cuda_launch_prefill(const cuda_plan_view *p, const cuda_c
                                            const cuda_workspace *ws, int tile_tokens, int parts,
                                            int64_t max_tiles, cudaStream_t stream)
 {
+    const int warpgroups = p->wgmma ? p->gemm_rows / 64 : 0;
     const int64_t tokens = c->t1 - c->t0, slots = tokens * p->top_k;
     const int64_t x_rows = c->x_per_slot ? slots : tokens;
     cudaError_t err = launch_dependent(prefill_perm_kernel, dim3(1), dim3(PERM_THREADS),
@@ -218,13 +219,13 @@ extern "C" cudaError_t cuda_launch_prefill(const cuda_plan_view *p, const cuda_c
         err = launch_dependent(prefill_fc1_input_kernel, dim3((unsigned)x_rows), dim3(ROW_THREADS), 0,
                                stream, *p, *c, *ws, parts);
     if (err == cudaSuccess)
-        err = cuda_launch_grouped_gemm(p, c, ws, 0, tile_tokens, parts, max_tiles, p->wgmma, stream);
+        err = cuda_launch_grouped_gemm(p, c, ws, 0, tile_tokens, parts, max_tiles, warpgroups, stream);
     if (err == cudaSuccess)
         err = launch_dependent(prefill_fc2_input_kernel,
                                dim3((unsigned)((max_tiles * tile_tokens + ROW_THREADS / 32 - 1) / (ROW_THREADS / 32))),
                                dim3(ROW_THREADS), 0, stream, *p, *c, *ws, parts, tile_tokens);
     if (err == cudaSuccess)
-        err = cuda_launch_grouped_gemm(p, c, ws, 1, tile_tokens, parts, max_tiles, p->wgmma, stream);
+        err = cuda_launch_grouped_gemm(p, c, ws, 1, tile_tokens, parts, max_tiles, warpgroups, stream);
     if (err == cudaSuccess) err = cuda_launch_finalize(p, c, ws, stream);
     return err;
 }
