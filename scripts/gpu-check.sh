@@ -124,6 +124,8 @@ if [ $PROFILE = 3 ]; then
   M="$M,sm__warps_active.avg.pct_of_peak_sustained_active,lts__t_bytes.sum.per_second,dram__bytes.sum.per_second"
   M="$M,smsp__inst_executed.sum,sm__throughput.avg.pct_of_peak_sustained_elapsed,gpu__time_duration.sum"
   M="$M,lts__t_sectors_srcunit_tex_op_read.sum,smsp__cycles_active.avg"
+  M="$M,lts__throughput.avg.pct_of_peak_sustained_elapsed,dram__throughput.avg.pct_of_peak_sustained_elapsed"
+  M="$M,l1tex__throughput.avg.pct_of_peak_sustained_active,smsp__issue_active.avg.pct_of_peak_sustained_active"
   ncu -k "regex:grouped_gemm" --launch-skip 2 --launch-count 2 --metrics "$M" \
     "./$BUILD/fp4moe" bench --backend cuda --dtype bf16 --repeat 1 --preset "$P" --tokens "$T" 2>&1 \
     | tee "$OUT/prefill-gemm.log" | grep -E "grouped_gemm|__" \
@@ -173,10 +175,10 @@ echo "== GPU tests, prefill cases on the mma.sync kernels (the path of GPUs with
 FP4MOE_CUDA_MMA_SYNC=1 FP4MOE_GPU_FILTER=prefill "./$BUILD/test_gpu_backend" > "$OUT/gpu-tests-mma.log" 2>&1 \
   || tests_rc=1
 grep -E "check failed|passed" "$OUT/gpu-tests-mma.log" | tail -8
-echo "== GPU tests, prefill cases on the 128-row wgmma kernels (FP4MOE_CUDA_GEMM_ROWS=128)"
-FP4MOE_CUDA_GEMM_ROWS=128 FP4MOE_GPU_FILTER=prefill "./$BUILD/test_gpu_backend" > "$OUT/gpu-tests-rows128.log" 2>&1 \
+echo "== GPU tests, prefill cases on the 256-row wgmma kernels (FP4MOE_CUDA_GEMM_ROWS=256)"
+FP4MOE_CUDA_GEMM_ROWS=256 FP4MOE_GPU_FILTER=prefill "./$BUILD/test_gpu_backend" > "$OUT/gpu-tests-rows256.log" 2>&1 \
   || tests_rc=1
-grep -E "check failed|passed" "$OUT/gpu-tests-rows128.log" | tail -8
+grep -E "check failed|passed" "$OUT/gpu-tests-rows256.log" | tail -8
 
 if [ $PREFILL = 1 ]; then
   P=${1:-qwen3-30b-a3b,deepseek-v3}
@@ -184,7 +186,7 @@ if [ $PREFILL = 1 ]; then
   echo "== fp4moe bench (cuda, prefill path, BF16 hidden states)"
   "./$BUILD/fp4moe" bench --backend cuda --dtype bf16 --preset "$P" --tokens "$T" --repeat 50 2>&1 \
     | tee "$OUT/bench-prefill.log"
-  for knob in FP4MOE_CUDA_GEMM_ROWS=128 FP4MOE_CUDA_TILE_TOKENS=256; do
+  for knob in FP4MOE_CUDA_GEMM_ROWS=256 FP4MOE_CUDA_TILE_TOKENS=256; do
     echo "== prefill with $knob"
     env "$knob" "./$BUILD/fp4moe" bench --backend cuda --dtype bf16 --preset "$P" \
       --tokens 1024,4096,8192 --repeat 50 2>&1 | grep -E "^(qwen3|deepseek)"

@@ -156,10 +156,10 @@ static fp4moe_status cuda_prepare(fp4moe_plan *plan)
         const int t = atoi(tile);
         if (t == 64 || t == 128 || (t == 256 && v->wgmma)) v->tile_tokens = t;
     }
-    // wgmma blocks of 256 weight rows (measured faster, docs/PERF.md); FP4MOE_CUDA_GEMM_ROWS=128
-    // asks for 128 (also when 256-token tiles are asked for: 256 x 256 does not fit)
+    // wgmma blocks of 128 weight rows (256 measured 1-8% slower on the H100, docs/PERF.md);
+    // FP4MOE_CUDA_GEMM_ROWS=256 asks for 256 (not with 256-token tiles: too many accumulators)
     const char *rows = getenv("FP4MOE_CUDA_GEMM_ROWS");
-    v->gemm_rows = (rows != NULL && strcmp(rows, "128") == 0) || v->tile_tokens == 256 ? 128 : 256;
+    v->gemm_rows = rows != NULL && strcmp(rows, "256") == 0 && v->tile_tokens != 256 ? 256 : 128;
 
     // Routing scratch: as many warps per block as fit (the front block has 16 warps).
     const size_t per_warp = cuda_route_smem_bytes(e, 1);

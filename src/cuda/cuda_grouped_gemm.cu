@@ -21,8 +21,8 @@
 #include "cuda_wgmma.cuh"
 
 // WG: warpgroups per block for wgmma (2: 128 weight rows, 4: 256), 0: 4 warps of mma.sync (128
-// rows). 256 rows halve the activation bytes each MMA needs from L2 (the limit at 128 rows:
-// docs/PERF.md).
+// rows). 256 rows halve the activation bytes each MMA needs from L2, but measured 1-8% slower
+// than two blocks of 128 per SM (docs/PERF.md); kept selectable for tuning.
 template <int BN, int PARTS, int WG> struct gemm_shape {
     static constexpr int rows = WG ? WG * 64 : 128;
     static constexpr int mt = rows / CUDA_TILE_ROWS; // 16-row A tiles per block
