@@ -186,7 +186,7 @@ if [ $PREFILL = 1 ]; then
   echo "== fp4moe bench (cuda, prefill path, BF16 hidden states)"
   "./$BUILD/fp4moe" bench --backend cuda --dtype bf16 --preset "$P" --tokens "$T" --repeat 50 2>&1 \
     | tee "$OUT/bench-prefill.log"
-  for knob in FP4MOE_CUDA_GEMM_ROWS=256 FP4MOE_CUDA_TILE_TOKENS=256; do
+  for knob in ${PREFILL_KNOBS:-}; do # e.g. PREFILL_KNOBS="FP4MOE_CUDA_GEMM_ROWS=256 FP4MOE_CUDA_TILE_TOKENS=256"
     echo "== prefill with $knob"
     env "$knob" "./$BUILD/fp4moe" bench --backend cuda --dtype bf16 --preset "$P" \
       --tokens 1024,4096,8192 --repeat 50 2>&1 | grep -E "^(qwen3|deepseek)"

@@ -257,6 +257,7 @@ static size_t layout(const cuda_plan_view *v, int64_t threshold, int64_t num_tok
         const int64_t max_tiles = prefill_max_tiles(v, chunk, 64) + 1;
         const int64_t rows = slots + (v->e_loc + 1) * 256;
         sizes[2] = (size_t)slots * 4;
+        sizes[3] = (size_t)(cuda_prefill_perm_blocks(slots) * v->e_loc) * 4;
         sizes[11] = (size_t)x_rows * 4;
         sizes[12] = (size_t)(rows * v->k2p) * 4;
         sizes[14] = (size_t)rows * 4;

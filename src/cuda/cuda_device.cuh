@@ -25,12 +25,20 @@ static __device__ __forceinline__ void allow_next_kernel()
 #endif
 }
 
-// Register i (0..3) of a repacked word: nibbles i (even k) and i+4 (odd k) as a half2 of
-// e2m1 * 2^-14.
+// Register i (0..3) of a repacked word as a half2 of e2m1 * 2^-14: an e2m1 value's magnitude bits
+// go to FP16 bits 9-11 and its sign to bit 15 (lower half: even k, upper: odd k). The repack
+// (cuda_repack.cu, CUDA_DECODE_SHIFT_*) stores each register's bits where one shift lines up
+// its magnitudes and one its signs; registers 2 and 3 need one shift for both: 11 integer
+// instructions for the four registers.
 static __device__ __forceinline__ uint32_t decode_pair(uint32_t w, int i)
 {
-    const uint32_t t = w >> (4 * i);
-    return ((t & 0x00070007u) << 9) | ((t & 0x00080008u) << 12);
+    const uint32_t mag = 0x0e000e00u, sign = 0x80008000u;
+    switch (i) {
+    case 0: return ((w >> 3) & mag) | ((w << 15) & sign);
+    case 1: return ((w << 4) & mag) | ((w << 14) & sign);
+    case 2: return (w << 7) & (mag | sign);
+    default: return w & (mag | sign);
+    }
 }
 
 static __device__ __forceinline__ void mma_16816(float d[4], const uint32_t a[4], uint32_t b0,

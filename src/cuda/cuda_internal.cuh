@@ -21,6 +21,10 @@ extern "C" {
 // E4M3 scales. K is padded to a multiple of 64 with zero codes and zero scales, so any K that is
 // a multiple of 16 works. Gated FC1 tiles hold the gate rows of 8 channels (tile rows 0-7) and
 // the up rows of the same channels (8-15), so one thread holds both halves of its channels.
+// Left shifts (negative: right) that decode_pair (cuda_device.cuh) applies to register i's
+// magnitude and sign bits; the repack places the bits accordingly.
+#define CUDA_DECODE_SHIFT_MAG {-3, 4, 7, 0}
+#define CUDA_DECODE_SHIFT_SIGN {15, 14, 7, 0}
 #define CUDA_KGROUP 64
 #define CUDA_TILE_ROWS 16
 #define CUDA_SLOTS_PER_PASS 8 /* the N of one MMA */
@@ -63,7 +67,7 @@ typedef struct cuda_workspace {
     int32_t *ids;        // [T*k] global ids
     float *weights;      // [T*k]
     int32_t *slot_local; // [C*k] local expert of a chunk slot, -1 when not local
-    int32_t *counts;     // [E_loc] slots per local expert, then fill cursors
+    int32_t *counts;     // [E_loc] slots per local expert, then fill cursors (prefill: [blocks][E_loc])
     int32_t *offsets;    // [E_loc] first entry of each local expert
     int32_t *touched;    // [1 + C*k]: count, then touched local experts in ascending order
     int32_t *touched_begin; // [C*k + 1] first entry of each touched expert
@@ -243,6 +247,9 @@ cudaError_t cuda_launch_finalize(const cuda_plan_view *p, const cuda_call_view *
 // permutation, FC1 inputs, grouped FC1 GEMM + activation, FC2 inputs, grouped FC2 GEMM, finalize.
 // tile_tokens: tokens per GEMM tile (64 or 128); parts: 2 when activations enter as FP16
 // hi + lo (FP32 hidden states), 1 when one FP16 part holds them exactly.
+// Blocks of the prefill permutation kernels for a chunk of `slots` (token, slot) pairs; ws.counts
+// holds e_loc ints per block.
+int64_t cuda_prefill_perm_blocks(int64_t slots);
 cudaError_t cuda_launch_prefill(const cuda_plan_view *p, const cuda_call_view *c,
                                 const cuda_workspace *ws, int tile_tokens, int parts,
                                 int64_t max_tiles, cudaStream_t stream);

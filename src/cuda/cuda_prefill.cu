@@ -1,6 +1,6 @@
-// The prefill path of one token chunk, after routing: (1) one block groups the chunk's (token,
-// slot) pairs by local expert into tiles of tile_tokens rows (counts, padded offsets, the tile
-// list, the permutation; all on the GPU); (2) the FC1 input rows as FP16 with a power-of-two row
+// The prefill path of one token chunk, after routing: (1) three launches group the chunk's
+// (token, slot) pairs by local expert into tiles of tile_tokens rows (counts, padded offsets, the
+// tile list, the permutation; all on the GPU); (2) the FC1 input rows as FP16 with a power-of-two row
 // scale; (3) the grouped FC1 GEMM + activation (cuda_grouped_gemm.cu); (4) the FC2 input rows
 // (W4A4 quantisation, FP16); (5) the grouped FC2 GEMM; (6) finalize (cuda_experts.cu). Every
 // launch is a programmatic dependent of the one before; nothing is decided on the host from
@@ -8,6 +8,7 @@
 #include "cuda_device.cuh"
 
 #define PERM_THREADS 1024
+#define PERM_SLOTS (4 * PERM_THREADS) /* chunk slots per block of the count and place kernels */
 #define ROW_THREADS 256
 
 // ------------------------------------------------------------------ permutation
@@ -23,53 +24,90 @@ static __device__ __forceinline__ int warp_aggregated_add(int *counter, int key,
     return base;
 }
 
-// One block: counts per local expert (shared memory, e_loc ints), padded offsets, the tile list,
-// the permutation.
-__global__ void __launch_bounds__(PERM_THREADS)
-prefill_perm_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws, int tile_tokens)
+// The permutation in three launches (one block over a whole chunk took ~0.2 ms at 64K slots):
+// (1) each block counts its PERM_SLOTS slots per local expert (shared-memory histogram) into row
+// b of ws.counts [blocks][e_loc]; (2) one block sums the rows per expert, lays out the padded
+// expert ranges, the tile list and the padding rows, and turns row b into block b's first row in
+// each expert; (3) each block places its slots from there.
+static __device__ __forceinline__ int slot_key(const cuda_plan_view &p, const cuda_call_view &c,
+                                               const cuda_workspace &ws, int64_t s)
 {
-    extern __shared__ int cursor[]; // [e_loc]
+    // ids outside [0, E) fall outside the local range too and contribute nothing
+    const int64_t local = (int64_t)ws.ids[c.t0 * p.top_k + s] - p.e0;
+    return local >= 0 && local < p.e_loc ? (int)local : -1;
+}
+
+__global__ void __launch_bounds__(PERM_THREADS)
+prefill_count_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws)
+{
+    extern __shared__ int hist[]; // [e_loc]
     wait_for_previous_kernel();
-    const int64_t k = p.top_k, slots = (c.t1 - c.t0) * k;
-    const int e_loc = (int)p.e_loc, tid = threadIdx.x, nthreads = blockDim.x, lane = tid % 32;
-    for (int e = tid; e < e_loc; e += nthreads) cursor[e] = 0;
+    const int64_t slots = (c.t1 - c.t0) * p.top_k, s0 = (int64_t)blockIdx.x * PERM_SLOTS;
+    const int e_loc = (int)p.e_loc, tid = threadIdx.x, lane = tid % 32;
+    for (int e = tid; e < e_loc; e += PERM_THREADS) hist[e] = 0;
     __syncthreads();
     // whole warps iterate together (the aggregation needs every lane)
-    for (int64_t base = tid - lane; base < slots; base += nthreads) {
-        const int64_t s = base + lane;
-        int key = -1;
-        if (s < slots) {
-            // ids outside [0, E) fall outside the local range too and contribute nothing
-            const int64_t local = (int64_t)ws.ids[c.t0 * k + s] - p.e0;
-            key = local >= 0 && local < p.e_loc ? (int)local : -1;
-            ws.slot_local[s] = key;
-        }
+    for (int i = tid - lane; i < PERM_SLOTS; i += PERM_THREADS) {
+        const int64_t s = s0 + i + lane;
+        const int key = s < slots ? slot_key(p, c, ws, s) : -1;
+        if (s < slots) ws.slot_local[s] = key;
         int rank;
-        warp_aggregated_add(&cursor[key < 0 ? 0 : key], key, lane, &rank);
+        warp_aggregated_add(&hist[key < 0 ? 0 : key], key, lane, &rank);
+    }
+    __syncthreads();
+    allow_next_kernel();
+    for (int e = tid; e < e_loc; e += PERM_THREADS) ws.counts[blockIdx.x * e_loc + e] = hist[e];
+}
+
+__global__ void __launch_bounds__(PERM_THREADS)
+prefill_layout_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws, int tile_tokens, int blocks)
+{
+    extern __shared__ int total[]; // [e_loc]
+    wait_for_previous_kernel();
+    const int e_loc = (int)p.e_loc, tid = threadIdx.x;
+    for (int e = tid; e < e_loc; e += PERM_THREADS) {
+        int sum = 0;
+        for (int b = 0; b < blocks; b++) sum += ws.counts[b * e_loc + e];
+        total[e] = sum;
     }
     __syncthreads();
     // Each thread owns a contiguous run of experts: its rows (padded to whole tiles) and tiles.
-    const int per = (e_loc + nthreads - 1) / nthreads;
+    const int per = (e_loc + PERM_THREADS - 1) / PERM_THREADS;
     const int e_begin = min(e_loc, tid * per), e_end = min(e_loc, e_begin + per);
     int my_rows = 0;
-    for (int e = e_begin; e < e_end; e++)
-        my_rows += (cursor[e] + tile_tokens - 1) / tile_tokens * tile_tokens;
+    for (int e = e_begin; e < e_end; e++) my_rows += (total[e] + tile_tokens - 1) / tile_tokens * tile_tokens;
     int total_rows;
     int row = block_exclusive_scan(my_rows, &total_rows);
     for (int e = e_begin; e < e_end; e++) {
-        const int n = cursor[e], padded = (n + tile_tokens - 1) / tile_tokens * tile_tokens;
-        for (int r = row; r < row + padded; r += tile_tokens)
-            ws.tile_list[r / tile_tokens] = make_int2(e, r);
+        const int n = total[e], padded = (n + tile_tokens - 1) / tile_tokens * tile_tokens;
+        for (int r = row; r < row + padded; r += tile_tokens) ws.tile_list[r / tile_tokens] = make_int2(e, r);
         for (int r = row + n; r < row + padded; r++) ws.perm[r] = -1;
-        cursor[e] = row; // the fill cursor from here on
+        // block b's slots of expert e start after those of blocks 0..b-1
+        int first = row;
+        for (int b = 0; b < blocks; b++) {
+            const int n_b = ws.counts[b * e_loc + e];
+            ws.counts[b * e_loc + e] = first;
+            first += n_b;
+        }
         row += padded;
     }
     if (tid == 0) *ws.num_tiles = total_rows / tile_tokens;
+    allow_next_kernel();
+}
+
+// Rows of an expert in any order within a block: each column of a GEMM is computed on its own,
+// so the order changes no bit of any result.
+__global__ void __launch_bounds__(PERM_THREADS)
+prefill_place_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws)
+{
+    extern __shared__ int cursor[]; // [e_loc]
+    wait_for_previous_kernel();
+    const int64_t slots = (c.t1 - c.t0) * p.top_k, s0 = (int64_t)blockIdx.x * PERM_SLOTS;
+    const int e_loc = (int)p.e_loc, tid = threadIdx.x, lane = tid % 32;
+    for (int e = tid; e < e_loc; e += PERM_THREADS) cursor[e] = ws.counts[blockIdx.x * e_loc + e];
     __syncthreads();
-    // Rows of an expert in any order: each column of a GEMM is computed on its own, so the
-    // order changes no bit of any result.
-    for (int64_t base = tid - lane; base < slots; base += nthreads) {
-        const int64_t s = base + lane;
+    for (int i = tid - lane; i < PERM_SLOTS; i += PERM_THREADS) {
+        const int64_t s = s0 + i + lane;
         const int key = s < slots ? ws.slot_local[s] : -1;
         int rank;
         const int first = warp_aggregated_add(&cursor[key < 0 ? 0 : key], key, lane, &rank);
@@ -213,8 +251,16 @@ extern "C" cudaError_t cuda_launch_prefill(const cuda_plan_view *p, const cuda_c
     const int warpgroups = p->wgmma ? p->gemm_rows / 64 : 0;
     const int64_t tokens = c->t1 - c->t0, slots = tokens * p->top_k;
     const int64_t x_rows = c->x_per_slot ? slots : tokens;
-    cudaError_t err = launch_dependent(prefill_perm_kernel, dim3(1), dim3(PERM_THREADS),
-                                       (size_t)p->e_loc * sizeof(int), stream, *p, *c, *ws, tile_tokens);
+    const int perm_blocks = (int)cuda_prefill_perm_blocks(slots);
+    const size_t hist_bytes = (size_t)p->e_loc * sizeof(int);
+    cudaError_t err = launch_dependent(prefill_count_kernel, dim3((unsigned)perm_blocks), dim3(PERM_THREADS),
+                                       hist_bytes, stream, *p, *c, *ws);
+    if (err == cudaSuccess)
+        err = launch_dependent(prefill_layout_kernel, dim3(1), dim3(PERM_THREADS), hist_bytes, stream, *p, *c,
+                               *ws, tile_tokens, perm_blocks);
+    if (err == cudaSuccess)
+        err = launch_dependent(prefill_place_kernel, dim3((unsigned)perm_blocks), dim3(PERM_THREADS),
+                               hist_bytes, stream, *p, *c, *ws);
     if (err == cudaSuccess)
         err = launch_dependent(prefill_fc1_input_kernel, dim3((unsigned)x_rows), dim3(ROW_THREADS), 0,
                                stream, *p, *c, *ws, parts);
@@ -229,3 +275,5 @@ extern "C" cudaError_t cuda_launch_prefill(const cuda_plan_view *p, const cuda_c
     if (err == cudaSuccess) err = cuda_launch_finalize(p, c, ws, stream);
     return err;
 }
+
+extern "C" int64_t cuda_prefill_perm_blocks(int64_t slots) { return (slots + PERM_SLOTS - 1) / PERM_SLOTS; }

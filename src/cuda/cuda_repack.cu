@@ -2,8 +2,8 @@
 // cuda_internal.cuh): per (16-row tile, 64-value K group), lane L = 4g + q of a warp gets 16
 // bytes, one 32-bit word per k step s, holding the 8 values of its four A-fragment registers
 // of mma.m16n8k16: R0 = (row g, k 2q..2q+1), R1 = (row g+8, same k), R2 = (row g, k 2q+8..2q+9),
-// R3 = (row g+8, same k). Nibble i of the word is the even-k value of Ri, nibble i+4 its odd-k
-// value, so the kernel extracts register i with one shift and two masks. Lanes 0-7 also write
+// R3 = (row g+8, same k). The bits of Ri's even-k (odd-k) value sit where decode_pair's shifts
+// move its magnitude to bits 9-11 (25-27) and its sign to bit 15 (31). Lanes 0-7 also write
 // the 4 k steps' E4M3 scales of rows g and g+8 (8 bytes). Padding (k >= K) is zero.
 #include "cuda_internal.cuh"
 
@@ -35,13 +35,17 @@ __global__ void repack_kernel(const uint8_t *codes, const uint8_t *scales, int64
         const int64_t base = kg * CUDA_KGROUP + s * 16 + 2 * q;
         const int64_t reg_row[4] = {row_g, row_g8, row_g, row_g8};
         const int64_t reg_k[4] = {base, base, base + 8, base + 8};
+        const int shift_mag[4] = CUDA_DECODE_SHIFT_MAG, shift_sign[4] = CUDA_DECODE_SHIFT_SIGN;
         uint32_t w = 0;
         for (int i = 0; i < 4; i++) {
             for (int odd = 0; odd < 2; odd++) {
                 const int64_t col = reg_k[i] + odd;
                 uint32_t nib = 0;
                 if (col < k) nib = (codes[reg_row[i] * (k / 2) + col / 2] >> (4 * (col & 1))) & 0xfu;
-                w |= nib << (4 * (i + 4 * odd));
+                const int base = 16 * odd;
+                for (int j = 0; j < 3; j++) // magnitude bit j ends at FP16 bit 9 + j
+                    w |= ((nib >> j) & 1u) << (base + 9 + j - shift_mag[i]);
+                w |= (nib >> 3) << (base + 15 - shift_sign[i]);
             }
         }
         words[s] = w;
