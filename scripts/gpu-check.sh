@@ -166,6 +166,10 @@ if [ -n "$obj" ] && command -v cuobjdump > /dev/null; then
   echo "SASS of cuda_experts: $(grep -c HMMA "$OUT/experts.sass") HMMA, $(grep -c 'LDG.E.128' "$OUT/experts.sass") LDG.E.128, $(grep -c 'LDL\|STL' "$OUT/experts.sass") local-memory ops"
 fi
 
+# GPU_CHECK_SKIP_TESTS=1: benchmarks only (after a call that ran the tests on the same tree)
+SKIP=${GPU_CHECK_SKIP_TESTS:-0}
+tests_rc=0
+if [ "$SKIP" != 1 ]; then
 echo "== GPU tests"
 "./$BUILD/test_gpu_backend" > "$OUT/gpu-tests.log" 2>&1
 tests_rc=$?
@@ -179,6 +183,7 @@ echo "== GPU tests, prefill cases on the 256-row wgmma kernels (FP4MOE_CUDA_GEMM
 FP4MOE_CUDA_GEMM_ROWS=256 FP4MOE_GPU_FILTER=prefill "./$BUILD/test_gpu_backend" > "$OUT/gpu-tests-rows256.log" 2>&1 \
   || tests_rc=1
 grep -E "check failed|passed" "$OUT/gpu-tests-rows256.log" | tail -8
+fi
 
 if [ $PREFILL = 1 ]; then
   P=${1:-qwen3-30b-a3b,deepseek-v3}
@@ -202,6 +207,7 @@ if [ $PREFILL = 1 ]; then
   exit $tests_rc
 fi
 
+if [ "$SKIP" != 1 ]; then
 echo "== Python binding on CUDA tensors (graph capture, torch.compile, C API bits)"
 FP4MOE_LIBRARY="$BUILD/libfp4moe.so" PYTHONUNBUFFERED=1 python3 tests/gpu/test_torch_cuda.py \
   > "$OUT/torch-tests.log" 2>&1 || tests_rc=1
@@ -218,6 +224,7 @@ echo "== repeatability: 100 graph replays of every 5th case, each equal to the d
 FP4MOE_GPU_QUICK=1 FP4MOE_GPU_REPEAT=100 timeout 240 "./$BUILD/test_gpu_backend" > "$OUT/repeat.log" 2>&1 \
   || tests_rc=1
 grep -E "check failed|passed" "$OUT/repeat.log" | tail -5
+fi
 if [ "${GPU_CHECK_TESTS_ONLY:-0}" = 1 ]; then exit $tests_rc; fi
 
 echo "== fp4moe bench (cuda)"

@@ -241,46 +241,69 @@ fc2_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws)
 }
 
 // ------------------------------------------------------------------ finalize
-// One thread per (token, column): the weighted sum over the token's local slots in slot order,
-// as cpu_experts.c's finalize_token (no contraction into FMAs), or the per-slot rows.
+// One thread per (token, 4 columns; H is a multiple of 16): the weighted sum over the token's
+// local slots in slot order, as cpu_experts.c's finalize_token (no contraction into FMAs), or the
+// per-slot rows. 16-byte loads of the FC2 rows: this pass is bound by reading them.
+static __device__ __forceinline__ void store4(const cuda_call_view &c, int64_t at, float4 v)
+{
+    store_from_f32(c.output, c.output_dtype, at, v.x);
+    store_from_f32(c.output, c.output_dtype, at + 1, v.y);
+    store_from_f32(c.output, c.output_dtype, at + 2, v.z);
+    store_from_f32(c.output, c.output_dtype, at + 3, v.w);
+}
+
+static __device__ __forceinline__ float4 load_y4(const cuda_workspace &ws, int64_t slot, int64_t h, int64_t col)
+{
+    return *reinterpret_cast<const float4 *>(ws.y + slot * h + col);
+}
+
 __global__ void finalize_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws)
 {
     wait_for_previous_kernel();
     const int64_t h = p.h, k = p.top_k;
-    const int64_t col = (int64_t)blockIdx.y * blockDim.x + threadIdx.x;
+    const int64_t col = ((int64_t)blockIdx.y * blockDim.x + threadIdx.x) * 4;
     const int64_t t = c.t0 + blockIdx.x;
     if (col >= h) return;
     const int64_t s0 = (t - c.t0) * k;
     if (!c.finalize) {
         for (int64_t j = 0; j < k; j++) {
-            const float v = ws.slot_local[s0 + j] >= 0 ? ws.y[(s0 + j) * h + col] : 0.0f;
-            store_from_f32(c.output, c.output_dtype, (t * k + j) * h + col, v);
+            const float4 zero = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            store4(c, (t * k + j) * h + col, ws.slot_local[s0 + j] >= 0 ? load_y4(ws, s0 + j, h, col) : zero);
         }
         return;
     }
     // All slots' loads first (independent), then the sum in slot order.
-    float sum = 0.0f;
+    float4 sum = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     bool any = false;
     for (int64_t j0 = 0; j0 < k; j0 += 8) {
-        float yv[8], wv[8];
+        float4 yv[8];
+        float wv[8];
         int lv[8];
 #pragma unroll
         for (int i = 0; i < 8; i++) {
             const int64_t j = j0 + i;
             lv[i] = j < k ? ws.slot_local[s0 + j] : -1;
             wv[i] = j < k ? (p.on_input ? 1.0f : ws.weights[t * k + j]) : 0.0f;
-            yv[i] = j < k ? ws.y[(s0 + j) * h + col] : 0.0f;
+            yv[i] = lv[i] >= 0 ? load_y4(ws, s0 + j, h, col) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
         }
 #pragma unroll
         for (int i = 0; i < 8; i++) {
             if (lv[i] < 0) continue;
-            const float term = __fmul_rn(wv[i], yv[i]);
-            sum = any ? __fadd_rn(sum, term) : term;
+            const float4 term = make_float4(__fmul_rn(wv[i], yv[i].x), __fmul_rn(wv[i], yv[i].y),
+                                            __fmul_rn(wv[i], yv[i].z), __fmul_rn(wv[i], yv[i].w));
+            if (any)
+                sum = make_float4(__fadd_rn(sum.x, term.x), __fadd_rn(sum.y, term.y), __fadd_rn(sum.z, term.z),
+                                  __fadd_rn(sum.w, term.w));
+            else
+                sum = term;
             any = true;
         }
     }
-    if (c.per_token_scale) sum = __fmul_rn(c.per_token_scale[t], sum);
-    store_from_f32(c.output, c.output_dtype, t * h + col, sum);
+    if (c.per_token_scale) {
+        const float ts = c.per_token_scale[t];
+        sum = make_float4(__fmul_rn(ts, sum.x), __fmul_rn(ts, sum.y), __fmul_rn(ts, sum.z), __fmul_rn(ts, sum.w));
+    }
+    store4(c, t * h + col, sum);
 }
 
 // ------------------------------------------------------------------ host side
@@ -304,6 +327,6 @@ extern "C" cudaError_t cuda_launch_experts(const cuda_plan_view *p, const cuda_c
 extern "C" cudaError_t cuda_launch_finalize(const cuda_plan_view *p, const cuda_call_view *c,
                                             const cuda_workspace *ws, cudaStream_t stream)
 {
-    return launch_dependent(finalize_kernel, dim3((unsigned)(c->t1 - c->t0), (unsigned)((p->h + 255) / 256)),
+    return launch_dependent(finalize_kernel, dim3((unsigned)(c->t1 - c->t0), (unsigned)((p->h + 1023) / 1024)),
                             dim3(256), 0, stream, *p, *c, *ws);
 }

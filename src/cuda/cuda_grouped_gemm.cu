@@ -40,8 +40,8 @@ template <int BN, int PARTS, int WG> struct gemm_shape {
     static constexpr int pipe_bytes = stages * stage_bytes;
     static constexpr int epi_bytes = BN * epi_stride * 4;
     static constexpr int main_bytes = pipe_bytes > epi_bytes ? pipe_bytes : epi_bytes;
-    // + alignment, then the tile's B row offsets and slots
-    static constexpr int smem_bytes = 1024 + main_bytes + BN * 8;
+    // + alignment, then the tile's B row offsets, slots and FC1 input row scales
+    static constexpr int smem_bytes = 1024 + main_bytes + BN * 12;
     static constexpr int min_blocks = WG == 4 || BN == 256 ? 1 : 2;
 };
 
@@ -272,7 +272,7 @@ template <int BN, int FC2, int ROWS, int THREADS>
 static __device__ __forceinline__ void epilogue(const cuda_plan_view &p, const cuda_call_view &c,
                                                 const cuda_workspace &ws, const gemm_tile &t,
                                                 int64_t e, int64_t row0, const float *epi,
-                                                const int32_t *slot_of)
+                                                const int32_t *slot_of, const float *xs_of)
 {
     float scale_low, scale_high;
     if (FC2) {
@@ -324,7 +324,7 @@ static __device__ __forceinline__ void epilogue(const cuda_plan_view &p, const c
         const float *v = epi + col * (ROWS + 4) + mt * 16;
         // the weights were decoded as value * 2^-14: undo it (exact)
         fc1_epilogue(p, e, mtile, g, v[g] * 16384.0f, v[g + 8] * 16384.0f,
-                     ws.x_scale[c.x_per_slot ? slot : slot / p.top_k], scale_low, scale_high,
+                     xs_of[col], scale_low, scale_high,
                      c.hidden_dtype, ws.u + (row0 + col) * p.k2p);
     }
 }
@@ -343,11 +343,13 @@ grouped_gemm_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws)
     const int64_t e = te.x, row0 = te.y;
     uint32_t *b_row = reinterpret_cast<uint32_t *>(smem + S::main_bytes);
     int32_t *slot_of = reinterpret_cast<int32_t *>(b_row + BN);
+    float *xs_of = reinterpret_cast<float *>(slot_of + BN);
     const int tid = threadIdx.x;
     const int64_t kp = FC2 ? p.k2p : p.k1p;
     for (int r = tid; r < BN; r += THREADS) {
         const int32_t slot = ws.perm[row0 + r];
         slot_of[r] = slot;
+        if (!FC2) xs_of[r] = slot < 0 ? 0.0f : ws.x_scale[c.x_per_slot ? slot : slot / p.top_k];
         const int64_t row = FC2 ? row0 + r : c.x_per_slot ? slot : slot / p.top_k;
         // (in 16-byte units: the workspace's B rows stay far below 64 GB)
         b_row[r] = slot < 0 ? B_PAD : (uint32_t)(row * PARTS * kp / 8);
@@ -411,7 +413,7 @@ grouped_gemm_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws)
                 epi[col * S::epi_stride + row] = acc[(mt * NT + nt) * 4 + i];
             }
     __syncthreads();
-    epilogue<BN, FC2, S::rows, THREADS>(p, c, ws, t, e, row0, epi, slot_of);
+    epilogue<BN, FC2, S::rows, THREADS>(p, c, ws, t, e, row0, epi, slot_of, xs_of);
 }
 
 template <int BN, int PARTS, int FC2, int WG>
