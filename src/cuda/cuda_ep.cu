@@ -99,6 +99,35 @@ extern "C" int ep_device_fill_nan(float *p, int64_t count, void *stream)
     return (int)cudaGetLastError();
 }
 
+// Thread (e, c) of experts x 256: the multiplier of nvfp4_fake_quantize16 for scale code c.
+__global__ void ep_w4a4_reciprocals_kernel(const float *g, int64_t experts, float *rcp6, float *out_scale)
+{
+    const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i == 0) *rcp6 = rcp_approx_ftz(6.0f);
+    if (i >= experts * 256) return;
+    const float s = e4m3_value((uint32_t)(i % 256));
+    out_scale[i] = s != 0.0f ? rcp_approx_ftz(__fmul_rn(s, rcp_approx_ftz(g[i / 256]))) : 0.0f;
+}
+
+extern "C" int ep_device_w4a4_reciprocals(const float *g, int64_t experts, float *rcp6, float *out_scale)
+{
+    const size_t table_bytes = (size_t)experts * 256 * sizeof(float);
+    float *d_g = NULL, *d_out = NULL;
+    cudaError_t err = cudaMalloc(&d_g, (size_t)experts * sizeof(float));
+    if (err == cudaSuccess) err = cudaMalloc(&d_out, table_bytes + sizeof(float));
+    if (err == cudaSuccess) err = cudaMemcpy(d_g, g, (size_t)experts * sizeof(float), cudaMemcpyHostToDevice);
+    if (err == cudaSuccess) {
+        ep_w4a4_reciprocals_kernel<<<(unsigned)((experts * 256 + 255) / 256), 256>>>(d_g, experts, d_out + experts * 256,
+                                                                                   d_out);
+        err = cudaGetLastError();
+    }
+    if (err == cudaSuccess) err = cudaMemcpy(out_scale, d_out, table_bytes, cudaMemcpyDeviceToHost);
+    if (err == cudaSuccess) err = cudaMemcpy(rcp6, d_out + experts * 256, sizeof(float), cudaMemcpyDeviceToHost);
+    cudaFree(d_g);
+    cudaFree(d_out);
+    return (int)err;
+}
+
 extern "C" const char *ep_device_error_string(int code)
 {
     return cudaGetErrorString((cudaError_t)code);

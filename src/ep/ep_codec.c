@@ -34,14 +34,41 @@ static float block_amax(const float *x)
     return amax;
 }
 
-void ep_w4a4_encode_row(const float *x, int64_t hidden, fp4moe_dtype dtype, float g,
+void ep_w4a4_cpu_arith(float g, ep_w4a4_arith *q)
+{
+    q->g = g;
+    q->rcp6 = 1.0f / 6.0f;
+    for (int c = 0; c < 256; c++) {
+        const float s = e4m3_to_float((uint8_t)c);
+        q->out_scale[c] = s != 0.0f ? 1.0f / (s * (1.0f / g)) : 0.0f;
+    }
+}
+
+/* The value multiplier of a block: nvfp4_quantize_block16's, with q's reciprocals. */
+static float block_out_scale(float amax, uint8_t scale_code, const ep_w4a4_arith *q)
+{
+    return amax != 0.0f ? q->out_scale[scale_code] : 0.0f;
+}
+
+/* nvfp4_quantize_block16 with q's arithmetic (with ep_w4a4_cpu_arith: the same bits). */
+static void quantize_block(const float *x, const ep_w4a4_arith *q, uint8_t *packed8, uint8_t *scale)
+{
+    const float amax = block_amax(x);
+    const uint8_t scale_code = float_to_e4m3(q->g * (amax * q->rcp6));
+    const float out_scale = block_out_scale(amax, scale_code, q);
+    for (int i = 0; i < BLOCK; i += 2)
+        packed8[i / 2] = (uint8_t)(float_to_e2m1(x[i] * out_scale) | (float_to_e2m1(x[i + 1] * out_scale) << 4));
+    *scale = scale_code;
+}
+
+void ep_w4a4_encode_row(const float *x, int64_t hidden, fp4moe_dtype dtype, const ep_w4a4_arith *q,
                         uint8_t *payload)
 {
     const int64_t blocks = hidden / BLOCK;
     uint8_t *codes = payload, *scales = payload + hidden / 2, *maxima = scales + blocks;
     const size_t elt = dtype_size(dtype);
-    nvfp4_quantize_row(x, hidden, g, codes, scales);
     for (int64_t b = 0; b < blocks; b++) {
+        quantize_block(x + b * BLOCK, q, codes + b * (BLOCK / 2), scales + b);
         const float amax = block_amax(x + b * BLOCK);
         store_f32(&amax, 1, dtype, maxima + (size_t)b * elt);
     }
@@ -119,8 +146,8 @@ static int reconstruct(fp4moe_dtype dtype, float amax, float out_scale, int amax
     return 0;
 }
 
-int ep_w4a4_decode_row(const uint8_t *payload, int64_t hidden, fp4moe_dtype dtype, float g,
-                       void *row)
+int ep_w4a4_decode_row(const uint8_t *payload, int64_t hidden, fp4moe_dtype dtype,
+                       const ep_w4a4_arith *q, void *row)
 {
     const int64_t blocks = hidden / BLOCK;
     const uint8_t *codes = payload, *scales = payload + hidden / 2, *maxima = scales + blocks;
@@ -128,10 +155,8 @@ int ep_w4a4_decode_row(const uint8_t *payload, int64_t hidden, fp4moe_dtype dtyp
     for (int64_t b = 0; b < blocks; b++) {
         float amax, block[BLOCK];
         load_f32(maxima + (size_t)b * elt, dtype, 1, &amax);
-        /* The multiplier exactly as nvfp4_quantize_block16 forms it. */
-        const float scale_value = e4m3_to_float(scales[b]);
-        const float out_scale =
-            (amax != 0.0f && scale_value != 0.0f) ? 1.0f / (scale_value * (1.0f / g)) : 0.0f;
+        /* The multiplier exactly as the expert's quantiser forms it. */
+        const float out_scale = block_out_scale(amax, scales[b], q);
         const int amax_magnitude = code_magnitude(amax, out_scale);
         const uint8_t *block_codes = codes + b * (BLOCK / 2);
         for (int i = 0; i < BLOCK; i++) {
@@ -141,7 +166,7 @@ int ep_w4a4_decode_row(const uint8_t *payload, int64_t hidden, fp4moe_dtype dtyp
         }
         /* The expert quantises exactly this: check that it gets the sender's block back. */
         uint8_t again[BLOCK / 2], again_scale;
-        nvfp4_quantize_block16(block, g, again, &again_scale);
+        quantize_block(block, q, again, &again_scale);
         if (again_scale != scales[b] || memcmp(again, block_codes, sizeof again) != 0) return -1;
         store_f32(block, BLOCK, dtype, (uint8_t *)row + (size_t)(b * BLOCK) * elt);
     }

@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "../core/context.h"
+#include "ep_device.h"
 #include "ep_internal.h"
 
 /* What every rank tells every other at create. */
@@ -108,7 +109,8 @@ static fp4moe_status setup_local(fp4moe_ep *ep, const fp4moe_config *cfg,
         return fp4moe_fail(ep->ctx, FP4MOE_ERROR_OUT_OF_MEMORY, "ep: cannot allocate owner");
     if (ep->cfg.precision == FP4MOE_PRECISION_W4A4) {
         ep->a1_global_all = malloc((size_t)ep->cfg.num_experts * sizeof(float));
-        if (ep->a1_global_all == NULL)
+        ep->w4a4_arith = malloc((size_t)ep->cfg.num_experts * sizeof *ep->w4a4_arith);
+        if (ep->a1_global_all == NULL || ep->w4a4_arith == NULL)
             return fp4moe_fail(ep->ctx, FP4MOE_ERROR_OUT_OF_MEMORY, "ep: cannot allocate scales");
     }
     return ep_size_staging(ep);
@@ -172,6 +174,29 @@ static fp4moe_status broadcast_each(fp4moe_ep *ep, const void *block, size_t blo
     return st;
 }
 
+/* Every expert's W4A4 quantiser arithmetic as the expert backend computes it, so that W4A4
+ * dispatch makes the codes of the single-device layer (on CUDA: rcp.approx, measured once). */
+static fp4moe_status build_w4a4_arith(fp4moe_ep *ep)
+{
+    const int64_t experts = ep->cfg.num_experts;
+    for (int64_t e = 0; e < experts; e++)
+        ep_w4a4_cpu_arith(ep->a1_global_all[e], &ep->w4a4_arith[e]);
+    if (ep->ctx->backend != FP4MOE_BACKEND_CUDA) return FP4MOE_SUCCESS;
+    float rcp6 = 0.0f, *table = malloc((size_t)experts * 256 * sizeof(float));
+    if (table == NULL) return fp4moe_fail(ep->ctx, FP4MOE_ERROR_OUT_OF_MEMORY, "ep: cannot allocate");
+    const int code = ep_device_w4a4_reciprocals(ep->a1_global_all, experts, &rcp6, table);
+    if (code == 0)
+        for (int64_t e = 0; e < experts; e++) {
+            ep->w4a4_arith[e].rcp6 = rcp6;
+            memcpy(ep->w4a4_arith[e].out_scale, table + e * 256, sizeof ep->w4a4_arith[e].out_scale);
+        }
+    free(table);
+    if (code != 0)
+        return fp4moe_fail(ep->ctx, FP4MOE_ERROR_CUDA, "ep: W4A4 reciprocals on the GPU: %s",
+                           ep_device_error_string(code));
+    return FP4MOE_SUCCESS;
+}
+
 static fp4moe_status exchange_metadata(fp4moe_ep *ep, int local_ok, const fp4moe_weights *weights,
                                        void *stream)
 {
@@ -214,10 +239,12 @@ static fp4moe_status exchange_metadata(fp4moe_ep *ep, int local_ok, const fp4moe
         ep->received_rows_bound[p] = meta[p * META_FIELDS + META_MAX_RECEIVED_ROWS];
         recv_bytes[p] = (size_t)n * sizeof(float);
     }
-    if (ep->a1_global_all != NULL)
+    if (ep->a1_global_all != NULL) {
         st = broadcast_each(ep, weights->a1_global_scale,
                             (size_t)c->local_num_experts * sizeof(float), ep->a1_global_all,
                             recv_bytes, stream);
+        if (st == FP4MOE_SUCCESS) st = build_w4a4_arith(ep);
+    }
 done:
     free(meta);
     free(recv_bytes);
@@ -282,6 +309,7 @@ void fp4moe_ep_destroy(fp4moe_ep *ep)
     fp4moe_plan_destroy(ep->expert_plan);
     free(ep->owner);
     free(ep->a1_global_all);
+    free(ep->w4a4_arith);
     free(ep);
 }
 

@@ -1,5 +1,6 @@
 /* The row movement of expert parallelism on the GPU (src/cuda/cuda_ep.cu; stubs without CUDA):
- * the device path of ep_forward.c for W4A16 dispatch over a device transport. Each returns 0 or
+ * the device path of ep_forward.c for W4A16 dispatch over a device transport, and the numbers
+ * that make the host's W4A4 codec match the GPU quantiser. Each returns 0 or
  * a CUDA error code (ep_device_error_string names it). Row sizes are multiples of 4 bytes. */
 #ifndef FP4MOE_EP_DEVICE_H
 #define FP4MOE_EP_DEVICE_H
@@ -21,6 +22,11 @@ int ep_device_combine(const float *results, const int64_t *result_row, const flo
                       int skip_finalize, void *out, int out_dtype, void *stream);
 /* count floats at p <- NaN (the rows of a failed expert call, so peers cannot take them). */
 int ep_device_fill_nan(float *p, int64_t count, void *stream);
+/* The CUDA backend's W4A4 quantiser reciprocals (rcp.approx, as nvfp4_fake_quantize16 forms
+ * them), computed on the current device: *rcp6 <- 1/6, out_scale[e * 256 + c] <- the value
+ * multiplier of expert e (global scale g[e]) for E4M3 scale code c, 0 where c is zero.
+ * Synchronous (plan-creation time). */
+int ep_device_w4a4_reciprocals(const float *g, int64_t experts, float *rcp6, float *out_scale);
 const char *ep_device_error_string(int code);
 
 #endif

@@ -305,7 +305,7 @@ static fp4moe_status dispatch(fp4moe_ep *ep, call_state *cs, void *stream)
             round_to_dtype(x, cs->h, cs->dtype);
         }
         if (w4a4)
-            ep_w4a4_encode_row(x, cs->h, cs->dtype, ep->a1_global_all[cs->ids[s]], payload);
+            ep_w4a4_encode_row(x, cs->h, cs->dtype, &ep->w4a4_arith[cs->ids[s]], payload);
         else
             store_f32(x, cs->h, cs->dtype, payload);
     }
@@ -390,7 +390,7 @@ static fp4moe_status compute_rows(fp4moe_ep *ep, call_state *cs, void *stream)
         ids[i] = id;
         uint8_t *dst = hidden + (size_t)(i * h) * elt;
         if (ep->cfg.precision == FP4MOE_PRECISION_W4A4) {
-            if (ep_w4a4_decode_row(r + sizeof(int32_t), h, cs->dtype, ep->a1_global_all[id], dst))
+            if (ep_w4a4_decode_row(r + sizeof(int32_t), h, cs->dtype, &ep->w4a4_arith[id], dst))
                 return fp4moe_fail(ep->ctx, FP4MOE_ERROR_INTERNAL,
                                    "ep: received row %lld does not decode to its NVFP4 codes",
                                    (long long)i);

@@ -14,6 +14,16 @@ typedef struct ep_buffer {
     int backend_memory;
 } ep_buffer;
 
+/* One expert's NVFP4 activation quantiser as its backend computes it: the global scale g, the
+ * 1/6 of the block scale, and the value multiplier for each E4M3 block-scale code (0 where the
+ * code is zero). The CPU backend divides (format/nvfp4.c); the CUDA one uses rcp.approx, whose
+ * results ep_device_w4a4_reciprocals measures on the GPU. With the backend's own arithmetic the
+ * sender's codes are the ones the single-device layer would make, ties included. */
+typedef struct ep_w4a4_arith {
+    float g, rcp6;
+    float out_scale[256];
+} ep_w4a4_arith;
+
 struct fp4moe_ep {
     fp4moe_context *ctx;
     fp4moe_ep_transport transport;
@@ -27,6 +37,7 @@ struct fp4moe_ep {
     size_t expert_workspace_bytes;
     int32_t *owner;            /* [E] rank holding each expert */
     float *a1_global_all;      /* [E] W4A4 input scales of every expert (NULL in W4A16) */
+    ep_w4a4_arith *w4a4_arith; /* [E] their quantisers' arithmetic (NULL in W4A16) */
     fp4moe_ep_stats stats;
     int64_t max_received_rows;     /* this rank's bound on rows received per call */
     int64_t *received_rows_bound;  /* [size]: every rank's bound, exchanged at create */
@@ -78,13 +89,14 @@ fp4moe_status ep_from_host(fp4moe_ep *ep, void *dst, const void *host, size_t by
 /* W4A4 row codec. The payload is H/2 packed E2M1 codes, H/16 E4M3 block scales and H/16 block
  * maxima (max |x| over the block's non-NaN values) in the hidden dtype. */
 size_t ep_w4a4_payload_bytes(int64_t hidden, fp4moe_dtype dtype);
+void ep_w4a4_cpu_arith(float g, ep_w4a4_arith *q);
 /* x: [H] FP32 values exactly representable in dtype (the FC1 input before quantisation). */
-void ep_w4a4_encode_row(const float *x, int64_t hidden, fp4moe_dtype dtype, float g,
+void ep_w4a4_encode_row(const float *x, int64_t hidden, fp4moe_dtype dtype, const ep_w4a4_arith *q,
                         uint8_t *payload);
-/* Writes a row in dtype whose NVFP4 quantisation with g gives exactly the encoded codes and
+/* Writes a row in dtype whose NVFP4 quantisation with q gives exactly the encoded codes and
  * scales (so the expert's own quantisation reproduces the sender's).
- * Returns 0, or -1 when no such row exists (the payload was not made by encode with g). */
-int ep_w4a4_decode_row(const uint8_t *payload, int64_t hidden, fp4moe_dtype dtype, float g,
-                       void *row);
+ * Returns 0, or -1 when no such row exists (the payload was not made by encode with q). */
+int ep_w4a4_decode_row(const uint8_t *payload, int64_t hidden, fp4moe_dtype dtype,
+                       const ep_w4a4_arith *q, void *row);
 
 #endif
