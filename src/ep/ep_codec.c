@@ -23,17 +23,6 @@ size_t ep_w4a4_payload_bytes(int64_t hidden, fp4moe_dtype dtype)
     return (size_t)(hidden / 2 + hidden / BLOCK) + (size_t)(hidden / BLOCK) * dtype_size(dtype);
 }
 
-/* The block maximum exactly as nvfp4_quantize_block16 forms it (NaN skipped). */
-static float block_amax(const float *x)
-{
-    float amax = 0.0f;
-    for (int i = 0; i < BLOCK; i++) {
-        float a = fabsf(x[i]);
-        amax = a > amax ? a : amax;
-    }
-    return amax;
-}
-
 void ep_w4a4_cpu_arith(float g, ep_w4a4_arith *q)
 {
     q->g = g;
@@ -53,11 +42,9 @@ static float block_out_scale(float amax, uint8_t scale_code, const ep_w4a4_arith
 /* nvfp4_quantize_block16 with q's arithmetic (with ep_w4a4_cpu_arith: the same bits). */
 static void quantize_block(const float *x, const ep_w4a4_arith *q, uint8_t *packed8, uint8_t *scale)
 {
-    const float amax = block_amax(x);
+    const float amax = nvfp4_block_amax(x);
     const uint8_t scale_code = float_to_e4m3(q->g * (amax * q->rcp6));
-    const float out_scale = block_out_scale(amax, scale_code, q);
-    for (int i = 0; i < BLOCK; i += 2)
-        packed8[i / 2] = (uint8_t)(float_to_e2m1(x[i] * out_scale) | (float_to_e2m1(x[i + 1] * out_scale) << 4));
+    nvfp4_encode_block16(x, block_out_scale(amax, scale_code, q), packed8);
     *scale = scale_code;
 }
 
@@ -69,7 +56,7 @@ void ep_w4a4_encode_row(const float *x, int64_t hidden, fp4moe_dtype dtype, cons
     const size_t elt = dtype_size(dtype);
     for (int64_t b = 0; b < blocks; b++) {
         quantize_block(x + b * BLOCK, q, codes + b * (BLOCK / 2), scales + b);
-        const float amax = block_amax(x + b * BLOCK);
+        const float amax = nvfp4_block_amax(x + b * BLOCK);
         store_f32(&amax, 1, dtype, maxima + (size_t)b * elt);
     }
 }

@@ -34,6 +34,10 @@ void round_to_dtype(float *x, int64_t count, fp4moe_dtype dtype);
  * -> q = e2m1(x * out_scale)). IEEE division stands in for the GPU's rcp.approx.
  * Writes 8 packed bytes (element 2i low nibble) and the E4M3 scale code. */
 void nvfp4_quantize_block16(const float *x, float g, uint8_t *packed8, uint8_t *scale);
+/* Its two pieces, for quantisers with other reciprocals (the EP codec): the block's max |x|
+ * (NaN skipped) and the 8 packed codes of x * out_scale. */
+float nvfp4_block_amax(const float *x16);
+void nvfp4_encode_block16(const float *x16, float out_scale, uint8_t *packed8);
 
 /* One block back: out16[i] = e2m1(code i) * e4m3(scale) * global_dequant (the first product
  * is exact; the global scale is applied last). */

@@ -38,14 +38,38 @@ uint8_t float_to_e2m1(float x)
 
 /* ------------------------------------------------------------------------------ NVFP4 */
 
-void nvfp4_quantize_block16(const float *x, float g, uint8_t *packed8, uint8_t *scale)
+/* (static inline, as encode_e2m1 beside its exported twin: this is the quantiser's hot path) */
+static inline float block_amax(const float *x)
 {
     float amax = 0.0f;
     for (int i = 0; i < NVFP4_BLOCK; i++) {
         float a = fabsf(x[i]);
         amax = a > amax ? a : amax; /* NaN skipped, as fmaxf would, without a libm call */
     }
+    return amax;
+}
 
+static inline void encode_block16(const float *x, float out_scale, uint8_t *packed8)
+{
+    for (int i = 0; i < NVFP4_BLOCK; i += 2) {
+        uint8_t lo = encode_e2m1(x[i] * out_scale);
+        uint8_t hi = encode_e2m1(x[i + 1] * out_scale);
+        packed8[i / 2] = (uint8_t)(lo | (hi << 4));
+    }
+}
+
+float nvfp4_block_amax(const float *x16)
+{
+    return block_amax(x16);
+}
+void nvfp4_encode_block16(const float *x16, float out_scale, uint8_t *packed8)
+{
+    encode_block16(x16, out_scale, packed8);
+}
+
+void nvfp4_quantize_block16(const float *x, float g, uint8_t *packed8, uint8_t *scale)
+{
+    const float amax = block_amax(x);
     float scale_float = g * (amax * (1.0f / 6.0f));
     uint8_t scale_code = float_to_e4m3(scale_float);
     float scale_value = e4m3_to_float(scale_code);
@@ -54,12 +78,7 @@ void nvfp4_quantize_block16(const float *x, float g, uint8_t *packed8, uint8_t *
      * that test s != 0 do. */
     float out_scale =
         (amax != 0.0f && scale_value != 0.0f) ? 1.0f / (scale_value * (1.0f / g)) : 0.0f;
-
-    for (int i = 0; i < NVFP4_BLOCK; i += 2) {
-        uint8_t lo = encode_e2m1(x[i] * out_scale);
-        uint8_t hi = encode_e2m1(x[i + 1] * out_scale);
-        packed8[i / 2] = (uint8_t)(lo | (hi << 4));
-    }
+    encode_block16(x, out_scale, packed8);
     *scale = scale_code;
 }
 
