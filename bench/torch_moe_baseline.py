@@ -49,7 +49,9 @@ def make_layer(name, device):
     gen = torch.Generator(device=device).manual_seed(1234)
     w1 = (torch.randn(e, n1, h, device=device, generator=gen) / h ** 0.5).to(torch.bfloat16)
     w2 = (torch.randn(e, h, inter, device=device, generator=gen) / inter ** 0.5).to(torch.bfloat16)
-    bias = torch.randn(e, device=device, generator=gen) * 0.3
+    # small beside the top scores' spread, so the load is balanced as in a trained model and
+    # as in `fp4moe bench` (tools/fp4moe/synthetic.c)
+    bias = torch.randn(e, device=device, generator=gen) * 0.001
     return dict(e=e, k=k, h=h, inter=inter, act=act, method=method, n_group=n_group,
                 topk_group=topk_group, scale=scale, w1=w1, w2=w2, bias=bias)
 

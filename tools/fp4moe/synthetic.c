@@ -116,7 +116,13 @@ int synthetic_layer_create(const fp4moe_config *cfg, int routing_bias, int biase
     if (routing_bias) {
         float *b = own(out, (size_t)e * sizeof(float));
         if (!b) goto oom;
-        synthetic_fill_normal(b, e, 0.1f, seed + 17);
+        /* Small beside the spread of the top sigmoid scores (logits of sd 2 put the chosen
+         * ones within ~0.05 of each other): a bias of sd 0.1 steered every token to the same
+         * experts (deepseek-v3, T = 1024: 133 of 256 experts touched, the busiest with 311
+         * slots for a mean of 32), a load no trained model has, as its bias exists to balance
+         * the load. At sd 0.001 the load is balanced (docs/PERF.md, "Routing of the
+         * benchmarks"). */
+        synthetic_fill_normal(b, e, 0.001f, seed + 17);
         w->routing_bias = b;
     }
     if (biases) {
