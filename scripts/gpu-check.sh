@@ -170,8 +170,9 @@ fi
 SKIP=${GPU_CHECK_SKIP_TESTS:-0}
 tests_rc=0
 if [ "$SKIP" != 1 ]; then
-echo "== GPU tests"
-"./$BUILD/test_gpu_backend" > "$OUT/gpu-tests.log" 2>&1
+echo "== GPU tests${GPU_TEST_FILTER:+ (cases matching $GPU_TEST_FILTER)}"
+# GPU_TEST_FILTER=prefill: only the cases whose name contains it (FP4MOE_GPU_FILTER)
+FP4MOE_GPU_FILTER=${GPU_TEST_FILTER:-} "./$BUILD/test_gpu_backend" > "$OUT/gpu-tests.log" 2>&1
 tests_rc=$?
 grep -E "check failed|passed" "$OUT/gpu-tests.log" | tail -25
 
