@@ -75,12 +75,10 @@ typedef struct gemm_tile {
     const uint8_t *codes, *scales; // the expert's repacked matrix
     int64_t mtiles, groups, kp, mt0;
     const uint8_t *b;              // the B rows (FP16 inputs)
-    // smem [BN]: each tile column's row in 16-byte units from b. A padding column (after an
-    // expert's last slot) copies column 0's row: a column's products depend on that column only
-    // and the epilogues skip padding, so its data need only be initialised memory, and the
-    // copies need no predicate.
-    const uint32_t *b_row;
+    const uint32_t *b_row;         // smem [BN]: each tile column's row in 16-byte units from b, ~0: padding
 } gemm_tile;
+
+#define B_PAD 0xffffffffu
 
 // The B chunks (16 bytes) a thread copies each stage: chunk i = threadIdx.x + j * THREADS is
 // chunk i % 8 of staged row i / 8 (part i / 8 / BN of column i / 8 % BN). Its place in the stage
@@ -89,7 +87,7 @@ typedef struct gemm_tile {
 template <int BN, int PARTS, int THREADS> struct b_chunks {
     static constexpr int n = BN * PARTS * 8 / THREADS;
     static_assert(n * THREADS == BN * PARTS * 8 && THREADS % 64 == 0, "B chunks per thread");
-    uint32_t src[n]; // 16-byte units from t.b
+    uint32_t src[n]; // 16-byte units from t.b, B_PAD: padding column
     int dst;
 };
 
@@ -102,7 +100,7 @@ static __device__ __forceinline__ void plan_b_chunks(const gemm_tile &t, b_chunk
     for (int j = 0; j < b_chunks<BN, PARTS, THREADS>::n; j++) {
         const int r = r0 + j * (THREADS / 8);
         const uint32_t row = t.b_row[r % BN];
-        b.src[j] = row + (uint32_t)((r / BN) * (t.kp / 8) + ch);
+        b.src[j] = row == B_PAD ? B_PAD : row + (uint32_t)((r / BN) * (t.kp / 8) + ch);
     }
 }
 
@@ -142,7 +140,10 @@ static __device__ __forceinline__ void load_stage(uint8_t *stage, const gemm_til
 {
 #pragma unroll
     for (int j = 0; j < b_chunks<BN, PARTS, THREADS>::n; j++) {
-        cp_async16(stage + b.dst + j * THREADS * 16, t.b + (uint64_t)(b.src[j] + (uint32_t)kg * 8) * 16, true);
+        const uint32_t src = b.src[j];
+        const bool ok = src != B_PAD;
+        cp_async16(stage + b.dst + j * THREADS * 16,
+                   t.b + (ok ? (uint64_t)(src + (uint32_t)kg * 8) * 16 : 0), ok);
     }
     uint8_t *sa = stage + BN * PARTS * 128;
 #pragma unroll
@@ -345,15 +346,13 @@ grouped_gemm_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws)
     float *xs_of = reinterpret_cast<float *>(slot_of + BN);
     const int tid = threadIdx.x;
     const int64_t kp = FC2 ? p.k2p : p.k1p;
-    const int32_t slot0 = ws.perm[row0]; // a tile's first column is never padding
     for (int r = tid; r < BN; r += THREADS) {
         const int32_t slot = ws.perm[row0 + r];
         slot_of[r] = slot;
         if (!FC2) xs_of[r] = slot < 0 ? 0.0f : ws.x_scale[c.x_per_slot ? slot : slot / p.top_k];
-        const int32_t s = slot < 0 ? slot0 : slot; // padding: column 0's row (gemm_tile)
-        const int64_t row = FC2 ? row0 + (slot < 0 ? 0 : r) : c.x_per_slot ? s : s / p.top_k;
+        const int64_t row = FC2 ? row0 + r : c.x_per_slot ? slot : slot / p.top_k;
         // (in 16-byte units: the workspace's B rows stay far below 64 GB)
-        b_row[r] = (uint32_t)(row * PARTS * kp / 8);
+        b_row[r] = slot < 0 ? B_PAD : (uint32_t)(row * PARTS * kp / 8);
     }
     __syncthreads();
 
