@@ -41,56 +41,64 @@ static __device__ __forceinline__ float2 e4m3x2_values(uint32_t codes)
 
 // One warp's share of a tile: K groups kg = warp, warp + CUDA_GEMV_WARPS, ... against the B
 // rows of up to 8 slots (b_row NULL for columns without a slot). acc: this lane's C fragment
-// (rows g, g+8; columns 2q, 2q+1), block scales applied, row scales not.
+// (rows g, g+8; columns 2q, 2q+1), block scales applied, row scales not. The weights of the
+// warp's next CUDA_GEMV_DEPTH groups are in flight while one computes (a round trip to memory
+// per group was the limit with one in flight); the B fragments come from L1/L2.
 static __device__ __forceinline__ void tile_partial(const uint8_t *codes, const uint8_t *scales,
                                                     int64_t groups, const uint4 *b_row, int warp,
                                                     int lane, float acc[4])
 {
+    constexpr int D = CUDA_GEMV_DEPTH, STEP = CUDA_GEMV_WARPS;
     const uint4 *tile_codes = reinterpret_cast<const uint4 *>(codes);
     const uint2 *tile_scales = reinterpret_cast<const uint2 *>(scales);
     const int g = lane / 4, q = lane % 4;
-    int64_t kg = warp;
-    if (kg >= groups) return;
-    uint4 w = load_weights16(tile_codes + kg * 32 + lane);
-    uint2 sc = load_scales8(tile_scales + kg * 8 + g);
-    for (; kg < groups; kg += CUDA_GEMV_WARPS) {
-        // the next group's weights are in flight while this one computes
-        const int64_t next = kg + CUDA_GEMV_WARPS;
-        uint4 w_next = w;
-        uint2 sc_next = sc;
-        if (next < groups) {
-            w_next = load_weights16(tile_codes + next * 32 + lane);
-            sc_next = load_scales8(tile_scales + next * 8 + g);
+    if (warp >= groups) return;
+    uint4 w[D];
+    uint2 sc[D];
+#pragma unroll
+    for (int d = 0; d < D; d++) {
+        const int64_t kg = warp + d * STEP;
+        w[d] = kg < groups ? load_weights16(tile_codes + kg * 32 + lane) : make_uint4(0, 0, 0, 0);
+        sc[d] = kg < groups ? load_scales8(tile_scales + kg * 8 + g) : make_uint2(0, 0);
+    }
+    // (a ring shifted by one each group: indexing it by the group would need the loop unrolled
+    // D times, which cost registers and occupancy)
+    for (int64_t kg = warp; kg < groups; kg += STEP) {
+        const uint32_t words[4] = {w[0].x, w[0].y, w[0].z, w[0].w};
+        const uint2 scd = sc[0];
+#pragma unroll
+        for (int d = 0; d + 1 < D; d++) w[d] = w[d + 1], sc[d] = sc[d + 1];
+        const int64_t refill = kg + D * STEP;
+        if (refill < groups) {
+            w[D - 1] = load_weights16(tile_codes + refill * 32 + lane);
+            sc[D - 1] = load_scales8(tile_scales + refill * 8 + g);
         }
         uint4 b[4] = {};
         if (b_row != NULL) {
 #pragma unroll
             for (int s = 0; s < 4; s++) b[s] = __ldg(b_row + (kg * 4 + s) * 4 + q);
         }
-        const uint32_t words[4] = {w.x, w.y, w.z, w.w};
         // the 8 block scales of this group, two E4M3 codes per conversion
         float s_g[4], s_g8[4];
 #pragma unroll
         for (int pair = 0; pair < 2; pair++) {
-            const float2 a = e4m3x2_values(sc.x >> (16 * pair)), b = e4m3x2_values(sc.y >> (16 * pair));
+            const float2 a = e4m3x2_values(scd.x >> (16 * pair)), c = e4m3x2_values(scd.y >> (16 * pair));
             s_g[2 * pair] = a.x, s_g[2 * pair + 1] = a.y;
-            s_g8[2 * pair] = b.x, s_g8[2 * pair + 1] = b.y;
+            s_g8[2 * pair] = c.x, s_g8[2 * pair + 1] = c.y;
         }
 #pragma unroll
         for (int s = 0; s < 4; s++) {
             uint32_t a[4];
 #pragma unroll
             for (int i = 0; i < 4; i++) a[i] = decode_pair(words[s], i);
-            float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-            mma_16816(d, a, b[s].x, b[s].y); // hi parts
-            mma_16816(d, a, b[s].z, b[s].w); // lo parts
-            acc[0] = fmaf(d[0], s_g[s], acc[0]);
-            acc[1] = fmaf(d[1], s_g[s], acc[1]);
-            acc[2] = fmaf(d[2], s_g8[s], acc[2]);
-            acc[3] = fmaf(d[3], s_g8[s], acc[3]);
+            float dd[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            mma_16816(dd, a, b[s].x, b[s].y); // hi parts
+            mma_16816(dd, a, b[s].z, b[s].w); // lo parts
+            acc[0] = fmaf(dd[0], s_g[s], acc[0]);
+            acc[1] = fmaf(dd[1], s_g[s], acc[1]);
+            acc[2] = fmaf(dd[2], s_g8[s], acc[2]);
+            acc[3] = fmaf(dd[3], s_g8[s], acc[3]);
         }
-        w = w_next;
-        sc = sc_next;
     }
 }
 
@@ -122,7 +130,7 @@ static __device__ __forceinline__ void tile_product(const uint8_t *codes, const 
 
 // ------------------------------------------------------------------ FC1 + activation
 // One block per (touched expert, 16-row tile); blocks past the touched experts exit at once.
-__global__ void __launch_bounds__(CUDA_GEMV_WARPS * 32)
+__global__ void __launch_bounds__(CUDA_GEMV_WARPS * 32, 3)
 fc1_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws)
 {
     __shared__ float red[CUDA_GEMV_WARPS * 32 * 4];
@@ -199,7 +207,7 @@ __global__ void fc2_input_kernel(cuda_plan_view p, cuda_call_view c, cuda_worksp
 }
 
 // ------------------------------------------------------------------ FC2
-__global__ void __launch_bounds__(CUDA_GEMV_WARPS * 32)
+__global__ void __launch_bounds__(CUDA_GEMV_WARPS * 32, 3)
 fc2_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws)
 {
     __shared__ float red[CUDA_GEMV_WARPS * 32 * 4];

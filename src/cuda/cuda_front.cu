@@ -406,6 +406,42 @@ static __device__ void prepare_token_input(const cuda_plan_view &p, const cuda_c
     }
 }
 
+// The chosen experts' weights (FC1 codes and scales, then FC2's, slot by slot in call order)
+// as L2 prefetches of up to 64 KB each, CUDA_PREFETCH_BUDGET bytes at most: HBM streams them
+// while this block builds its lists and the expert kernels launch and wait for it. A hint only:
+// nothing depends on it, and a slot outside the local experts prefetches nothing.
+static __device__ void prefetch_chosen_experts(const cuda_plan_view &p, const cuda_call_view &c,
+                                               const cuda_workspace &ws)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    constexpr int64_t PIECE = 64 << 10;
+    const int64_t t1 = p.n1 / CUDA_TILE_ROWS, t2 = p.h / CUDA_TILE_ROWS;
+    const int64_t g1 = p.k1p / CUDA_KGROUP, g2 = p.k2p / CUDA_KGROUP;
+    const int64_t bytes[4] = {t1 * g1 * 512, t1 * g1 * 64, t2 * g2 * 512, t2 * g2 * 64};
+    const uint8_t *const base[4] = {p.w1_codes, p.w1_scales, p.w2_codes, p.w2_scales};
+    int64_t pieces[4], per_expert = 0;
+    for (int r = 0; r < 4; r++) {
+        pieces[r] = (bytes[r] + PIECE - 1) / PIECE;
+        per_expert += pieces[r];
+    }
+    const int64_t slots = (c.t1 - c.t0) * p.top_k;
+    const int64_t total = min(slots * per_expert, (int64_t)(CUDA_PREFETCH_BUDGET / PIECE));
+    for (int64_t i = threadIdx.x; i < total; i += blockDim.x) {
+        const int64_t local = (int64_t)ws.ids[c.t0 * p.top_k + i / per_expert] - p.e0;
+        if (local < 0 || local >= p.e_loc) continue;
+        int64_t j = i % per_expert;
+        int r = 0;
+        while (j >= pieces[r]) j -= pieces[r++];
+        const int64_t off = j * PIECE, len = min(PIECE, bytes[r] - off);
+        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(base[r] + local * bytes[r] + off),
+                     "r"((unsigned)len)
+                     : "memory");
+    }
+#else
+    (void)p, (void)c, (void)ws;
+#endif
+}
+
 __global__ void __launch_bounds__(CUDA_FRONT_THREADS)
 front_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws, cuda_route_source src,
              int route_in_block, int route_warps)
@@ -427,6 +463,7 @@ front_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws, cuda_route_s
         }
         __syncthreads();
     }
+    prefetch_chosen_experts(p, c, ws);
     build_slot_lists(p, c, ws);
     __syncthreads();
     if (c.x_per_slot) prepare_slot_inputs(p, c, ws);
