@@ -261,14 +261,18 @@ __global__ void route_kernel(cuda_plan_view p, int64_t num_tokens, cuda_route_so
 // ------------------------------------------------------------------ slot lists + FC1 inputs
 // Groups the chunk's slots by local expert: touched experts in ascending order, each with its
 // range of entries (slots in any order: every slot's result is computed independently, so the
-// order inside an expert changes nothing).
+// order inside an expert changes nothing). The per-expert counts live in shared memory when
+// they fit (each global round trip of the counts cost ~1 us of a T = 1 call).
+#define FRONT_SMEM_COUNTS 1024
 static __device__ void build_slot_lists(const cuda_plan_view &p, const cuda_call_view &c,
                                         const cuda_workspace &ws)
 {
+    __shared__ int32_t smem_counts[FRONT_SMEM_COUNTS];
     const int64_t k = p.top_k, slots = (c.t1 - c.t0) * k;
     const int e_loc = (int)p.e_loc;
+    int32_t *counts = e_loc <= FRONT_SMEM_COUNTS ? smem_counts : ws.counts;
     const int tid = threadIdx.x, nthreads = blockDim.x;
-    for (int e = tid; e < e_loc; e += nthreads) ws.counts[e] = 0;
+    for (int e = tid; e < e_loc; e += nthreads) counts[e] = 0;
     __syncthreads();
     for (int64_t s = tid; s < slots; s += nthreads) {
         // ids outside [0, E) (fp4moe_forward_routed cannot check them without a sync) fall
@@ -276,7 +280,7 @@ static __device__ void build_slot_lists(const cuda_plan_view &p, const cuda_call
         const int64_t local = (int64_t)ws.ids[c.t0 * k + s] - p.e0;
         const bool valid = local >= 0 && local < p.e_loc;
         ws.slot_local[s] = valid ? (int32_t)local : -1;
-        if (valid) atomicAdd(&ws.counts[local], 1);
+        if (valid) atomicAdd(&counts[local], 1);
     }
     __syncthreads();
     // Each thread owns a contiguous run of experts.
@@ -284,21 +288,28 @@ static __device__ void build_slot_lists(const cuda_plan_view &p, const cuda_call
     const int e_begin = min(e_loc, tid * per), e_end = min(e_loc, e_begin + per);
     int my_slots = 0, my_touched = 0;
     for (int e = e_begin; e < e_end; e++) {
-        my_slots += ws.counts[e];
-        my_touched += ws.counts[e] > 0;
+        my_slots += counts[e];
+        my_touched += counts[e] > 0;
     }
-    int total_slots, total_touched;
-    int slot_prefix = block_exclusive_scan(my_slots, &total_slots);
-    int touched_prefix = block_exclusive_scan(my_touched, &total_touched);
+    // one scan for both (slots < 2^15 here: at most CUDA_FUSED_FRONT_MAX_TOKENS * k)
+    int total_slots, total_touched, slot_prefix, touched_prefix;
+    if (e_loc < 65536 && slots < 32768) {
+        int total;
+        const int prefix = block_exclusive_scan(my_slots << 16 | my_touched, &total);
+        slot_prefix = prefix >> 16, touched_prefix = prefix & 0xffff;
+        total_slots = total >> 16, total_touched = total & 0xffff;
+    } else {
+        slot_prefix = block_exclusive_scan(my_slots, &total_slots);
+        touched_prefix = block_exclusive_scan(my_touched, &total_touched);
+    }
     for (int e = e_begin; e < e_end; e++) {
-        const int n = ws.counts[e];
-        ws.offsets[e] = slot_prefix;
+        const int n = counts[e];
         if (n > 0) {
             ws.touched[1 + touched_prefix] = e;
             ws.touched_begin[touched_prefix] = slot_prefix;
             touched_prefix++;
         }
-        ws.counts[e] = slot_prefix; // the fill cursor from here on
+        counts[e] = slot_prefix; // the fill cursor from here on
         slot_prefix += n;
     }
     if (tid == 0) {
@@ -308,7 +319,7 @@ static __device__ void build_slot_lists(const cuda_plan_view &p, const cuda_call
     __syncthreads();
     for (int64_t s = tid; s < slots; s += nthreads) {
         const int local = ws.slot_local[s];
-        if (local >= 0) ws.entries[atomicAdd(&ws.counts[local], 1)] = (int32_t)s;
+        if (local >= 0) ws.entries[atomicAdd(&counts[local], 1)] = (int32_t)s;
     }
 }
 
@@ -406,42 +417,6 @@ static __device__ void prepare_token_input(const cuda_plan_view &p, const cuda_c
     }
 }
 
-// The chosen experts' weights (FC1 codes and scales, then FC2's, slot by slot in call order)
-// as L2 prefetches of up to 64 KB each, CUDA_PREFETCH_BUDGET bytes at most: HBM streams them
-// while this block builds its lists and the expert kernels launch and wait for it. A hint only:
-// nothing depends on it, and a slot outside the local experts prefetches nothing.
-static __device__ void prefetch_chosen_experts(const cuda_plan_view &p, const cuda_call_view &c,
-                                               const cuda_workspace &ws)
-{
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    constexpr int64_t PIECE = 64 << 10;
-    const int64_t t1 = p.n1 / CUDA_TILE_ROWS, t2 = p.h / CUDA_TILE_ROWS;
-    const int64_t g1 = p.k1p / CUDA_KGROUP, g2 = p.k2p / CUDA_KGROUP;
-    const int64_t bytes[4] = {t1 * g1 * 512, t1 * g1 * 64, t2 * g2 * 512, t2 * g2 * 64};
-    const uint8_t *const base[4] = {p.w1_codes, p.w1_scales, p.w2_codes, p.w2_scales};
-    int64_t pieces[4], per_expert = 0;
-    for (int r = 0; r < 4; r++) {
-        pieces[r] = (bytes[r] + PIECE - 1) / PIECE;
-        per_expert += pieces[r];
-    }
-    const int64_t slots = (c.t1 - c.t0) * p.top_k;
-    const int64_t total = min(slots * per_expert, (int64_t)(CUDA_PREFETCH_BUDGET / PIECE));
-    for (int64_t i = threadIdx.x; i < total; i += blockDim.x) {
-        const int64_t local = (int64_t)ws.ids[c.t0 * p.top_k + i / per_expert] - p.e0;
-        if (local < 0 || local >= p.e_loc) continue;
-        int64_t j = i % per_expert;
-        int r = 0;
-        while (j >= pieces[r]) j -= pieces[r++];
-        const int64_t off = j * PIECE, len = min(PIECE, bytes[r] - off);
-        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(base[r] + local * bytes[r] + off),
-                     "r"((unsigned)len)
-                     : "memory");
-    }
-#else
-    (void)p, (void)c, (void)ws;
-#endif
-}
-
 __global__ void __launch_bounds__(CUDA_FRONT_THREADS)
 front_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws, cuda_route_source src,
              int route_in_block, int route_warps)
@@ -463,7 +438,6 @@ front_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws, cuda_route_s
         }
         __syncthreads();
     }
-    prefetch_chosen_experts(p, c, ws);
     build_slot_lists(p, c, ws);
     __syncthreads();
     if (c.x_per_slot) prepare_slot_inputs(p, c, ws);

@@ -30,10 +30,6 @@ extern "C" {
 #define CUDA_SLOTS_PER_PASS 8 /* the N of one MMA */
 #define CUDA_GEMV_WARPS 8     /* a block splits K of one tile over its warps */
 #define CUDA_GEMV_DEPTH 4     /* K groups of weights a GEMV warp keeps in flight */
-// Bytes of the chosen experts' weights the decode front asks L2 to prefetch as soon as a call is
-// routed (H100: 50 MB of L2; a budget well below it, so the prefetched bytes are still there
-// when the expert kernels read them).
-#define CUDA_PREFETCH_BUDGET (24u << 20)
 // Tokens per pass of the expert kernels (bounds the per-slot workspace).
 #define CUDA_TOKEN_CHUNK 256
 // Routing and planning run in one block when the call has at most this many tokens.
