@@ -29,7 +29,6 @@ extern "C" {
 #define CUDA_TILE_ROWS 16
 #define CUDA_SLOTS_PER_PASS 8 /* the N of one MMA */
 #define CUDA_GEMV_WARPS 8     /* a block splits K of one tile over its warps */
-#define CUDA_GEMV_DEPTH 4     /* K groups of weights a GEMV warp keeps in flight */
 // Tokens per pass of the expert kernels (bounds the per-slot workspace).
 #define CUDA_TOKEN_CHUNK 256
 // Routing and planning run in one block when the call has at most this many tokens.
