@@ -31,7 +31,9 @@ if [ "${1:-}" = "--stalls" ]; then PROFILE=2; shift; fi
 if [ "${1:-}" = "--prefill-profile" ]; then PROFILE=3; shift; fi
 PRESETS=${1:-qwen3-30b-a3b,nemotron3-nano-30b-a3b,deepseek-v3}
 TOKENS=${2:-1,4,16}
-BUILD=build-gpu
+# GPU_CHECK_BUILD / GPU_CHECK_CUDA_FLAGS: another build folder with extra nvcc flags (variants
+# measured side by side, e.g. GPU_CHECK_CUDA_FLAGS="-DFC1_DEPTH=3 -DFC1_MIN_BLOCKS=3")
+BUILD=${GPU_CHECK_BUILD:-build-gpu}
 DEPS=/tmp/fp4moe-deps
 
 extra=()
@@ -65,7 +67,7 @@ echo "== configure + build"
 # (warnings that other files may raise mid-edit must not stop the GPU check: not -Werror on
 # maybe-uninitialized, which depends on the host compiler's version)
 cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90a "${extra[@]}" \
-  -DCMAKE_C_FLAGS=-Wno-error=maybe-uninitialized \
+  -DCMAKE_C_FLAGS=-Wno-error=maybe-uninitialized -DCMAKE_CUDA_FLAGS="${GPU_CHECK_CUDA_FLAGS:-}" \
   > "$OUT/build.log" 2>&1 \
   && cmake --build "$BUILD" -j16 --target $([ $EP_ONLY = 1 ] && echo test_ep_nccl ep_nccl_bench || \
        { [ $LARGE_ONLY = 1 ] && echo test_large_sizes; } || \
@@ -231,6 +233,7 @@ if [ "${GPU_CHECK_TESTS_ONLY:-0}" = 1 ]; then exit $tests_rc; fi
 echo "== fp4moe bench (cuda)"
 "./$BUILD/fp4moe" bench --backend cuda --preset "$PRESETS" --tokens "$TOKENS" 2>&1 | tee "$OUT/bench.log"
 
+[ "${GPU_CHECK_NO_TORCH:-0}" = 1 ] && exit $tests_rc # GPU_CHECK_NO_TORCH=1: fp4moe bench only
 echo "== PyTorch BF16 baseline"
 PYTHONUNBUFFERED=1 python3 bench/torch_moe_baseline.py --preset "$PRESETS" --tokens "$TOKENS" \
   2>&1 | tee "$OUT/torch.log"

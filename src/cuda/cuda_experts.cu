@@ -131,13 +131,19 @@ static __device__ __forceinline__ void tile_product(const uint8_t *codes, const 
     }
 }
 
-// K groups of weights in flight per warp (tile_partial)
+// K groups of weights in flight per warp (tile_partial) and blocks per SM the registers allow
+// (overridable for measurements: -DFC1_DEPTH=3 -DFC1_MIN_BLOCKS=3)
+#ifndef FC1_DEPTH
 #define FC1_DEPTH 2
+#endif
+#ifndef FC1_MIN_BLOCKS
+#define FC1_MIN_BLOCKS 4
+#endif
 #define FC2_DEPTH 4
 
 // ------------------------------------------------------------------ FC1 + activation
 // One block per (touched expert, 16-row tile); blocks past the touched experts exit at once.
-__global__ void __launch_bounds__(CUDA_GEMV_WARPS * 32, 4)
+__global__ void __launch_bounds__(CUDA_GEMV_WARPS * 32, FC1_MIN_BLOCKS)
 fc1_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws)
 {
     __shared__ float red[CUDA_GEMV_WARPS * 32 * 4];
