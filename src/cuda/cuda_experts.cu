@@ -132,14 +132,19 @@ static __device__ __forceinline__ void tile_product(const uint8_t *codes, const 
 }
 
 // K groups of weights in flight per warp (tile_partial) and blocks per SM the registers allow
-// (overridable for measurements: -DFC1_DEPTH=3 -DFC1_MIN_BLOCKS=3)
+// (overridable for measurements: -DFC1_DEPTH=3 -DFC1_MIN_BLOCKS=3, FC2_* alike)
 #ifndef FC1_DEPTH
 #define FC1_DEPTH 2
 #endif
 #ifndef FC1_MIN_BLOCKS
 #define FC1_MIN_BLOCKS 4
 #endif
+#ifndef FC2_DEPTH
 #define FC2_DEPTH 4
+#endif
+#ifndef FC2_MIN_BLOCKS
+#define FC2_MIN_BLOCKS 3
+#endif
 
 // ------------------------------------------------------------------ FC1 + activation
 // One block per (touched expert, 16-row tile); blocks past the touched experts exit at once.
@@ -220,7 +225,7 @@ __global__ void fc2_input_kernel(cuda_plan_view p, cuda_call_view c, cuda_worksp
 }
 
 // ------------------------------------------------------------------ FC2
-__global__ void __launch_bounds__(CUDA_GEMV_WARPS * 32, 3)
+__global__ void __launch_bounds__(CUDA_GEMV_WARPS * 32, FC2_MIN_BLOCKS)
 fc2_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws)
 {
     __shared__ float red[CUDA_GEMV_WARPS * 32 * 4];
