@@ -43,8 +43,8 @@ static __device__ __forceinline__ float2 e4m3x2_values(uint32_t codes)
 // rows of up to 8 slots (b_row NULL for columns without a slot). acc: this lane's C fragment
 // (rows g, g+8; columns 2q, 2q+1), block scales applied, row scales not. The weights of the
 // warp's next D groups are in flight while one computes; the B fragments come from L1/L2.
-// (H100, deepseek-v3 T = 16: D = 4 made FC2, 4 groups per warp, 15% faster than D = 2, and FC1,
-// 14 groups per warp, 8% slower: its registers cost a block per SM.)
+// (H100: D = 3 or 4 cost registers, hence a block per SM, and measured slower than D = 2 at four
+// blocks per SM for both FC1 and FC2: docs/PERF.md, decode v3.)
 template <int D>
 static __device__ __forceinline__ void tile_partial(const uint8_t *codes, const uint8_t *scales,
                                                     int64_t groups, const uint4 *b_row, int warp,
@@ -140,10 +140,10 @@ static __device__ __forceinline__ void tile_product(const uint8_t *codes, const 
 #define FC1_MIN_BLOCKS 4
 #endif
 #ifndef FC2_DEPTH
-#define FC2_DEPTH 4
+#define FC2_DEPTH 2
 #endif
 #ifndef FC2_MIN_BLOCKS
-#define FC2_MIN_BLOCKS 3
+#define FC2_MIN_BLOCKS 4
 #endif
 
 // ------------------------------------------------------------------ FC1 + activation
