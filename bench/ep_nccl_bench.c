@@ -99,6 +99,21 @@ static int make_inputs(const fp4moe_config *c, long long t, uint64_t seed, uint1
 }
 
 /* The raw exchange: LINK_BYTES to and from every peer at once. */
+/* The forward arguments of a timed call: t tokens of BF16 hidden states and FP32 router logits
+ * in, BF16 out (the EP ranks and the single-GPU reference take the same ones). */
+static fp4moe_forward_args bf16_args(long long t, void *x, void *logits, void *out)
+{
+    fp4moe_forward_args a;
+    fp4moe_forward_args_init(&a);
+    a.num_tokens = t;
+    a.hidden_states = x;
+    a.hidden_dtype = FP4MOE_DTYPE_BF16;
+    a.router_logits = logits;
+    a.output = out;
+    a.output_dtype = FP4MOE_DTYPE_BF16;
+    return a;
+}
+
 static double time_link(bench_setup *s, int rank, cudaStream_t stream)
 {
     void *send = NULL, *recv = NULL;
@@ -179,14 +194,7 @@ static void *run_rank(void *arg)
         fp4moe_buffer_upload(ctx, d_logits, logits, (size_t)(t * e) * 4);
         free(x);
         free(logits);
-        fp4moe_forward_args a;
-        fp4moe_forward_args_init(&a);
-        a.num_tokens = t;
-        a.hidden_states = d_x;
-        a.hidden_dtype = FP4MOE_DTYPE_BF16;
-        a.router_logits = d_logits;
-        a.output = d_out;
-        a.output_dtype = FP4MOE_DTYPE_BF16;
+        fp4moe_forward_args a = bf16_args(t, d_x, d_logits, d_out);
         double times[256];
         const int n = s->repeat < 256 ? s->repeat : 256;
         for (int r = -2; r < n && st == FP4MOE_SUCCESS; r++) {
@@ -244,14 +252,7 @@ static double time_single_gpu(const bench_setup *s, long long total)
     }
     fp4moe_buffer_upload(ctx, d_x, x, (size_t)(total * h) * 2);
     fp4moe_buffer_upload(ctx, d_logits, logits, (size_t)(total * e) * 4);
-    fp4moe_forward_args a;
-    fp4moe_forward_args_init(&a);
-    a.num_tokens = total;
-    a.hidden_states = d_x;
-    a.hidden_dtype = FP4MOE_DTYPE_BF16;
-    a.router_logits = d_logits;
-    a.output = d_out;
-    a.output_dtype = FP4MOE_DTYPE_BF16;
+    fp4moe_forward_args a = bf16_args(total, d_x, d_logits, d_out);
     cudaEvent_t ev0, ev1;
     cudaEventCreate(&ev0);
     cudaEventCreate(&ev1);
