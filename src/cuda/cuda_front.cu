@@ -45,10 +45,10 @@ static __device__ __forceinline__ candidate warp_best(candidate c)
     return c;
 }
 
-// Top `count` of key[0, n) (tier[i] from tiers or 0), best first: lane j < count gets the j-th
-// id in its return value. taken[0, n) is scratch.
-static __device__ int warp_select(const float *key, const float *tiers, int n, int count,
-                                  float *taken, int lane)
+// Top `count` of key[0, n) by a scan of shared memory per pick (any n): lane j < count gets
+// the j-th id. taken[0, n) is scratch.
+static __device__ int warp_select_scan(const float *key, const float *tiers, int n, int count,
+                                       float *taken, int lane)
 {
     for (int i = lane; i < n; i += 32) taken[i] = 0.0f;
     __syncwarp();
@@ -66,6 +66,92 @@ static __device__ int warp_select(const float *key, const float *tiers, int n, i
         __syncwarp();
     }
     return mine;
+}
+
+// The ranking of `better` as one integer, larger first: tier, then the value (NaN below every
+// number, -0 equal to +0), then the lower index. 0 means "none". Indices below 2^16.
+static __device__ __forceinline__ uint64_t rank_key(float v, int index, int tier)
+{
+    uint32_t u = 0; // NaN
+    if (!isnan(v)) {
+        u = __float_as_uint(v == 0.0f ? 0.0f : v);
+        u = (u & 0x80000000u) ? ~u : (u | 0x80000000u); // monotone in v, -inf > 0
+    }
+    return (uint64_t)tier << 48 | (uint64_t)u << 16 | (uint64_t)(0xffffu - (uint32_t)index);
+}
+
+static __device__ __forceinline__ int rank_key_index(uint64_t key)
+{
+    return key != 0 ? (int)(0xffffu - (uint32_t)(key & 0xffffu)) : -1;
+}
+
+static __device__ __forceinline__ uint64_t warp_max_key(uint64_t key)
+{
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        const uint64_t other = __shfl_xor_sync(FULL_MASK, key, offset);
+        key = other > key ? other : key;
+    }
+    return key;
+}
+
+// The same selection with each lane's keys (experts lane + 32 i) in registers: per pick one
+// local maximum and one warp maximum; ~4x fewer instructions than the scan, which ran ~10k
+// serial instructions per DeepSeek-V3 token (docs/PERF.md, decode v4).
+template <int NPL>
+static __device__ int warp_select_regs(const float *key, const float *tiers, int n, int count, int lane)
+{
+    uint64_t keys[NPL];
+#pragma unroll
+    for (int i = 0; i < NPL; i++) {
+        const int e = lane + 32 * i;
+        keys[i] = e < n ? rank_key(key[e], e, tiers ? (int)tiers[e] : 0) : 0;
+    }
+    int mine = -1;
+    for (int j = 0; j < count; j++) {
+        uint64_t best = keys[0];
+#pragma unroll
+        for (int i = 1; i < NPL; i++) best = keys[i] > best ? keys[i] : best;
+        best = warp_max_key(best);
+        if (lane == j) mine = rank_key_index(best);
+#pragma unroll
+        for (int i = 0; i < NPL; i++) keys[i] = keys[i] == best ? 0 : keys[i]; // keys are unique
+    }
+    return mine;
+}
+
+// Top `count` of key[0, n) (tier[i] from tiers or 0), best first: lane j < count gets the j-th
+// id in its return value. taken[0, n) is scratch (n > 512 only).
+static __device__ int warp_select(const float *key, const float *tiers, int n, int count,
+                                  float *taken, int lane)
+{
+    if (n <= 32) return warp_select_regs<1>(key, tiers, n, count, lane);
+    if (n <= 128) return warp_select_regs<4>(key, tiers, n, count, lane);
+    if (n <= 256) return warp_select_regs<8>(key, tiers, n, count, lane);
+    if (n <= 512) return warp_select_regs<16>(key, tiers, n, count, lane);
+    return warp_select_scan(key, tiers, n, count, taken, lane);
+}
+
+// DeepSeek-V3 group score of group g (its experts' keys b[0, size)): the sum of its two best
+// (its best when it has one expert), the top two found by the whole warp.
+static __device__ float group_score(const float *b, int base, int size, int lane)
+{
+    uint64_t first = 0, second = 0;
+    for (int i = lane; i < size; i += 32) {
+        const uint64_t c = rank_key(b[i], base + i, 0);
+        if (c > first) second = first, first = c;
+        else if (c > second) second = c;
+    }
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        const uint64_t f = __shfl_xor_sync(FULL_MASK, first, offset);
+        const uint64_t s = __shfl_xor_sync(FULL_MASK, second, offset);
+        const uint64_t lo = f > first ? first : f, hi_second = s > second ? s : second;
+        first = f > first ? f : first;
+        second = lo > hi_second ? lo : hi_second;
+    }
+    const float top = b[rank_key_index(first) - base];
+    return size == 1 ? top : top + b[rank_key_index(second) - base];
 }
 
 // ------------------------------------------------------------------ sums (as route.c)
@@ -99,6 +185,31 @@ static __device__ float warp_sum_of_k(float mine, int k)
 // Floats of per-warp scratch: logits, keys, taken flags, group scores + kept flags.
 static __host__ __device__ __forceinline__ int64_t route_warp_floats(int64_t e) { return 5 * e; }
 
+// The token's logits (and the routing bias) into the warp's scratch, every lane's loads issued
+// before its first store: a store through a generic pointer may alias a later load, and the
+// compiler would then wait out each ~1 us round trip in turn.
+static __device__ void load_router_row(const cuda_plan_view &p, const cuda_route_source &src,
+                                       int64_t t, float *logit, float *bias, int lane)
+{
+    const int n = (int)p.num_experts;
+    for (int e0 = 0; e0 < n; e0 += 32 * 8) {
+        float v[8], b[8];
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            const int e = e0 + lane + 32 * j;
+            v[j] = e < n ? load_as_f32(src.logits, src.logits_dtype, t * n + e) : 0.0f;
+            b[j] = e < n && p.routing_bias ? p.routing_bias[e] : 0.0f;
+        }
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            const int e = e0 + lane + 32 * j;
+            if (e < n) logit[e] = v[j];
+            if (e < n && p.routing_bias) bias[e] = b[j];
+        }
+    }
+    __syncwarp();
+}
+
 // Routes token t into ids[t*k..], weights[t*k..] (and the replay outputs when given).
 static __device__ void route_token_warp(const cuda_plan_view &p, const cuda_route_source &src,
                                         int64_t t, float *scratch, int32_t *ids, float *weights,
@@ -107,10 +218,9 @@ static __device__ void route_token_warp(const cuda_plan_view &p, const cuda_rout
     const int k = p.top_k;
     const int n = (int)p.num_experts;
     float *logit = scratch, *key = scratch + n, *taken = scratch + 2 * n, *grp = scratch + 3 * n;
-    const float *bias = p.routing_bias;
+    const float *bias = p.routing_bias ? scratch + 4 * n : NULL; // a copy of p.routing_bias
     const int method = p.routing;
-    for (int e = lane; e < n; e += 32) logit[e] = load_as_f32(src.logits, src.logits_dtype, t * n + e);
-    __syncwarp();
+    load_router_row(p, src, t, logit, scratch + 4 * n, lane);
 
     int id = -1;
     float w = 0.0f;
@@ -173,19 +283,9 @@ static __device__ void route_token_warp(const cuda_plan_view &p, const cuda_rout
             const int keep = p.topk_group > 0 ? p.topk_group : n_group;
             if (keep < n_group) {
                 float *score = grp;
-                for (int g = lane; g < n_group; g += 32) {
-                    const float *b = key + g * group_size;
-                    int first = 0;
-                    for (int i = 1; i < group_size; i++)
-                        if (ranks_before(b[i], i, b[first], first)) first = i;
-                    if (group_size == 1) {
-                        score[g] = b[first];
-                    } else {
-                        int second = first == 0 ? 1 : 0;
-                        for (int i = 0; i < group_size; i++)
-                            if (i != first && ranks_before(b[i], i, b[second], second)) second = i;
-                        score[g] = b[first] + b[second];
-                    }
+                for (int g = 0; g < n_group; g++) {
+                    const float v = group_score(key + g * group_size, g * group_size, group_size, lane);
+                    if (lane == 0) score[g] = v;
                 }
                 __syncwarp();
                 const int g_sel = warp_select(score, NULL, n_group, keep, taken, lane);
