@@ -13,23 +13,91 @@
 
 #include "cuda_device.cuh"
 
-// 16-byte weight load that skips L1: the weights are streamed once, L1 keeps the activations.
-static __device__ __forceinline__ uint4 load_weights16(const void *ptr)
+// The weights reach each warp through a ring of D stages in shared memory, one K group (512 B
+// of codes, 64 B of scales) per stage, filled by cp.async: D - 1 groups per warp are in flight
+// without holding registers. (The register ring it replaced held two groups per warp at 64
+// registers and spilled; deeper register rings cost occupancy: docs/PERF.md, decode v3/v4.)
+#define GEMV_STAGE_BYTES 576
+#define GEMV_STAGE_UNITS (GEMV_STAGE_BYTES / 16)
+
+// Stages of a warp's ring (D - 1 K groups in flight) and blocks per SM the registers allow
+// (overridable for measurements: -DFC1_DEPTH=4 -DFC1_MIN_BLOCKS=3, FC2_* alike). H100: 3 stages
+// beat 2, 4 and 6 (the ring's shared memory is taken from the L1 that serves the B fragments),
+// and 4 blocks beat 3 with the next group's B fragments loaded ahead (docs/PERF.md, decode v4).
+#ifndef FC1_DEPTH
+#define FC1_DEPTH 3
+#endif
+#ifndef FC1_MIN_BLOCKS
+#define FC1_MIN_BLOCKS 4
+#endif
+#ifndef FC2_DEPTH
+#define FC2_DEPTH 3
+#endif
+#ifndef FC2_MIN_BLOCKS
+#define FC2_MIN_BLOCKS 4
+#endif
+
+// Copies 16 bytes to shared memory (address `to`) when `on`, with no branch: every lane runs the
+// same instruction stream.
+static __device__ __forceinline__ void cp_async16_if(uint32_t to, const void *from, bool on)
 {
-    uint4 v;
-    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-                 : "l"(ptr));
-    return v;
+    asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %2, 0;\n"
+                 " @p cp.async.cg.shared.global.L2::128B [%0], [%1], 16;\n}" ::"r"(to),
+                 "l"(from), "r"((int)on)
+                 : "memory");
 }
 
-static __device__ __forceinline__ uint2 load_scales8(const void *ptr)
+static __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+
+template <int N>
+static __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
+
+// A warp's copy cursor over its K groups kg = warp, warp + CUDA_GEMV_WARPS, ... of one tile:
+// this lane's 16 bytes of codes and (lanes 0-3) of scales of the next group to request.
+struct ring_cursor {
+    const uint8_t *codes, *scales;
+    int left; // groups still to request
+};
+
+static __device__ __forceinline__ ring_cursor ring_cursor_at(const uint8_t *codes, const uint8_t *scales,
+                                                             int groups, int warp, int lane)
 {
-    uint2 v;
-    asm volatile("ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];"
-                 : "=r"(v.x), "=r"(v.y)
-                 : "l"(ptr));
-    return v;
+    ring_cursor r;
+    r.codes = codes + (int64_t)warp * 512 + lane * 16;
+    r.scales = scales + (int64_t)warp * 64 + (lane % 4) * 16;
+    r.left = groups > warp ? (groups - warp + CUDA_GEMV_WARPS - 1) / CUDA_GEMV_WARPS : 0;
+    return r;
+}
+
+// Requests the cursor's next group into the stage at shared address `stage` (this lane's part)
+// and advances; one commit group either way, so the waits count stages.
+static __device__ __forceinline__ void ring_request(ring_cursor &r, uint32_t stage, int lane)
+{
+    const bool on = r.left > 0;
+    cp_async16_if(stage + lane * 16, r.codes, on);
+    cp_async16_if(stage + 512 + (lane % 4) * 16, r.scales, on && lane < 4);
+    cp_async_commit();
+    r.codes += CUDA_GEMV_WARPS * 512;
+    r.scales += CUDA_GEMV_WARPS * 64;
+    r.left--;
+}
+
+// The first D - 1 stages of a warp's share of a tile.
+template <int D>
+static __device__ __forceinline__ void ring_start(ring_cursor &r, uint4 *ring, int lane)
+{
+    const uint32_t base = (uint32_t)__cvta_generic_to_shared(ring);
+#pragma unroll
+    for (int d = 0; d + 1 < D; d++) ring_request(r, base + d * GEMV_STAGE_BYTES, lane);
+}
+
+// The cursor past the stages ring_start requested (when they were requested earlier).
+template <int D>
+static __device__ __forceinline__ void ring_skip(ring_cursor &r)
+{
+    r.codes += (D - 1) * CUDA_GEMV_WARPS * 512;
+    r.scales += (D - 1) * CUDA_GEMV_WARPS * 64;
+    r.left -= D - 1;
 }
 
 // Two E4M3 codes (low 16 bits) as floats.
@@ -39,47 +107,30 @@ static __device__ __forceinline__ float2 e4m3x2_values(uint32_t codes)
     return __half22float2(__half2(raw));
 }
 
-// One warp's share of a tile: K groups kg = warp, warp + CUDA_GEMV_WARPS, ... against the B
-// rows of up to 8 slots (b_row NULL for columns without a slot). acc: this lane's C fragment
-// (rows g, g+8; columns 2q, 2q+1), block scales applied, row scales not. The weights of the
-// warp's next D groups are in flight while one computes; the B fragments come from L1/L2.
-// (H100: D = 3 or 4 cost registers, hence a block per SM, and measured slower than D = 2 at four
-// blocks per SM for both FC1 and FC2: docs/PERF.md, decode v3.)
+// One warp's share of a tile against the B rows of 8 columns (b_row: this lane's column; lanes of
+// columns without a slot read another column's row, their results are not stored), its ring
+// started (ring_start with cursor r). acc: this lane's C fragment (rows g, g+8; columns 2q,
+// 2q+1), block scales applied, row scales not. The B fragments come from L1/L2.
 template <int D>
-static __device__ __forceinline__ void tile_partial(const uint8_t *codes, const uint8_t *scales,
-                                                    int64_t groups, const uint4 *b_row, int warp,
-                                                    int lane, float acc[4])
+static __device__ __forceinline__ void tile_partial(ring_cursor &r, uint4 *ring, int groups,
+                                                    const uint4 *b_row, int warp, int lane, float acc[4])
 {
-    constexpr int STEP = CUDA_GEMV_WARPS;
-    const uint4 *tile_codes = reinterpret_cast<const uint4 *>(codes);
-    const uint2 *tile_scales = reinterpret_cast<const uint2 *>(scales);
     const int g = lane / 4, q = lane % 4;
-    if (warp >= groups) return;
-    uint4 w[D];
-    uint2 sc[D];
+    const uint32_t base = (uint32_t)__cvta_generic_to_shared(ring);
+    const uint4 *b_next = b_row + warp * 16 + q;
+    int stage = 0;
+    for (int kg = warp; kg < groups; kg += CUDA_GEMV_WARPS) {
+        uint4 bc[4];
 #pragma unroll
-    for (int d = 0; d < D; d++) {
-        const int64_t kg = warp + d * STEP;
-        w[d] = kg < groups ? load_weights16(tile_codes + kg * 32 + lane) : make_uint4(0, 0, 0, 0);
-        sc[d] = kg < groups ? load_scales8(tile_scales + kg * 8 + g) : make_uint2(0, 0);
-    }
-    // (a ring shifted by one each group: indexing it by the group would need the loop unrolled
-    // D times, which cost registers and occupancy)
-    for (int64_t kg = warp; kg < groups; kg += STEP) {
-        const uint32_t words[4] = {w[0].x, w[0].y, w[0].z, w[0].w};
-        const uint2 scd = sc[0];
-#pragma unroll
-        for (int d = 0; d + 1 < D; d++) w[d] = w[d + 1], sc[d] = sc[d + 1];
-        const int64_t refill = kg + D * STEP;
-        if (refill < groups) {
-            w[D - 1] = load_weights16(tile_codes + refill * 32 + lane);
-            sc[D - 1] = load_scales8(tile_scales + refill * 8 + g);
-        }
-        uint4 b[4] = {};
-        if (b_row != NULL) {
-#pragma unroll
-            for (int s = 0; s < 4; s++) b[s] = __ldg(b_row + (kg * 4 + s) * 4 + q);
-        }
+        for (int s = 0; s < 4; s++) bc[s] = __ldg(b_next + s * 4);
+        b_next += CUDA_GEMV_WARPS * 16;
+        cp_async_wait<D - 2>(); // this lane's copies of group kg have landed
+        __syncwarp();           // so have the other lanes' (the scales); the previous stage is read
+        ring_request(r, base + (stage == 0 ? D - 1 : stage - 1) * GEMV_STAGE_BYTES, lane);
+        const uint4 w = ring[stage * GEMV_STAGE_UNITS + lane];
+        const uint2 scd = reinterpret_cast<const uint2 *>(ring + stage * GEMV_STAGE_UNITS + 32)[g];
+        stage = stage + 1 == D ? 0 : stage + 1;
+        const uint32_t words[4] = {w.x, w.y, w.z, w.w};
         // the 8 block scales of this group, two E4M3 codes per conversion
         float s_g[4], s_g8[4];
 #pragma unroll
@@ -94,27 +145,31 @@ static __device__ __forceinline__ void tile_partial(const uint8_t *codes, const 
 #pragma unroll
             for (int i = 0; i < 4; i++) a[i] = decode_pair(words[s], i);
             float dd[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-            mma_16816(dd, a, b[s].x, b[s].y); // hi parts
-            mma_16816(dd, a, b[s].z, b[s].w); // lo parts
+            mma_16816(dd, a, bc[s].x, bc[s].y); // hi parts
+            mma_16816(dd, a, bc[s].z, bc[s].w); // lo parts
             acc[0] = fmaf(dd[0], s_g[s], acc[0]);
             acc[1] = fmaf(dd[1], s_g[s], acc[1]);
             acc[2] = fmaf(dd[2], s_g8[s], acc[2]);
             acc[3] = fmaf(dd[3], s_g8[s], acc[3]);
         }
     }
+    cp_async_wait<0>(); // only empty groups can be left; the ring may be restarted after this
 }
 
 // The whole tile for one pass: every warp's partial, summed in warp order by warp 0 (fixed
 // order: deterministic). Returns in warp 0's acc; red: CUDA_GEMV_WARPS * 32 * 4 floats of
-// shared memory.
+// shared memory; ring: the warp's D stages, already started (ring_start) when `started`.
 template <int D>
-static __device__ __forceinline__ void tile_product(const uint8_t *codes, const uint8_t *scales,
-                                                    int64_t groups, const uint4 *b_row, float acc[4],
-                                                    float *red)
+static __device__ __forceinline__ void tile_product(uint4 *ring, bool started, const uint8_t *codes,
+                                                    const uint8_t *scales, int groups,
+                                                    const uint4 *b_row, float acc[4], float *red)
 {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     acc[0] = acc[1] = acc[2] = acc[3] = 0.0f;
-    tile_partial<D>(codes, scales, groups, b_row, warp, lane, acc);
+    ring_cursor r = ring_cursor_at(codes, scales, groups, warp, lane);
+    if (started) ring_skip<D>(r);
+    else ring_start<D>(r, ring, lane);
+    tile_partial<D>(r, ring, groups, b_row, warp, lane, acc);
     __syncthreads(); // red is free (the previous pass's epilogue is done)
     if (warp > 0) {
 #pragma unroll
@@ -131,29 +186,16 @@ static __device__ __forceinline__ void tile_product(const uint8_t *codes, const 
     }
 }
 
-// K groups of weights in flight per warp (tile_partial) and blocks per SM the registers allow
-// (overridable for measurements: -DFC1_DEPTH=3 -DFC1_MIN_BLOCKS=3, FC2_* alike)
-#ifndef FC1_DEPTH
-#define FC1_DEPTH 2
-#endif
-#ifndef FC1_MIN_BLOCKS
-#define FC1_MIN_BLOCKS 4
-#endif
-#ifndef FC2_DEPTH
-#define FC2_DEPTH 2
-#endif
-#ifndef FC2_MIN_BLOCKS
-#define FC2_MIN_BLOCKS 4
-#endif
-
 // ------------------------------------------------------------------ FC1 + activation
 // One block per (touched expert, 16-row tile); blocks past the touched experts exit at once.
 __global__ void __launch_bounds__(CUDA_GEMV_WARPS * 32, FC1_MIN_BLOCKS)
 fc1_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws)
 {
     __shared__ float red[CUDA_GEMV_WARPS * 32 * 4];
+    __shared__ uint4 rings[CUDA_GEMV_WARPS][FC1_DEPTH * GEMV_STAGE_UNITS];
     wait_for_previous_kernel();
-    const int64_t tiles = p.n1 / CUDA_TILE_ROWS, groups = p.k1p / CUDA_KGROUP;
+    const int64_t tiles = p.n1 / CUDA_TILE_ROWS;
+    const int groups = (int)(p.k1p / CUDA_KGROUP);
     const int64_t u = blockIdx.x / tiles, tile = blockIdx.x % tiles;
     if (u >= ws.touched[0]) return;
     const int64_t e = ws.touched[1 + u];
@@ -167,13 +209,10 @@ fc1_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws)
     const float scale_high = __fmul_rn(sa, p.w1_global_half2[e]);
     for (int pos = begin; pos < end; pos += CUDA_SLOTS_PER_PASS) {
         const int nslots = min(CUDA_SLOTS_PER_PASS, end - pos);
-        const uint4 *b_row = NULL;
-        if (g < nslots) {
-            const int64_t slot = ws.entries[pos + g];
-            b_row = ws.xh + (c.x_per_slot ? slot : slot / k) * (p.k1p / 4);
-        }
+        const int64_t slot = ws.entries[pos + min(g, nslots - 1)];
+        const uint4 *b_row = ws.xh + (c.x_per_slot ? slot : slot / k) * (p.k1p / 4);
         float acc[4];
-        tile_product<FC1_DEPTH>(codes, scales, groups, b_row, acc, red);
+        tile_product<FC1_DEPTH>(rings[warp], false, codes, scales, groups, b_row, acc, red);
         if (pos + CUDA_SLOTS_PER_PASS >= end) allow_next_kernel(); // last pass: epilogue left
         if (warp != 0) continue;
         // lane: rows g, g+8 of the tile; columns (slots) 2q, 2q+1
@@ -229,26 +268,32 @@ __global__ void __launch_bounds__(CUDA_GEMV_WARPS * 32, FC2_MIN_BLOCKS)
 fc2_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws)
 {
     __shared__ float red[CUDA_GEMV_WARPS * 32 * 4];
-    wait_for_previous_kernel();
-    const int64_t tiles = p.h / CUDA_TILE_ROWS, groups = p.k2p / CUDA_KGROUP;
+    __shared__ uint4 rings[CUDA_GEMV_WARPS][FC2_DEPTH * GEMV_STAGE_UNITS];
+    // The touched experts and their slot ranges come from the front kernel, which finished
+    // before FC1 passed its wait (and so before this grid could start): the first weights are
+    // requested before waiting for FC1 and the FC2 inputs. (L2 loads: not through L1.)
+    const int64_t tiles = p.h / CUDA_TILE_ROWS;
+    const int groups = (int)(p.k2p / CUDA_KGROUP);
     const int64_t u = blockIdx.x / tiles, tile = blockIdx.x % tiles;
-    if (u >= ws.touched[0]) return;
-    const int64_t e = ws.touched[1 + u];
-    const int begin = ws.touched_begin[u], end = ws.touched_begin[u + 1];
+    if (u >= __ldcg(ws.touched)) return;
+    const int64_t e = __ldcg(ws.touched + 1 + u);
+    const int begin = __ldcg(ws.touched_begin + u), end = __ldcg(ws.touched_begin + u + 1);
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, q = lane % 4;
     const int64_t h = p.h;
     const uint8_t *codes = p.w2_codes + (e * tiles + tile) * groups * 512;
     const uint8_t *scales = p.w2_scales + (e * tiles + tile) * groups * 64;
+    ring_cursor first = ring_cursor_at(codes, scales, (int)groups, warp, lane);
+    ring_start<FC2_DEPTH>(first, rings[warp], lane);
+    wait_for_previous_kernel();
     float sc = 1.0f;
     if (p.w4a4) sc = 1.0f / p.a2_global[e];
     else if (p.fp8_down) sc = 1.0f / p.fp8_scale[e];
     const float scale = __fmul_rn(sc, p.w2_global[e]);
     for (int pos = begin; pos < end; pos += CUDA_SLOTS_PER_PASS) {
         const int nslots = min(CUDA_SLOTS_PER_PASS, end - pos);
-        const uint4 *b_row = NULL;
-        if (g < nslots) b_row = ws.uh + (int64_t)ws.entries[pos + g] * (p.k2p / 4);
+        const uint4 *b_row = ws.uh + (int64_t)ws.entries[pos + min(g, nslots - 1)] * (p.k2p / 4);
         float acc[4];
-        tile_product<FC2_DEPTH>(codes, scales, groups, b_row, acc, red);
+        tile_product<FC2_DEPTH>(rings[warp], pos == begin, codes, scales, groups, b_row, acc, red);
         if (pos + CUDA_SLOTS_PER_PASS >= end) allow_next_kernel(); // last pass: epilogue left
         if (warp != 0) continue;
         for (int j = 0; j < 2; j++) {
@@ -264,6 +309,7 @@ fc2_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws)
             }
         }
     }
+    cp_async_wait<0>(); // (a touched expert has a slot, so the ring was run; this keeps it so)
 }
 
 // ------------------------------------------------------------------ finalize
