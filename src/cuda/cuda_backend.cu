@@ -228,7 +228,7 @@ static int64_t prefill_max_tiles(const cuda_plan_view *v, int64_t chunk, int til
     return (chunk * v->top_k + tile_tokens - 1) / tile_tokens + v->e_loc;
 }
 
-#define WS_REGIONS 21
+#define WS_REGIONS 20
 
 // Offsets of every region for a call of num_tokens tokens; returns the total. Calls above the
 // decode threshold take the prefill path, whose regions are sized for its largest chunk.
@@ -238,18 +238,18 @@ static size_t layout(const cuda_plan_view *v, int64_t threshold, int64_t num_tok
     const int64_t k = v->top_k;
     size_t sizes[WS_REGIONS] = {0};
     sizes[0] = sizes[1] = (size_t)(num_tokens * k) * 4; // ids, weights
-    sizes[3] = sizes[4] = (size_t)v->e_loc * 4;          // counts, offsets
+    sizes[3] = (size_t)v->e_loc * 4;                     // counts
     if (num_tokens <= threshold) {
         const int64_t chunk = num_tokens < CUDA_TOKEN_CHUNK ? num_tokens : CUDA_TOKEN_CHUNK;
         const int64_t slots = chunk * k, x_rows = x_per_slot(v) ? slots : chunk;
         sizes[2] = (size_t)slots * 4;
-        sizes[5] = (size_t)(1 + slots) * 4, sizes[6] = (size_t)(slots + 1) * 4;
-        sizes[7] = (size_t)slots * 4;
-        sizes[8] = sizes[9] = (size_t)(x_rows * v->k1p) * 4;
-        sizes[10] = sizes[11] = (size_t)x_rows * 4;
-        sizes[12] = sizes[13] = (size_t)(slots * v->k2p) * 4;
-        sizes[14] = (size_t)slots * 4;
-        sizes[15] = (size_t)(slots * v->h) * 4;
+        sizes[4] = (size_t)(1 + slots) * 4, sizes[5] = (size_t)(slots + 1) * 4;
+        sizes[6] = (size_t)slots * 4;
+        sizes[7] = sizes[8] = (size_t)(x_rows * v->k1p) * 4;
+        sizes[9] = sizes[10] = (size_t)x_rows * 4;
+        sizes[11] = sizes[12] = (size_t)(slots * v->k2p) * 4;
+        sizes[13] = (size_t)slots * 4;
+        sizes[14] = (size_t)(slots * v->h) * 4;
     } else {
         const int64_t chunk = num_tokens < CUDA_PREFILL_CHUNK ? num_tokens : CUDA_PREFILL_CHUNK;
         const int64_t slots = chunk * k, x_rows = x_per_slot(v) ? slots : chunk;
@@ -258,15 +258,15 @@ static size_t layout(const cuda_plan_view *v, int64_t threshold, int64_t num_tok
         const int64_t rows = slots + (v->e_loc + 1) * 256;
         sizes[2] = (size_t)slots * 4;
         sizes[3] = (size_t)(cuda_prefill_perm_blocks(slots) * v->e_loc) * 4;
-        sizes[11] = (size_t)x_rows * 4;
-        sizes[12] = (size_t)(rows * v->k2p) * 4;
-        sizes[14] = (size_t)rows * 4;
-        sizes[15] = (size_t)(slots * v->h) * 4;
-        sizes[16] = (size_t)rows * 4;
-        sizes[17] = (size_t)max_tiles * 8;
-        sizes[18] = 4;
-        sizes[19] = (size_t)(x_rows * 2 * v->k1p) * 2;
-        sizes[20] = (size_t)(rows * 2 * v->k2p) * 2;
+        sizes[10] = (size_t)x_rows * 4;
+        sizes[11] = (size_t)(rows * v->k2p) * 4;
+        sizes[13] = (size_t)rows * 4;
+        sizes[14] = (size_t)(slots * v->h) * 4;
+        sizes[15] = (size_t)rows * 4;
+        sizes[16] = (size_t)max_tiles * 8;
+        sizes[17] = 4;
+        sizes[18] = (size_t)(x_rows * 2 * v->k1p) * 2;
+        sizes[19] = (size_t)(rows * 2 * v->k2p) * 2;
     }
     size_t total = 0;
     for (int i = 0; i < WS_REGIONS; i++) {
@@ -294,23 +294,22 @@ static cuda_workspace carve(const cuda_plan_view *v, int64_t threshold, int64_t 
     ws.weights = (float *)(b + off[1]);
     ws.slot_local = (int32_t *)(b + off[2]);
     ws.counts = (int32_t *)(b + off[3]);
-    ws.offsets = (int32_t *)(b + off[4]);
-    ws.touched = (int32_t *)(b + off[5]);
-    ws.touched_begin = (int32_t *)(b + off[6]);
-    ws.entries = (int32_t *)(b + off[7]);
-    ws.x = (float *)(b + off[8]);
-    ws.xh = (uint4 *)(b + off[9]);
-    ws.x_amax = (int32_t *)(b + off[10]);
-    ws.x_scale = (float *)(b + off[11]);
-    ws.u = (float *)(b + off[12]);
-    ws.uh = (uint4 *)(b + off[13]);
-    ws.u_scale = (float *)(b + off[14]);
-    ws.y = (float *)(b + off[15]);
-    ws.perm = (int32_t *)(b + off[16]);
-    ws.tile_list = (int2 *)(b + off[17]);
-    ws.num_tiles = (int32_t *)(b + off[18]);
-    ws.xb = (__half *)(b + off[19]);
-    ws.ub = (__half *)(b + off[20]);
+    ws.touched = (int32_t *)(b + off[4]);
+    ws.touched_begin = (int32_t *)(b + off[5]);
+    ws.entries = (int32_t *)(b + off[6]);
+    ws.x = (float *)(b + off[7]);
+    ws.xh = (uint4 *)(b + off[8]);
+    ws.x_amax = (int32_t *)(b + off[9]);
+    ws.x_scale = (float *)(b + off[10]);
+    ws.u = (float *)(b + off[11]);
+    ws.uh = (uint4 *)(b + off[12]);
+    ws.u_scale = (float *)(b + off[13]);
+    ws.y = (float *)(b + off[14]);
+    ws.perm = (int32_t *)(b + off[15]);
+    ws.tile_list = (int2 *)(b + off[16]);
+    ws.num_tiles = (int32_t *)(b + off[17]);
+    ws.xb = (__half *)(b + off[18]);
+    ws.ub = (__half *)(b + off[19]);
     return ws;
 }
 

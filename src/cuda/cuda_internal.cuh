@@ -68,7 +68,6 @@ typedef struct cuda_workspace {
     float *weights;      // [T*k]
     int32_t *slot_local; // [C*k] local expert of a chunk slot, -1 when not local
     int32_t *counts;     // [E_loc] slots per local expert, then fill cursors (prefill: [blocks][E_loc])
-    int32_t *offsets;    // [E_loc] first entry of each local expert
     int32_t *touched;    // [1 + C*k]: count, then touched local experts in ascending order
     int32_t *touched_begin; // [C*k + 1] first entry of each touched expert
     int32_t *entries;    // [C*k] chunk slots grouped by expert
