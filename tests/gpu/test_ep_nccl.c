@@ -4,10 +4,12 @@
  * single-GPU layer (CUDA backend, GPU 0) on the same tokens. Uneven expert splits, a rank
  * without tokens when there are 3 or more ranks, tokens whose experts all live elsewhere.
  *
- * What "equal" means here (docs/EP.md): W4A16 must agree to 1e-5 relative L2 (bit-identical
- * when a rank's expert call and the single-GPU call take the same path: the CUDA backend's decode
- * path (<= decode_threshold rows) and prefill path accumulate differently, ~1e-6 apart), and
- * the number of differing elements is printed. W4A4 is required to agree to 1e-3: the EP path
+ * What "equal" means here (docs/EP.md): W4A16 must agree to 1e-5 relative L2 with FP32 output
+ * (bit-identical when a rank's expert call and the single-GPU call take the same path: the CUDA
+ * backend's decode path (<= decode_threshold rows) and prefill path accumulate differently, ~1e-6
+ * apart), and with BF16/FP16 output every element must equal the single-GPU one or be its
+ * neighbouring code (one output rounding on the other side); the number of differing elements
+ * is printed. W4A4 is required to agree to 1e-3: the EP path
  * quantises the dispatched rows on the host with IEEE division while the GPU's own quantiser
  * uses rcp.approx, so a value at a rounding tie may take the neighbouring code.
  * Never run by CTest (CI has no GPU); built only with CUDA and NCCL. */
@@ -67,6 +69,18 @@ static void *dev_upload(fp4moe_context *ctx, const void *host, size_t bytes)
     if (fp4moe_buffer_alloc(ctx, bytes ? bytes : 256, &d) != FP4MOE_SUCCESS) return NULL;
     if (host && bytes) fp4moe_buffer_upload(ctx, d, host, bytes);
     return d;
+}
+
+/* Two 16-bit outputs (BF16 or FP16) equal or one code apart: where a rank's expert call and
+ * the single-GPU call take different paths (~1e-6 apart in FP32), the rounding to 16 bits may
+ * fall on either side of a tie for a few elements, which alone is ~1e-5 of relative L2. */
+static int neighbouring_codes16(const uint8_t *x, const uint8_t *y)
+{
+    uint16_t u, v;
+    memcpy(&u, x, 2);
+    memcpy(&v, y, 2);
+    if ((u ^ v) & 0x8000u) return (u & 0x7fffu) == 0 && (v & 0x7fffu) == 0; /* +0 / -0 */
+    return u == v || u == v + 1 || v == u + 1;
 }
 
 /* The forward arguments of a case over t tokens in device buffers (the EP call and the
@@ -278,19 +292,24 @@ static void run_case(testing_state *st, testing_rng *rng, const gpu_ep_case *c, 
     }
     if (ok) {
         const int64_t n = out_rows * H;
-        int64_t differ = 0;
+        int64_t differ = 0, far = 0;
         float *a = malloc((size_t)n * sizeof(float) + 1), *b = malloc((size_t)n * sizeof(float) + 1);
         for (int64_t i = 0; i < n; i++) {
             a[i] = (float)ref_load(got, c->out, i);
             b[i] = (float)ref_load(expect, c->out, i);
             differ += memcmp(got + (size_t)i * out_elt, expect + (size_t)i * out_elt, out_elt) != 0;
+            far += out_elt == 2 && !neighbouring_codes16(got + (size_t)i * 2, expect + (size_t)i * 2);
         }
         const double rel = testing_rel_l2_f32(a, b, n);
         printf("  %s, %d ranks, T = %lld: %lld of %lld elements differ, rel L2 %.3g\n", c->name,
                size, (long long)T, (long long)differ, (long long)n, rel);
-        if (c->precision == FP4MOE_PRECISION_W4A16)
+        if (c->precision == FP4MOE_PRECISION_W4A16 && out_elt == 4)
             CHECK(st, rel < 1e-5, "%s, %d ranks: rel L2 %.3g from the single-GPU layer", c->name,
                   size, rel);
+        else if (c->precision == FP4MOE_PRECISION_W4A16)
+            CHECK(st, far == 0 && rel < 1e-3,
+                  "%s, %d ranks: %lld elements beyond a neighbouring code, rel L2 %.3g", c->name,
+                  size, (long long)far, rel);
         else
             CHECK(st, rel < 1e-3, "%s, %d ranks: rel L2 %.3g", c->name, size, rel);
         free(a);
