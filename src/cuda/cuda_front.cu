@@ -5,6 +5,7 @@
 #include <math.h>
 
 #include "cuda_device.cuh"
+#include "cuda_rank_key.h"
 
 
 // ------------------------------------------------------------------ ranking (as route.c)
@@ -66,23 +67,6 @@ static __device__ int warp_select_scan(const float *key, const float *tiers, int
         __syncwarp();
     }
     return mine;
-}
-
-// The ranking of `better` as one integer, larger first: tier, then the value (NaN below every
-// number, -0 equal to +0), then the lower index. 0 means "none". Indices below 2^16.
-static __device__ __forceinline__ uint64_t rank_key(float v, int index, int tier)
-{
-    uint32_t u = 0; // NaN
-    if (!isnan(v)) {
-        u = __float_as_uint(v == 0.0f ? 0.0f : v);
-        u = (u & 0x80000000u) ? ~u : (u | 0x80000000u); // monotone in v, -inf > 0
-    }
-    return (uint64_t)tier << 48 | (uint64_t)u << 16 | (uint64_t)(0xffffu - (uint32_t)index);
-}
-
-static __device__ __forceinline__ int rank_key_index(uint64_t key)
-{
-    return key != 0 ? (int)(0xffffu - (uint32_t)(key & 0xffffu)) : -1;
 }
 
 static __device__ __forceinline__ uint64_t warp_max_key(uint64_t key)
