@@ -368,6 +368,23 @@ int main(void)
                                     c.routing == FP4MOE_ROUTING_MINIMAX2;
         n++;
     }
+    /* the real models' expert counts, where the routing warp holds 8 or 16 keys per lane, and
+     * one above 512, where it scans shared memory (cuda_front.cu's warp_select) */
+    {
+        fp4moe_config c = base_config(256, 8, 256, 128);
+        c.routing = FP4MOE_ROUTING_DEEPSEEK_V3;
+        c.n_group = 8, c.topk_group = 4, c.routed_scaling_factor = 2.5f;
+        cases[n] = make("256 experts, deepseek_v3 groups 8/4", c, 5);
+        cases[n].gen.routing_bias = 1;
+        n++;
+        c = base_config(512, 22, 256, 128);
+        c.routing = FP4MOE_ROUTING_DEEPSEEK_V3;
+        c.routed_scaling_factor = 2.5f;
+        cases[n] = make("512 experts, top 22, sigmoid + bias", c, 3);
+        cases[n].gen.routing_bias = 1;
+        n++;
+        cases[n++] = make("640 experts (routing by scan)", base_config(640, 8, 256, 128), 4);
+    }
     /* every activation, with biases and per-half scales */
     n = add_activation_cases(cases, n, "activation (+b1/b2, half2, per-expert)", 6);
     /* nemotron-nano shape: H = 2688, I = 1856, relu2, deepseek n_group 1 with bias */
