@@ -304,6 +304,14 @@ static gpu_case make(const char *name, fp4moe_config cfg, int64_t tokens)
     return c;
 }
 
+/* A case whose layer has a routing bias (the methods that take one). */
+static gpu_case make_biased(const char *name, fp4moe_config cfg, int64_t tokens)
+{
+    gpu_case c = make(name, cfg, tokens);
+    c.gen.routing_bias = 1;
+    return c;
+}
+
 /* One case per activation (gate/up order alternating), with biases, per-half global scales and
  * per-expert SwiGLU parameters, at the given T; returns the new case count. */
 static int add_activation_cases(gpu_case *cases, int n, const char *name, int64_t tokens)
@@ -374,15 +382,11 @@ int main(void)
         fp4moe_config c = base_config(256, 8, 256, 128);
         c.routing = FP4MOE_ROUTING_DEEPSEEK_V3;
         c.n_group = 8, c.topk_group = 4, c.routed_scaling_factor = 2.5f;
-        cases[n] = make("256 experts, deepseek_v3 groups 8/4", c, 5);
-        cases[n].gen.routing_bias = 1;
-        n++;
+        cases[n++] = make_biased("256 experts, deepseek_v3 groups 8/4", c, 5);
         c = base_config(512, 22, 256, 128);
         c.routing = FP4MOE_ROUTING_DEEPSEEK_V3;
         c.routed_scaling_factor = 2.5f;
-        cases[n] = make("512 experts, top 22, sigmoid + bias", c, 3);
-        cases[n].gen.routing_bias = 1;
-        n++;
+        cases[n++] = make_biased("512 experts, top 22, sigmoid + bias", c, 3);
         cases[n++] = make("640 experts (routing by scan)", base_config(640, 8, 256, 128), 4);
     }
     /* every activation, with biases and per-half scales */
@@ -394,9 +398,7 @@ int main(void)
         c.routing = FP4MOE_ROUTING_DEEPSEEK_V3;
         c.routed_scaling_factor = 2.5f;
         for (int i = 0; i < 3; i++) {
-            cases[n] = make("nemotron shape 2688x1856", c, i == 0 ? 1 : i == 1 ? 7 : 16);
-            cases[n].gen.routing_bias = 1;
-            n++;
+            cases[n++] = make_biased("nemotron shape 2688x1856", c, i == 0 ? 1 : i == 1 ? 7 : 16);
         }
     }
     /* K not a multiple of 32 (padding) */
@@ -492,9 +494,7 @@ int main(void)
         c.activation = FP4MOE_ACT_RELU2;
         c.routing = FP4MOE_ROUTING_DEEPSEEK_V3;
         c.routed_scaling_factor = 2.5f;
-        cases[n] = make("prefill nemotron shape 2688x1856", c, 64);
-        cases[n].gen.routing_bias = 1;
-        n++;
+        cases[n++] = make_biased("prefill nemotron shape 2688x1856", c, 64);
         cases[n++] = make("prefill H=272 I=80 (padded K)", base_config(8, 2, 272, 80), 77);
         c = base_config(32, 4, 512, 256);
         c.precision = FP4MOE_PRECISION_W4A4;
@@ -508,9 +508,7 @@ int main(void)
         c = base_config(64, 6, 256, 128);
         c.routing = FP4MOE_ROUTING_DEEPSEEK_V3;
         c.n_group = 8, c.topk_group = 4, c.routed_scaling_factor = 2.5f;
-        cases[n] = make("prefill deepseek_v3 groups 8/4", c, 200);
-        cases[n].gen.routing_bias = 1;
-        n++;
+        cases[n++] = make_biased("prefill deepseek_v3 groups 8/4", c, 200);
     }
 
     /* FP4MOE_GPU_QUICK=1: every 5th case (the compute-sanitizer runs, which are slow). */
