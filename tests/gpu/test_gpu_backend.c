@@ -29,6 +29,16 @@ typedef struct gpu_case {
     int skewed;          /* routed: expert 1 in every token's slot 0, expert 0 in none */
 } gpu_case;
 
+/* FNV-1a of the GPU output: two builds run with the same FP4MOE_TEST_SEED print the same value
+ * for a case exactly when its output bits agree (cases draw their inputs in list order, so
+ * compare the cases both lists share up to the first difference). */
+static uint64_t bytes_hash(const void *p, size_t n)
+{
+    uint64_t h = 1469598103934665603ull;
+    for (size_t i = 0; i < n; i++) h = (h ^ ((const unsigned char *)p)[i]) * 1099511628211ull;
+    return h;
+}
+
 static fp4moe_config base_config(int64_t e, int32_t k, int64_t h, int64_t inter)
 {
     fp4moe_config c;
@@ -217,8 +227,9 @@ static void run_case(testing_state *st, fp4moe_context *cpu, fp4moe_context *gpu
     const double err_ref = testing_rel_l2_f32_f64(got, ref, out_rows * h);
     const double err_cpu = testing_rel_l2_f32(got, got_cpu, out_rows * h);
     const double tol = tolerance(c);
-    printf("  %-34s T=%-4lld err_ref %.2e err_cpu %.2e (tol %.0e, near ties %lld)\n", c->name,
-           (long long)t, err_ref, err_cpu, tol, (long long)(stats.inner.near_ties));
+    printf("  %-34s T=%-4lld err_ref %.2e err_cpu %.2e (tol %.0e, near ties %lld) out %016llx\n", c->name,
+           (long long)t, err_ref, err_cpu, tol, (long long)(stats.inner.near_ties),
+           (unsigned long long)bytes_hash(out_gpu, out_bytes));
     if (getenv("FP4MOE_GPU_DEBUG") && err_ref > tol)
         for (int64_t i = 0; i < 8 && i < out_rows * h; i++)
             printf("    out[%lld]: gpu %.6g cpu %.6g ref %.6g\n", (long long)i, got[i], got_cpu[i], ref[i]);
