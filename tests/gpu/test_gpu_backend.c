@@ -523,11 +523,14 @@ int main(void)
     }
 
     /* FP4MOE_GPU_QUICK=1: every 5th case (the compute-sanitizer runs, which are slow). */
-    /* FP4MOE_GPU_FILTER=text: only the cases whose name contains it (e.g. "prefill"). */
+    /* FP4MOE_GPU_FILTER=text: only the cases whose name contains it (e.g. "prefill"); "!text":
+     * only those whose name does not (e.g. "!prefill": the decode cases). */
     const int stride = getenv("FP4MOE_GPU_QUICK") ? 5 : 1;
     const char *filter = getenv("FP4MOE_GPU_FILTER");
+    const int exclude = filter != NULL && filter[0] == '!';
     for (int i = 0; i < n; i += stride)
-        if (filter == NULL || strstr(cases[i].name, filter) != NULL) run_case(&st, cpu, gpu, &cases[i], &rng);
+        if (filter == NULL || (strstr(cases[i].name, filter + exclude) != NULL) != exclude)
+            run_case(&st, cpu, gpu, &cases[i], &rng);
     fp4moe_context_destroy(cpu);
     fp4moe_context_destroy(gpu);
     return testing_finish(&st, "test_gpu_backend");
