@@ -98,7 +98,6 @@ static int make_inputs(const fp4moe_config *c, long long t, uint64_t seed, uint1
     return 0;
 }
 
-/* The raw exchange: LINK_BYTES to and from every peer at once. */
 /* The forward arguments of a timed call: t tokens of BF16 hidden states and FP32 router logits
  * in, BF16 out (the EP ranks and the single-GPU reference take the same ones). */
 static fp4moe_forward_args bf16_args(long long t, void *x, void *logits, void *out)
@@ -114,6 +113,7 @@ static fp4moe_forward_args bf16_args(long long t, void *x, void *logits, void *o
     return a;
 }
 
+/* The raw exchange: LINK_BYTES to and from every peer at once. */
 static double time_link(bench_setup *s, int rank, cudaStream_t stream)
 {
     void *send = NULL, *recv = NULL;

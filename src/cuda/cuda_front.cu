@@ -166,7 +166,8 @@ static __device__ float warp_sum_of_k(float mine, int k)
 }
 
 
-// Floats of per-warp scratch: logits, keys, taken flags, group scores + kept flags.
+// Floats of per-warp scratch: logits, keys, taken flags (then kept-group flags), group scores
+// (then experts' tiers), the routing bias copy.
 static __host__ __device__ __forceinline__ int64_t route_warp_floats(int64_t e) { return 5 * e; }
 
 // The token's logits (and the routing bias) into the warp's scratch, every lane's loads issued

@@ -39,13 +39,15 @@ static float block_out_scale(float amax, uint8_t scale_code, const ep_w4a4_arith
     return amax != 0.0f ? q->out_scale[scale_code] : 0.0f;
 }
 
-/* nvfp4_quantize_block16 with q's arithmetic (with ep_w4a4_cpu_arith: the same bits). */
-static void quantize_block(const float *x, const ep_w4a4_arith *q, uint8_t *packed8, uint8_t *scale)
+/* nvfp4_quantize_block16 with q's arithmetic (with ep_w4a4_cpu_arith: the same bits); returns
+ * the block maximum it used. */
+static float quantize_block(const float *x, const ep_w4a4_arith *q, uint8_t *packed8, uint8_t *scale)
 {
     const float amax = nvfp4_block_amax(x);
     const uint8_t scale_code = float_to_e4m3(q->g * (amax * q->rcp6));
     nvfp4_encode_block16(x, block_out_scale(amax, scale_code, q), packed8);
     *scale = scale_code;
+    return amax;
 }
 
 void ep_w4a4_encode_row(const float *x, int64_t hidden, fp4moe_dtype dtype, const ep_w4a4_arith *q,
@@ -55,8 +57,7 @@ void ep_w4a4_encode_row(const float *x, int64_t hidden, fp4moe_dtype dtype, cons
     uint8_t *codes = payload, *scales = payload + hidden / 2, *maxima = scales + blocks;
     const size_t elt = dtype_size(dtype);
     for (int64_t b = 0; b < blocks; b++) {
-        quantize_block(x + b * BLOCK, q, codes + b * (BLOCK / 2), scales + b);
-        const float amax = nvfp4_block_amax(x + b * BLOCK);
+        const float amax = quantize_block(x + b * BLOCK, q, codes + b * (BLOCK / 2), scales + b);
         store_f32(&amax, 1, dtype, maxima + (size_t)b * elt);
     }
 }

@@ -9,9 +9,9 @@
  * backend's decode path (<= decode_threshold rows) and prefill path accumulate differently, ~1e-6
  * apart), and with BF16/FP16 output every element must equal the single-GPU one or be its
  * neighbouring code (one output rounding on the other side); the number of differing elements
- * is printed. W4A4 is required to agree to 1e-3: the EP path
- * quantises the dispatched rows on the host with IEEE division while the GPU's own quantiser
- * uses rcp.approx, so a value at a rounding tie may take the neighbouring code.
+ * is printed. W4A4 is required to agree to 1e-3: the EP path quantises the dispatched rows on
+ * the host with the GPU quantiser's reciprocals (measured at create, docs/EP.md), so its codes
+ * are the single-GPU layer's, but the expert calls may take the other CUDA path as above.
  * Never run by CTest (CI has no GPU); built only with CUDA and NCCL. */
 #include <stdio.h>
 
