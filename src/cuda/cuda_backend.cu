@@ -298,11 +298,11 @@ static cuda_workspace carve(const cuda_plan_view *v, int64_t threshold, int64_t 
     ws.touched_begin = (int32_t *)(b + off[5]);
     ws.entries = (int32_t *)(b + off[6]);
     ws.x = (float *)(b + off[7]);
-    ws.xh = (uint4 *)(b + off[8]);
+    ws.xh = b + off[8];
     ws.x_amax = (int32_t *)(b + off[9]);
     ws.x_scale = (float *)(b + off[10]);
     ws.u = (float *)(b + off[11]);
-    ws.uh = (uint4 *)(b + off[12]);
+    ws.uh = b + off[12];
     ws.u_scale = (float *)(b + off[13]);
     ws.y = (float *)(b + off[14]);
     ws.perm = (int32_t *)(b + off[15]);
@@ -359,20 +359,25 @@ static fp4moe_status cuda_forward(fp4moe_plan *plan, const forward_call *call, v
     c.finalize = call->finalize;
     c.per_token_scale = call->per_token_scale;
     c.x_per_slot = x_per_slot(v);
+    // B rows: FP32 activations enter the tensor cores as FP16 hi + lo parts; FP16/BF16 ones,
+    // and the FC2 inputs made from them (rounded to the hidden dtype or quantised), in one
+    c.parts = call->hidden_dtype == FP4MOE_DTYPE_F32 ? 2 : 1;
     const int64_t chunk = prefill ? CUDA_PREFILL_CHUNK : CUDA_TOKEN_CHUNK;
     for (int64_t t0 = 0; t0 < t_total; t0 += chunk) {
         c.t0 = t0;
         c.t1 = t0 + chunk < t_total ? t0 + chunk : t_total;
         if (prefill) {
-            // FP32 activations enter the tensor cores as FP16 hi + lo parts; FP16/BF16 ones in one
-            const int parts = call->hidden_dtype == FP4MOE_DTYPE_F32 ? 2 : 1;
             const int tile = prefill_tile_tokens(v, c.t1 - c.t0);
-            err = cuda_launch_prefill(v, &c, &ws, tile, parts, prefill_max_tiles(v, c.t1 - c.t0, tile),
+            err = cuda_launch_prefill(v, &c, &ws, tile, c.parts, prefill_max_tiles(v, c.t1 - c.t0, tile),
                                       stream);
             if (err != cudaSuccess) return cuda_fail(plan, err, "prefill kernels");
             continue;
         }
-        err = cuda_launch_front(v, &c, &ws, &src, fused, st->route_warps, st->route_smem, stream);
+        // the fused front routes with one warp per token: scratch for that many warps only (a
+        // smaller shared-memory need than the plan's bound)
+        const int warps = fused && c.t1 - c.t0 < st->route_warps ? (int)(c.t1 - c.t0) : st->route_warps;
+        err = cuda_launch_front(v, &c, &ws, &src, fused, warps, cuda_route_smem_bytes(v->num_experts, warps),
+                                stream);
         if (err != cudaSuccess) return cuda_fail(plan, err, "front kernel");
         err = cuda_launch_experts(v, &c, &ws, stream);
         if (err != cudaSuccess) return cuda_fail(plan, err, "expert kernels");

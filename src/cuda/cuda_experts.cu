@@ -6,10 +6,14 @@
 // Decoding: an E2M1 nibble pair is placed in a half2 with the magnitude bits at 11..9 and the
 // sign at 15, which is the value times 2^-14 exactly (0.5 lands on the FP16 subnormal 2^-15):
 // one shift and two masks per 2 values, no conversion instruction. The block scale (times
-// 2^14) multiplies the FP32 partial sum of each 16-value k step. Activations enter as FP16
+// 2^14) multiplies the FP32 partial sum of each 16-value k step. FP32 activations enter as FP16
 // hi + lo parts of the row scaled by a power of two (22 significant bits, FP32 range), so the
-// products are as exact as FP32 ones and the sums are FP32: docs/DESIGN.md "CUDA backend".
+// products are as exact as FP32 ones and the sums are FP32; FP16/BF16 ones (and the FC2 inputs
+// made from them) as the hi part alone, whose lo would be 0 (PARTS = 1: half the B bytes and
+// MMAs): docs/DESIGN.md "CUDA backend".
 #include <math.h>
+
+#include <type_traits>
 
 #include "cuda_device.cuh"
 
@@ -107,22 +111,33 @@ static __device__ __forceinline__ float2 e4m3x2_values(uint32_t codes)
     return __half22float2(__half2(raw));
 }
 
+// One lane's B fragment parts of a k16 step: hi and lo (two parts), or hi with lo 0 (one part).
+static __device__ __forceinline__ uint4 load_b_unit(const uint4 *p) { return __ldg(p); }
+static __device__ __forceinline__ uint4 load_b_unit(const uint2 *p)
+{
+    const uint2 hi = __ldg(p);
+    return make_uint4(hi.x, hi.y, 0u, 0u);
+}
+
 // One warp's share of a tile against the B rows of 8 columns (b_row: this lane's column; lanes of
 // columns without a slot read another column's row, their results are not stored), its ring
 // started (ring_start with cursor r). acc: this lane's C fragment (rows g, g+8; columns 2q,
 // 2q+1), block scales applied, row scales not. The B fragments come from L1/L2.
-template <int D>
+template <int D, int PARTS>
 static __device__ __forceinline__ void tile_partial(ring_cursor &r, uint4 *ring, int groups,
-                                                    const uint4 *b_row, int warp, int lane, float acc[4])
+                                                    const uint8_t *b_row, int warp, int lane, float acc[4])
 {
     const int g = lane / 4, q = lane % 4;
     const uint32_t base = (uint32_t)__cvta_generic_to_shared(ring);
-    const uint4 *b_next = b_row + warp * 16 + q;
+    // (typed as a whole unit so that the two-part address arithmetic is the one-type pointer
+    // walk of before: the byte-pointer version compiled to a slower loop)
+    typedef typename std::conditional<PARTS == 2, uint4, uint2>::type unit;
+    const unit *b_next = reinterpret_cast<const unit *>(b_row) + warp * 16 + q;
     int stage = 0;
     for (int kg = warp; kg < groups; kg += CUDA_GEMV_WARPS) {
         uint4 bc[4];
 #pragma unroll
-        for (int s = 0; s < 4; s++) bc[s] = __ldg(b_next + s * 4);
+        for (int s = 0; s < 4; s++) bc[s] = load_b_unit(b_next + s * 4);
         b_next += CUDA_GEMV_WARPS * 16;
         cp_async_wait<D - 2>(); // this lane's copies of group kg have landed
         __syncwarp();           // so have the other lanes' (the scales); the previous stage is read
@@ -145,8 +160,8 @@ static __device__ __forceinline__ void tile_partial(ring_cursor &r, uint4 *ring,
 #pragma unroll
             for (int i = 0; i < 4; i++) a[i] = decode_pair(words[s], i);
             float dd[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-            mma_16816(dd, a, bc[s].x, bc[s].y); // hi parts
-            mma_16816(dd, a, bc[s].z, bc[s].w); // lo parts
+            mma_16816(dd, a, bc[s].x, bc[s].y);                 // hi parts
+            if (PARTS == 2) mma_16816(dd, a, bc[s].z, bc[s].w); // lo parts
             acc[0] = fmaf(dd[0], s_g[s], acc[0]);
             acc[1] = fmaf(dd[1], s_g[s], acc[1]);
             acc[2] = fmaf(dd[2], s_g8[s], acc[2]);
@@ -159,17 +174,17 @@ static __device__ __forceinline__ void tile_partial(ring_cursor &r, uint4 *ring,
 // The whole tile for one pass: every warp's partial, summed in warp order by warp 0 (fixed
 // order: deterministic). Returns in warp 0's acc; red: CUDA_GEMV_WARPS * 32 * 4 floats of
 // shared memory; ring: the warp's D stages, already started (ring_start) when `started`.
-template <int D>
+template <int D, int PARTS>
 static __device__ __forceinline__ void tile_product(uint4 *ring, bool started, const uint8_t *codes,
                                                     const uint8_t *scales, int groups,
-                                                    const uint4 *b_row, float acc[4], float *red)
+                                                    const uint8_t *b_row, float acc[4], float *red)
 {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     acc[0] = acc[1] = acc[2] = acc[3] = 0.0f;
     ring_cursor r = ring_cursor_at(codes, scales, groups, warp, lane);
     if (started) ring_skip<D>(r);
     else ring_start<D>(r, ring, lane);
-    tile_partial<D>(r, ring, groups, b_row, warp, lane, acc);
+    tile_partial<D, PARTS>(r, ring, groups, b_row, warp, lane, acc);
     __syncthreads(); // red is free (the previous pass's epilogue is done)
     if (warp > 0) {
 #pragma unroll
@@ -188,6 +203,7 @@ static __device__ __forceinline__ void tile_product(uint4 *ring, bool started, c
 
 // ------------------------------------------------------------------ FC1 + activation
 // One block per (touched expert, 16-row tile); blocks past the touched experts exit at once.
+template <int PARTS>
 __global__ void __launch_bounds__(CUDA_GEMV_WARPS * 32, FC1_MIN_BLOCKS)
 fc1_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws)
 {
@@ -210,9 +226,10 @@ fc1_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws)
     for (int pos = begin; pos < end; pos += CUDA_SLOTS_PER_PASS) {
         const int nslots = min(CUDA_SLOTS_PER_PASS, end - pos);
         const int64_t slot = ws.entries[pos + min(g, nslots - 1)];
-        const uint4 *b_row = ws.xh + (c.x_per_slot ? slot : slot / k) * (p.k1p / 4);
+        const uint8_t *b_row = reinterpret_cast<const uint8_t *>(ws.xh) +
+                               (c.x_per_slot ? slot : slot / k) * (p.k1p / 4) * 8 * PARTS;
         float acc[4];
-        tile_product<FC1_DEPTH>(rings[warp], false, codes, scales, groups, b_row, acc, red);
+        tile_product<FC1_DEPTH, PARTS>(rings[warp], false, codes, scales, groups, b_row, acc, red);
         if (pos + CUDA_SLOTS_PER_PASS >= end) allow_next_kernel(); // last pass: epilogue left
         if (warp != 0) continue;
         // lane: rows g, g+8 of the tile; columns (slots) 2q, 2q+1
@@ -228,7 +245,9 @@ fc1_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws)
 }
 
 // FC2 inputs: W4A4 quantisation (in place, per 16-value block with the expert's a2 scale), then
-// the FP16 hi/lo B-fragment rows with their power-of-two scales. One block per slot.
+// the FP16 B-fragment rows (PARTS parts, as the FC2 kernel that reads them) with their
+// power-of-two scales. One block per slot.
+template <int PARTS>
 __global__ void fc2_input_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws)
 {
     __shared__ float warp_max[32];
@@ -259,11 +278,12 @@ __global__ void fc2_input_kernel(cuda_plan_view p, cuda_call_view c, cuda_worksp
     float inverse;
     const float scale = row_scale_from_amax(amax, &inverse);
     if (threadIdx.x == 0) ws.u_scale[s] = scale;
-    uint4 *dst = ws.uh + s * (p.k2p / 4);
-    for (int64_t i = threadIdx.x; i < p.k2p / 4; i += blockDim.x) dst[i] = hilo_unit(row, i, inverse);
+    for (int64_t i = threadIdx.x; i < p.k2p / 4; i += blockDim.x)
+        store_b_unit(ws.uh, s, p.k2p / 4, i, hilo_unit(row, i, inverse), PARTS);
 }
 
 // ------------------------------------------------------------------ FC2
+template <int PARTS>
 __global__ void __launch_bounds__(CUDA_GEMV_WARPS * 32, FC2_MIN_BLOCKS)
 fc2_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws)
 {
@@ -291,9 +311,10 @@ fc2_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws)
     const float scale = __fmul_rn(sc, p.w2_global[e]);
     for (int pos = begin; pos < end; pos += CUDA_SLOTS_PER_PASS) {
         const int nslots = min(CUDA_SLOTS_PER_PASS, end - pos);
-        const uint4 *b_row = ws.uh + (int64_t)ws.entries[pos + min(g, nslots - 1)] * (p.k2p / 4);
+        const uint8_t *b_row = reinterpret_cast<const uint8_t *>(ws.uh) +
+                               (int64_t)ws.entries[pos + min(g, nslots - 1)] * (p.k2p / 4) * 8 * PARTS;
         float acc[4];
-        tile_product<FC2_DEPTH>(rings[warp], pos == begin, codes, scales, groups, b_row, acc, red);
+        tile_product<FC2_DEPTH, PARTS>(rings[warp], pos == begin, codes, scales, groups, b_row, acc, red);
         if (pos + CUDA_SLOTS_PER_PASS >= end) allow_next_kernel(); // last pass: epilogue left
         if (warp != 0) continue;
         for (int j = 0; j < 2; j++) {
@@ -379,21 +400,31 @@ __global__ void finalize_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspa
 }
 
 // ------------------------------------------------------------------ host side
-extern "C" cudaError_t cuda_launch_experts(const cuda_plan_view *p, const cuda_call_view *c,
-                                           const cuda_workspace *ws, cudaStream_t stream)
+// The expert kernels of one chunk for B rows of PARTS FP16 parts.
+template <int PARTS>
+static cudaError_t launch_experts(const cuda_plan_view *p, const cuda_call_view *c, const cuda_workspace *ws,
+                                  cudaStream_t stream)
 {
     const int64_t slots = (c->t1 - c->t0) * p->top_k;
     const int64_t most_touched = slots < p->e_loc ? slots : p->e_loc;
     const dim3 threads(CUDA_GEMV_WARPS * 32);
-    cudaError_t err = launch_dependent(fc1_kernel, dim3((unsigned)(most_touched * (p->n1 / CUDA_TILE_ROWS))),
+    cudaError_t err = launch_dependent(fc1_kernel<PARTS>, dim3((unsigned)(most_touched * (p->n1 / CUDA_TILE_ROWS))),
                                        threads, 0, stream, *p, *c, *ws);
     if (err == cudaSuccess)
-        err = launch_dependent(fc2_input_kernel, dim3((unsigned)slots), dim3(256), 0, stream, *p, *c, *ws);
+        err = launch_dependent(fc2_input_kernel<PARTS>, dim3((unsigned)slots), dim3(256), 0, stream, *p, *c, *ws);
     if (err == cudaSuccess)
-        err = launch_dependent(fc2_kernel, dim3((unsigned)(most_touched * (p->h / CUDA_TILE_ROWS))),
+        err = launch_dependent(fc2_kernel<PARTS>, dim3((unsigned)(most_touched * (p->h / CUDA_TILE_ROWS))),
                                threads, 0, stream, *p, *c, *ws);
     if (err == cudaSuccess) err = cuda_launch_finalize(p, c, ws, stream);
     return err;
+}
+
+extern "C" cudaError_t cuda_launch_experts(const cuda_plan_view *p, const cuda_call_view *c,
+                                           const cuda_workspace *ws, cudaStream_t stream)
+{
+    if (c->parts == 2) return launch_experts<2>(p, c, ws, stream);
+    if (c->parts == 1) return launch_experts<1>(p, c, ws, stream);
+    return cudaErrorInvalidValue;
 }
 
 extern "C" cudaError_t cuda_launch_finalize(const cuda_plan_view *p, const cuda_call_view *c,

@@ -9,41 +9,14 @@
 
 
 // ------------------------------------------------------------------ ranking (as route.c)
-static __device__ __forceinline__ bool ranks_before(float a, int ia, float b, int ib)
-{
-    if (isnan(a)) return isnan(b) && ia < ib;
-    if (isnan(b)) return true;
-    if (a != b) return a > b;
-    return ia < ib;
-}
-
-// A candidate: tier first (DeepSeek kept groups before dropped ones), then value and index;
-// index < 0 means "none".
-struct candidate {
-    float value;
-    int index;
-    int tier;
-};
-
-static __device__ __forceinline__ bool better(const candidate &a, const candidate &b)
-{
-    if (a.index < 0) return false;
-    if (b.index < 0) return true;
-    if (a.tier != b.tier) return a.tier > b.tier;
-    return ranks_before(a.value, a.index, b.value, b.index);
-}
-
-static __device__ __forceinline__ candidate warp_best(candidate c)
+static __device__ __forceinline__ uint64_t warp_max_key(uint64_t key)
 {
 #pragma unroll
     for (int offset = 16; offset > 0; offset >>= 1) {
-        candidate o;
-        o.value = __shfl_xor_sync(FULL_MASK, c.value, offset);
-        o.index = __shfl_xor_sync(FULL_MASK, c.index, offset);
-        o.tier = __shfl_xor_sync(FULL_MASK, c.tier, offset);
-        if (better(o, c)) c = o;
+        const uint64_t other = __shfl_xor_sync(FULL_MASK, key, offset);
+        key = other > key ? other : key;
     }
-    return c;
+    return key;
 }
 
 // Top `count` of key[0, n) by a scan of shared memory per pick (any n): lane j < count gets
@@ -55,33 +28,22 @@ static __device__ int warp_select_scan(const float *key, const float *tiers, int
     __syncwarp();
     int mine = -1;
     for (int j = 0; j < count; j++) {
-        candidate best = {0.0f, -1, 0};
+        uint64_t best = 0;
         for (int i = lane; i < n; i += 32) {
-            if (taken[i] != 0.0f) continue;
-            candidate c = {key[i], i, tiers ? (int)tiers[i] : 0};
-            if (better(c, best)) best = c;
+            const uint64_t c = taken[i] != 0.0f ? 0 : rank_key(key[i], i, tiers ? (int)tiers[i] : 0);
+            best = c > best ? c : best;
         }
-        best = warp_best(best);
-        if (lane == j) mine = best.index;
-        if (lane == 0 && best.index >= 0) taken[best.index] = 1.0f;
+        const int index = rank_key_index(warp_max_key(best));
+        if (lane == j) mine = index;
+        if (lane == 0 && index >= 0) taken[index] = 1.0f;
         __syncwarp();
     }
     return mine;
 }
 
-static __device__ __forceinline__ uint64_t warp_max_key(uint64_t key)
-{
-#pragma unroll
-    for (int offset = 16; offset > 0; offset >>= 1) {
-        const uint64_t other = __shfl_xor_sync(FULL_MASK, key, offset);
-        key = other > key ? other : key;
-    }
-    return key;
-}
-
 // The same selection with each lane's keys (experts lane + 32 i) in registers: per pick one
-// local maximum and one warp maximum; ~4x fewer instructions than the scan, which ran ~10k
-// serial instructions per DeepSeek-V3 token (docs/PERF.md, decode v4).
+// local maximum and one warp maximum; ~4x fewer instructions than the comparison scan of
+// session 4, which ran ~10k serial instructions per DeepSeek-V3 token (docs/PERF.md, decode v4).
 template <int NPL>
 static __device__ int warp_select_regs(const float *key, const float *tiers, int n, int count, int lane)
 {
@@ -460,7 +422,7 @@ static __device__ void prepare_slot_inputs(const cuda_plan_view &p, const cuda_c
         float inverse;
         const float scale = row_scale_from_amax(__int_as_float(ws.x_amax[row]), &inverse);
         if (unit == 0) ws.x_scale[row] = scale;
-        ws.xh[row * units + unit] = hilo_unit(ws.x + row * p.k1p, unit, inverse);
+        store_b_unit(ws.xh, row, units, unit, hilo_unit(ws.x + row * p.k1p, unit, inverse), c.parts);
     }
 }
 
@@ -474,6 +436,7 @@ static __device__ void prepare_token_input(const cuda_plan_view &p, const cuda_c
     const int64_t t = c.t0 + row;
     const char *x = (const char *)c.hidden;
     float amax = 0.0f;
+#pragma unroll 8
     for (int i = threadIdx.x; i < h; i += blockDim.x)
         amax = fmaxf(amax, fabsf(load_as_f32(x, c.hidden_dtype, t * h + i)));
     for (int off = 16; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
@@ -484,21 +447,34 @@ static __device__ void prepare_token_input(const cuda_plan_view &p, const cuda_c
     float inverse;
     const float scale = row_scale_from_amax(amax, &inverse);
     if (threadIdx.x == 0) ws.x_scale[row] = scale;
-    for (int i = threadIdx.x; i < units; i += blockDim.x) {
-        const int base = (i / 4) * 16 + (i % 4) * 2;
-        float v[4];
-        const int cols[4] = {base, base + 1, base + 8, base + 9};
+    // UNITS units per thread and round, all their loads before the first store (a store through
+    // a generic pointer may alias a later load: the compiler would wait out each round trip)
+    constexpr int UNITS = 4;
+    for (int i0 = threadIdx.x; i0 < units; i0 += UNITS * blockDim.x) {
+        float v[UNITS][4];
 #pragma unroll
-        for (int j = 0; j < 4; j++)
-            v[j] = cols[j] < h ? load_as_f32(x, c.hidden_dtype, t * h + cols[j]) * inverse : 0.0f;
-        __half hi[4], lo[4];
+        for (int u = 0; u < UNITS; u++) {
+            const int i = i0 + u * blockDim.x, base = (i / 4) * 16 + (i % 4) * 2;
+            const int cols[4] = {base, base + 1, base + 8, base + 9};
 #pragma unroll
-        for (int j = 0; j < 4; j++) {
-            hi[j] = __float2half_rn(v[j]);
-            lo[j] = __float2half_rn(v[j] - __half2float(hi[j]));
+            for (int j = 0; j < 4; j++)
+                v[u][j] = i < units && cols[j] < h ? load_as_f32(x, c.hidden_dtype, t * h + cols[j]) * inverse : 0.0f;
         }
-        ws.xh[(int64_t)row * units + i] = make_uint4(pack_half2(hi[0], hi[1]), pack_half2(hi[2], hi[3]),
-                                                      pack_half2(lo[0], lo[1]), pack_half2(lo[2], lo[3]));
+#pragma unroll
+        for (int u = 0; u < UNITS; u++) {
+            const int i = i0 + u * blockDim.x;
+            __half hi[4], lo[4];
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                hi[j] = __float2half_rn(v[u][j]);
+                lo[j] = c.parts == 2 ? __float2half_rn(v[u][j] - __half2float(hi[j])) : hi[j];
+            }
+            if (i < units)
+                store_b_unit(ws.xh, row, units, i,
+                             make_uint4(pack_half2(hi[0], hi[1]), pack_half2(hi[2], hi[3]),
+                                        pack_half2(lo[0], lo[1]), pack_half2(lo[2], lo[3])),
+                             c.parts);
+        }
     }
 }
 
@@ -509,9 +485,7 @@ front_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws, cuda_route_s
     extern __shared__ float front_smem[];
     if (blockIdx.x > 0) { // blocks 1..: one token row each (inputs shared by the token's slots)
         prepare_token_input(p, c, ws, blockIdx.x - 1);
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-        asm volatile("griddepcontrol.launch_dependents;");
-#endif
+        allow_next_kernel();
         return;
     }
     if (route_in_block) {
@@ -532,9 +506,7 @@ front_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws, cuda_route_s
         ws.u[(i / pad) * p.k2p + p.inter + i % pad] = 0.0f;
     // FC1 (launched as a programmatic dependent) may start its launch now; it waits for all of
     // this kernel's writes before reading them.
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.launch_dependents;");
-#endif
+    allow_next_kernel();
 }
 
 // ------------------------------------------------------------------ host side

@@ -75,11 +75,11 @@ typedef struct cuda_workspace {
     // (per 16 values and lane quad index q: hi(2q,2q+1), hi(2q+8,2q+9), lo(..), lo(..)), with
     // the row's power-of-two scale 2^s, chosen so the row's amax fits FP16 with room to spare.
     float *x;            // [C*k or C][k1p] FC1 inputs (FP32)
-    uint4 *xh;           // [C*k or C][k1p/4]
+    void *xh;            // [C*k or C][k1p/4 units][8 * parts bytes]: FC1 B rows (store_b_unit)
     int32_t *x_amax;     // [C*k or C] (float bits, atomicMax)
     float *x_scale;      // [C*k or C]
     float *u;            // [C*k][k2p] FC2 inputs (FP32)
-    uint4 *uh;           // [C*k][k2p/4]
+    void *uh;            // [C*k][k2p/4 units][8 * parts bytes]: FC2 B rows
     float *u_scale;      // [C*k]
     float *y;            // [C*k][h] FC2 outputs
     // Prefill path (tokens grouped by expert into tiles of tile_tokens rows, padded):
@@ -101,6 +101,9 @@ typedef struct cuda_call_view {
     int finalize;
     const float *per_token_scale;
     int x_per_slot;        // FC1 inputs per (token, slot) rather than per token
+    int parts;             // B rows: 2 = FP16 hi + lo (FP32 hidden states), 1 = hi only (FP16/BF16:
+                           // lo is 0 for every FP16, BF16, E4M3 or NVFP4 value at any row scale,
+                           // so one part carries all that two did; the prefill path does the same)
 } cuda_call_view;
 
 // ------------------------------------------------------------------ number formats (device)
@@ -205,6 +208,15 @@ static __device__ __forceinline__ uint4 hilo_unit(const float *row, int64_t i, f
     }
     return make_uint4(pack_half2(hi[0], hi[1]), pack_half2(hi[2], hi[3]), pack_half2(lo[0], lo[1]),
                       pack_half2(lo[2], lo[3]));
+}
+
+// Stores B-row unit i (hilo_unit's 16 bytes) of row `row` in `parts` parts: all 16 bytes, or the
+// hi half (8 bytes per unit).
+static __device__ __forceinline__ void store_b_unit(void *rows, int64_t row, int64_t units, int64_t i, uint4 v,
+                                                    int parts)
+{
+    if (parts == 2) reinterpret_cast<uint4 *>(rows)[row * units + i] = v;
+    else reinterpret_cast<uint2 *>(rows)[row * units + i] = make_uint2(v.x, v.y);
 }
 
 // ------------------------------------------------------------------ host entry points

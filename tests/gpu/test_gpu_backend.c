@@ -522,6 +522,45 @@ int main(void)
         cases[n++] = make_biased("prefill deepseek_v3 groups 8/4", c, 200);
     }
 
+    /* 16-bit hidden states on the decode path (B rows in one FP16 part) in every mode that
+     * makes B rows: W4A4, FP8 down input, router weight on the input, routing outside the front,
+     * several chunks, finalize off. (Last in the list: the cases before them draw the same
+     * inputs as on main, so their output hashes compare.) */
+    {
+        fp4moe_config c = base_config(32, 4, 512, 256);
+        c.precision = FP4MOE_PRECISION_W4A4;
+        gpu_case g = make("bf16 W4A4", c, 5);
+        g.hidden_dtype = g.logits_dtype = FP4MOE_DTYPE_BF16;
+        cases[n++] = g;
+        g = make("f16 W4A4, f16 out", c, 13);
+        g.hidden_dtype = g.output_dtype = FP4MOE_DTYPE_F16;
+        cases[n++] = g;
+        c.precision = FP4MOE_PRECISION_W4A16;
+        c.fc2_input_fp8 = 1;
+        g = make("bf16 FP8 down input", c, 10);
+        g.hidden_dtype = FP4MOE_DTYPE_BF16;
+        cases[n++] = g;
+        c = base_config(64, 1, 256, 128);
+        c.routing = FP4MOE_ROUTING_LLAMA4;
+        g = make("f16 llama4 (on input)", c, 7);
+        g.hidden_dtype = FP4MOE_DTYPE_F16;
+        cases[n++] = g;
+        c = base_config(64, 8, 512, 256);
+        c.decode_threshold = 512;
+        g = make("bf16 decode path, T > fused limit", c, 100);
+        g.hidden_dtype = FP4MOE_DTYPE_BF16;
+        cases[n++] = g;
+        c.precision = FP4MOE_PRECISION_W4A4;
+        g = make("bf16 W4A4 decode path, T > one chunk", c, 300);
+        g.hidden_dtype = FP4MOE_DTYPE_BF16;
+        cases[n++] = g;
+        c.precision = FP4MOE_PRECISION_W4A16;
+        g = make("bf16 finalize off", c, 6);
+        g.hidden_dtype = FP4MOE_DTYPE_BF16;
+        g.skip_finalize = 1;
+        cases[n++] = g;
+    }
+
     /* FP4MOE_GPU_QUICK=1: every 5th case (the compute-sanitizer runs, which are slow). */
     /* FP4MOE_GPU_FILTER=text: only the cases whose name contains it (e.g. "prefill"); "!text":
      * only those whose name does not (e.g. "!prefill": the decode cases). */
