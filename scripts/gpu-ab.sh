@@ -9,7 +9,8 @@ set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT" /tmp/ab-a
-# (no build-ab/a.tar: "b" alone, each knob against b's default)
+# (no build-ab/a.tar: "b" alone, each knob against b's default. The tests of "a" run through
+# scripts/gpu-tests.sh: "a" must know FP4MOE_GPU_SHARD, i.e. be main of session 6 or later)
 HAVE_A=0
 [ -f build-ab/a.tar ] && HAVE_A=1
 if [ $HAVE_A = 1 ]; then
@@ -28,16 +29,16 @@ SEED=${AB_SEED:-12345}
 for v in $([ $HAVE_A = 1 ] && echo a) b; do
   [ "${GPU_TEST_FILTER:-}" = none ] && break
   bin=$A; [ $v = b ] && bin=$B
-  FP4MOE_TEST_SEED=$SEED FP4MOE_GPU_FILTER=${GPU_TEST_FILTER:-!prefill} timeout "${AB_TEST_TIMEOUT:-240}" \
-    stdbuf -oL "$bin/test_gpu_backend" > "$OUT/tests-$v.log" 2>&1
+  FP4MOE_TEST_SEED=$SEED FP4MOE_GPU_FILTER=${GPU_TEST_FILTER:-!prefill} GPU_TEST_TIMEOUT=${AB_TEST_TIMEOUT:-240} \
+    bash scripts/gpu-tests.sh "$bin/test_gpu_backend" "$OUT/tests-$v.log"
   echo "tests $v: rc=$? $(grep -E 'passed' "$OUT/tests-$v.log" | tail -1)"
   grep -E "check failed" "$OUT/tests-$v.log" | head -5
 done
-# cases both ran, in list order: their output hashes (the last field) must agree
+# cases both ran (same index #NNN): their output hashes (the last field) must agree
 if [ -f "$OUT/tests-a.log" ] && [ -f "$OUT/tests-b.log" ]; then
-  paste <(grep -E ' out [0-9a-f]{16}$' "$OUT/tests-a.log" | awk '{print $NF}') \
-        <(grep -E ' out [0-9a-f]{16}$' "$OUT/tests-b.log" | awk '{print $NF}') \
-    | awk 'NF == 2 {n++; if ($1 != $2) d++} END {print "output hashes: " n+0 " compared, " d+0 " differ"}'
+  join <(grep -E '^  #[0-9]+ .* out [0-9a-f]{16}$' "$OUT/tests-a.log" | awk '{print $1, $NF}') \
+       <(grep -E '^  #[0-9]+ .* out [0-9a-f]{16}$' "$OUT/tests-b.log" | awk '{print $1, $NF}') \
+    | awk '{n++; if ($2 != $3) {d++; print "  differs: " $1}} END {print "output hashes: " n+0 " compared, " d+0 " differ"}'
 fi
 # GPU_TEST_HANG: a case name run alone under each knob with a short timeout (hang diagnosis)
 if [ -n "${GPU_TEST_HANG:-}" ]; then

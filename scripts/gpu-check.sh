@@ -174,17 +174,18 @@ tests_rc=0
 if [ "$SKIP" != 1 ]; then
 echo "== GPU tests${GPU_TEST_FILTER:+ (cases matching $GPU_TEST_FILTER)}"
 # GPU_TEST_FILTER=prefill: only the cases whose name contains it (FP4MOE_GPU_FILTER)
-FP4MOE_GPU_FILTER=${GPU_TEST_FILTER:-} "./$BUILD/test_gpu_backend" > "$OUT/gpu-tests.log" 2>&1
+# (GPU_TEST_SHARDS processes side by side, default 8: scripts/gpu-tests.sh)
+FP4MOE_GPU_FILTER=${GPU_TEST_FILTER:-} bash scripts/gpu-tests.sh "./$BUILD/test_gpu_backend" "$OUT/gpu-tests.log"
 tests_rc=$?
 grep -E "check failed|passed" "$OUT/gpu-tests.log" | tail -25
 
 echo "== GPU tests, prefill cases on the mma.sync kernels (the path of GPUs without wgmma)"
-FP4MOE_CUDA_MMA_SYNC=1 FP4MOE_GPU_FILTER=prefill "./$BUILD/test_gpu_backend" > "$OUT/gpu-tests-mma.log" 2>&1 \
-  || tests_rc=1
+FP4MOE_CUDA_MMA_SYNC=1 FP4MOE_GPU_FILTER=prefill bash scripts/gpu-tests.sh "./$BUILD/test_gpu_backend" \
+  "$OUT/gpu-tests-mma.log" || tests_rc=1
 grep -E "check failed|passed" "$OUT/gpu-tests-mma.log" | tail -8
 echo "== GPU tests, prefill cases on the 256-row wgmma kernels (FP4MOE_CUDA_GEMM_ROWS=256)"
-FP4MOE_CUDA_GEMM_ROWS=256 FP4MOE_GPU_FILTER=prefill "./$BUILD/test_gpu_backend" > "$OUT/gpu-tests-rows256.log" 2>&1 \
-  || tests_rc=1
+FP4MOE_CUDA_GEMM_ROWS=256 FP4MOE_GPU_FILTER=prefill bash scripts/gpu-tests.sh "./$BUILD/test_gpu_backend" \
+  "$OUT/gpu-tests-rows256.log" || tests_rc=1
 grep -E "check failed|passed" "$OUT/gpu-tests-rows256.log" | tail -8
 fi
 

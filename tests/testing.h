@@ -65,6 +65,19 @@ static inline uint64_t testing_next(testing_rng *r)
     return r->s * 2685821657736338717ull;
 }
 
+/* An independent generator for item `index` of a list (splitmix64 of the seed and the index):
+ * an item's draws then depend on the seed and its index only, not on which items ran before
+ * (filters and shards do not change them). */
+static inline testing_rng testing_rng_split(const testing_rng *base, uint64_t index)
+{
+    uint64_t z = base->s + (index + 1) * 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    testing_rng r = {z != 0 ? z : 1};
+    return r;
+}
+
 /* Uniform in [0, 1). */
 static inline double testing_uniform(testing_rng *r)
 {

@@ -15,6 +15,8 @@
 #include "ref/ref_moe.h"
 #include "testing.h"
 
+#define MAX_CASES 96
+
 typedef struct gpu_case {
     const char *name;
     fp4moe_config cfg;
@@ -30,8 +32,8 @@ typedef struct gpu_case {
 } gpu_case;
 
 /* FNV-1a of the GPU output: two builds run with the same FP4MOE_TEST_SEED print the same value
- * for a case exactly when its output bits agree (cases draw their inputs in list order, so
- * compare the cases both lists share up to the first difference). */
+ * for a case exactly when its output bits agree (each case draws its inputs from the seed and
+ * its index in the list: compare cases of equal index, #NNN in the output line). */
 static uint64_t bytes_hash(const void *p, size_t n)
 {
     uint64_t h = 1469598103934665603ull;
@@ -76,7 +78,7 @@ static double tolerance(const gpu_case *c)
 }
 
 static void run_case(testing_state *st, fp4moe_context *cpu, fp4moe_context *gpu, const gpu_case *c,
-                     testing_rng *rng)
+                     int index, testing_rng *rng)
 {
     ref_layer layer;
     if (ref_layer_generate(&layer, &c->cfg, &c->gen, rng) != 0) {
@@ -227,8 +229,8 @@ static void run_case(testing_state *st, fp4moe_context *cpu, fp4moe_context *gpu
     const double err_ref = testing_rel_l2_f32_f64(got, ref, out_rows * h);
     const double err_cpu = testing_rel_l2_f32(got, got_cpu, out_rows * h);
     const double tol = tolerance(c);
-    printf("  %-34s T=%-4lld err_ref %.2e err_cpu %.2e (tol %.0e, near ties %lld) out %016llx\n", c->name,
-           (long long)t, err_ref, err_cpu, tol, (long long)(stats.inner.near_ties),
+    printf("  #%03d %-34s T=%-4lld err_ref %.2e err_cpu %.2e (tol %.0e, near ties %lld) out %016llx\n", index,
+           c->name, (long long)t, err_ref, err_cpu, tol, (long long)(stats.inner.near_ties),
            (unsigned long long)bytes_hash(out_gpu, out_bytes));
     if (getenv("FP4MOE_GPU_DEBUG") && err_ref > tol)
         for (int64_t i = 0; i < 8 && i < out_rows * h; i++)
@@ -341,27 +343,9 @@ static int add_activation_cases(gpu_case *cases, int n, const char *name, int64_
     return n;
 }
 
-int main(void)
+/* Every case, in list order (an index names a case and seeds its inputs); returns the count. */
+static int build_cases(gpu_case *cases)
 {
-    testing_state st = {0, 0};
-    testing_rng rng = testing_rng_from_env("test_gpu_backend");
-    fp4moe_context *cpu = NULL, *gpu = NULL;
-    fp4moe_context_options o;
-    fp4moe_context_options_init(&o);
-    o.backend = FP4MOE_BACKEND_CPU;
-    if (fp4moe_context_create(&o, &cpu) != FP4MOE_SUCCESS) return 1;
-    o.backend = FP4MOE_BACKEND_CUDA;
-    fp4moe_status s = fp4moe_context_create(&o, &gpu);
-    CHECK(&st, s == FP4MOE_SUCCESS, "no CUDA backend: %s", fp4moe_status_string(s));
-    if (gpu == NULL) return testing_finish(&st, "test_gpu_backend");
-    fp4moe_context_options_init(&o);
-    fp4moe_context *autoctx = NULL;
-    fp4moe_context_create(&o, &autoctx);
-    CHECK(&st, fp4moe_context_backend(autoctx) == FP4MOE_BACKEND_CUDA, "AUTO did not pick CUDA");
-    fp4moe_context_destroy(autoctx);
-    printf("device: %s\n", fp4moe_context_description(gpu));
-
-    gpu_case cases[96];
     int n = 0;
     /* decode sizes on a small qwen-like layer */
     static const int64_t decode_t[] = {1, 2, 3, 4, 5, 8, 11, 16};
@@ -561,15 +545,60 @@ int main(void)
         cases[n++] = g;
     }
 
+    return n;
+}
+
+int main(void)
+{
+    testing_state st = {0, 0};
+    testing_rng rng = testing_rng_from_env("test_gpu_backend");
+    gpu_case cases[MAX_CASES];
+    const int n = build_cases(cases);
+
     /* FP4MOE_GPU_QUICK=1: every 5th case (the compute-sanitizer runs, which are slow). */
     /* FP4MOE_GPU_FILTER=text: only the cases whose name contains it (e.g. "prefill"); "!text":
      * only those whose name does not (e.g. "!prefill": the decode cases). */
+    /* FP4MOE_GPU_SHARD=i/n: only the cases whose index is i modulo n (scripts/gpu-tests.sh runs
+     * the n shards side by side; a case's inputs depend on the seed and its index only). */
     const int stride = getenv("FP4MOE_GPU_QUICK") ? 5 : 1;
     const char *filter = getenv("FP4MOE_GPU_FILTER");
     const int exclude = filter != NULL && filter[0] == '!';
-    for (int i = 0; i < n; i += stride)
-        if (filter == NULL || (strstr(cases[i].name, filter + exclude) != NULL) != exclude)
-            run_case(&st, cpu, gpu, &cases[i], &rng);
+    int shard = 0, shards = 1;
+    const char *shard_env = getenv("FP4MOE_GPU_SHARD");
+    if (shard_env != NULL && (sscanf(shard_env, "%d/%d", &shard, &shards) != 2 || shards < 1 || shard < 0 ||
+                              shard >= shards)) {
+        CHECK(&st, 0, "FP4MOE_GPU_SHARD=%s: expected i/n with 0 <= i < n", shard_env);
+        return testing_finish(&st, "test_gpu_backend");
+    }
+    /* FP4MOE_GPU_LIST=1: print the selected cases and stop (no GPU needed) */
+    const int list_only = getenv("FP4MOE_GPU_LIST") != NULL;
+    fp4moe_context *cpu = NULL, *gpu = NULL;
+    if (!list_only) {
+        fp4moe_context_options o;
+        fp4moe_context_options_init(&o);
+        o.backend = FP4MOE_BACKEND_CPU;
+        if (fp4moe_context_create(&o, &cpu) != FP4MOE_SUCCESS) return 1;
+        o.backend = FP4MOE_BACKEND_CUDA;
+        fp4moe_status s = fp4moe_context_create(&o, &gpu);
+        CHECK(&st, s == FP4MOE_SUCCESS, "no CUDA backend: %s", fp4moe_status_string(s));
+        if (gpu == NULL) return testing_finish(&st, "test_gpu_backend");
+        fp4moe_context_options_init(&o);
+        fp4moe_context *autoctx = NULL;
+        fp4moe_context_create(&o, &autoctx);
+        CHECK(&st, fp4moe_context_backend(autoctx) == FP4MOE_BACKEND_CUDA, "AUTO did not pick CUDA");
+        fp4moe_context_destroy(autoctx);
+        printf("device: %s\n", fp4moe_context_description(gpu));
+    }
+    for (int i = 0; i < n; i += stride) {
+        if (i % shards != shard) continue;
+        if (filter != NULL && (strstr(cases[i].name, filter + exclude) != NULL) == exclude) continue;
+        if (list_only) {
+            printf("  #%03d %-34s T=%lld\n", i, cases[i].name, (long long)cases[i].tokens);
+            continue;
+        }
+        testing_rng case_rng = testing_rng_split(&rng, (uint64_t)i);
+        run_case(&st, cpu, gpu, &cases[i], i, &case_rng);
+    }
     fp4moe_context_destroy(cpu);
     fp4moe_context_destroy(gpu);
     return testing_finish(&st, "test_gpu_backend");
