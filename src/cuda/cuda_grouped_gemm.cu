@@ -248,7 +248,7 @@ static __device__ __forceinline__ void run_stage(uint8_t *smem, const gemm_tile 
 {
     typedef gemm_shape<BN, PARTS, WG> S;
     cp_async_wait<S::ahead - 1>();
-    if (WG) asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); // for wgmma's reads
+    if (WG) fence_proxy_async_shared(); // for wgmma's reads
     // Stage kg landed for all. The slot refilled next was last read by the MMAs of stage
     // kg + ahead - stages: kg - 1 for mma.sync (done in every warp), kg - 2 for wgmma (every
     // warpgroup waited for it after issuing kg - 1, before this barrier).

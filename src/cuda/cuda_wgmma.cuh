@@ -48,6 +48,15 @@ template <int N> static __device__ __forceinline__ void wgmma_wait()
 }
 static __device__ __forceinline__ void wgmma_wait_all() { wgmma_wait<0>(); }
 
+// Orders this thread's generic-proxy view of shared memory (cp.async writes) before the async
+// proxy's reads (wgmma operands).
+static __device__ __forceinline__ void fence_proxy_async_shared()
+{
+#if defined(FP4MOE_WGMMA)
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+#endif
+}
+
 static __device__ __forceinline__ void wgmma_m64n64k16(float *d, const uint32_t a[4], uint64_t desc)
 {
 #if defined(FP4MOE_WGMMA)
