@@ -30,6 +30,7 @@ every layer attribute: the first call with new weights copies them to the host a
 plan (not capturable: call once before CUDA graph capture); later calls only launch.
 """
 import collections
+import inspect
 import threading
 from typing import List, Optional
 
@@ -121,7 +122,8 @@ def _prepare(hidden_states, hidden_states_scale, routing_bias, gemm1_weights, ge
              activation_type, norm_topk_prob, tune_max_num_tokens, weight_layout,
              epilogue_tile_m):
     """The cached plan for these weights and settings, and the hidden states as fp4moe takes
-    them: (entry, x, out_dtype). Shared by the logits and the routed entry points."""
+    them: (entry, x, out_dtype). Shared by the logits and the routed entry points, which pass
+    their own arguments of these names (_prepare_args)."""
     activation = activation_from_flashinfer(activation_type)
     gated = activation in (Activation.SWIGLU, Activation.GEGLU, Activation.GEGLU_TANH)
     try:
@@ -235,6 +237,17 @@ def _check_unsupported(num_fused_shared_experts):
                                   "shared experts as a separate MLP)")
 
 
+def _prepare_args(scope, **overrides):
+    """_prepare's arguments from an entry point's locals() (the entry points name their
+    parameters as _prepare does), with overrides."""
+    args = {name: scope[name] for name in _PREPARE_PARAMS if name in scope}
+    args.update(overrides)
+    return args
+
+
+_PREPARE_PARAMS = tuple(inspect.signature(_prepare).parameters)
+
+
 def trtllm_fp4_block_scale_moe(
     routing_logits: torch.Tensor,
     routing_bias: Optional[torch.Tensor],
@@ -283,13 +296,7 @@ def trtllm_fp4_block_scale_moe(
     if routing_logits is None:
         raise ValueError("fp4moe: routing_logits is required (for precomputed routing use "
                          "trtllm_fp4_block_scale_routed_moe)")
-    entry, x, out_dtype = _prepare(
-        hidden_states, hidden_states_scale, routing_bias, gemm1_weights, gemm1_weights_scale,
-        gemm1_bias, gemm1_alpha, gemm1_beta, gemm1_clamp_limit, gemm2_weights,
-        gemm2_weights_scale, gemm2_bias, output1_scale_scalar, output1_scale_gate_scalar,
-        output2_scale_scalar, num_experts, top_k, n_group, topk_group, intermediate_size,
-        local_expert_offset, local_num_experts, routed_scaling_factor, routing_method_type,
-        activation_type, norm_topk_prob, tune_max_num_tokens, weight_layout, epilogue_tile_m)
+    entry, x, out_dtype = _prepare(**_prepare_args(locals()))
     t = int(hidden_states.shape[0])
     logits = routing_logits.contiguous()
     result, ids, weights = torch_api.moe(entry.plan, x, logits, per_token_scale=per_token_scale,
@@ -341,13 +348,8 @@ def trtllm_fp4_block_scale_routed_moe(
     decides: docs/ROUTING.md). Returns as trtllm_fp4_block_scale_moe."""
     if topk_ids is None or topk_ids.dim() != 2 or topk_ids.shape[1] != top_k:
         raise ValueError("fp4moe: topk_ids must be int32 [T, top_k] (packed expert and weight)")
-    entry, x, out_dtype = _prepare(
-        hidden_states, hidden_states_scale, routing_bias, gemm1_weights, gemm1_weights_scale,
-        gemm1_bias, gemm1_alpha, gemm1_beta, gemm1_clamp_limit, gemm2_weights,
-        gemm2_weights_scale, gemm2_bias, output1_scale_scalar, output1_scale_gate_scalar,
-        output2_scale_scalar, num_experts, top_k, n_group, topk_group, intermediate_size,
-        local_expert_offset, local_num_experts, routed_scaling_factor, routing_method_type,
-        activation_type, True, tune_max_num_tokens, weight_layout, epilogue_tile_m)
+    # (routing is given: norm_topk_prob plays no part; True keeps one cached plan per weights)
+    entry, x, out_dtype = _prepare(**_prepare_args(locals(), norm_topk_prob=True))
     packed = topk_ids.to(torch.int64) & 0xFFFFFFFF  # the 32 bits, unsigned
     ids = (packed >> 16).to(torch.int32).contiguous()
     bits = (packed & 0xFFFF) << 16  # a BF16 value's bits are the top half of its FP32 bits
