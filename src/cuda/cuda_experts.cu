@@ -129,8 +129,7 @@ static __device__ __forceinline__ void tile_partial(ring_cursor &r, uint4 *ring,
 {
     const int g = lane / 4, q = lane % 4;
     const uint32_t base = (uint32_t)__cvta_generic_to_shared(ring);
-    // (typed as a whole unit so that the two-part address arithmetic is the one-type pointer
-    // walk of before: the byte-pointer version compiled to a slower loop)
+    // (one pointer of the unit's type: the same walk for one part and for two)
     typedef typename std::conditional<PARTS == 2, uint4, uint2>::type unit;
     const unit *b_next = reinterpret_cast<const unit *>(b_row) + warp * 16 + q;
     int stage = 0;

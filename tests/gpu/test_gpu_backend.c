@@ -508,8 +508,8 @@ static int build_cases(gpu_case *cases)
 
     /* 16-bit hidden states on the decode path (B rows in one FP16 part) in every mode that
      * makes B rows: W4A4, FP8 down input, router weight on the input, routing outside the front,
-     * several chunks, finalize off. (Last in the list: the cases before them draw the same
-     * inputs as on main, so their output hashes compare.) */
+     * several chunks, finalize off. (Last in the list: the earlier cases keep their indices, so
+     * their inputs and output hashes compare with builds from before these were added.) */
     {
         fp4moe_config c = base_config(32, 4, 512, 256);
         c.precision = FP4MOE_PRECISION_W4A4;
