@@ -179,6 +179,10 @@ FP4MOE_GPU_FILTER=${GPU_TEST_FILTER:-} bash scripts/gpu-tests.sh "./$BUILD/test_
 tests_rc=$?
 grep -E "check failed|passed" "$OUT/gpu-tests.log" | tail -25
 
+echo "== GPU tests, decode cases on the warp-per-tile GEMVs (FP4MOE_CUDA_DECODE_WARP_TILE=1)"
+FP4MOE_CUDA_DECODE_WARP_TILE=1 FP4MOE_GPU_FILTER='!prefill' GPU_TEST_TIMEOUT=200 bash scripts/gpu-tests.sh \
+  "./$BUILD/test_gpu_backend" "$OUT/gpu-tests-warp-tile.log" || tests_rc=1
+grep -E "check failed|passed|timed out" "$OUT/gpu-tests-warp-tile.log" | tail -8
 echo "== GPU tests, prefill cases on the mma.sync kernels (the path of GPUs without wgmma)"
 FP4MOE_CUDA_MMA_SYNC=1 FP4MOE_GPU_FILTER=prefill bash scripts/gpu-tests.sh "./$BUILD/test_gpu_backend" \
   "$OUT/gpu-tests-mma.log" || tests_rc=1

@@ -157,6 +157,9 @@ static fp4moe_status cuda_prepare(fp4moe_plan *plan)
         if (t == 64 || t == 128 || (t == 256 && v->wgmma)) v->tile_tokens = t;
     }
     // wgmma blocks of 128 weight rows (256 measured 1-8% slower on the H100, docs/PERF.md);
+    // FP4MOE_CUDA_DECODE_WARP_TILE=1: the decode GEMVs with one warp per tile (being measured)
+    const char *warp_tile = getenv("FP4MOE_CUDA_DECODE_WARP_TILE");
+    v->decode_warp_tile = warp_tile != NULL && strcmp(warp_tile, "1") == 0;
     // FP4MOE_CUDA_GEMM_ROWS=256 asks for 256 (not with 256-token tiles: too many accumulators)
     const char *rows = getenv("FP4MOE_CUDA_GEMM_ROWS");
     v->gemm_rows = rows != NULL && strcmp(rows, "256") == 0 && v->tile_tokens != 256 ? 256 : 128;

@@ -40,6 +40,15 @@
 #ifndef FC2_MIN_BLOCKS
 #define FC2_MIN_BLOCKS 4
 #endif
+// The warp-per-tile kernels (FP4MOE_CUDA_DECODE_WARP_TILE=1, being measured): a warp streams a
+// whole tile's K through a deeper ring (its groups' copies no longer split over 8 warps, the
+// per-block setup, cross-warp sum and barrier gone); 4-warp blocks spread over the SMs.
+#ifndef WT_DEPTH
+#define WT_DEPTH 8
+#endif
+#ifndef WT_MIN_BLOCKS
+#define WT_MIN_BLOCKS 8
+#endif
 
 // Copies 16 bytes to shared memory (address `to`) when `on`, with no branch: every lane runs the
 // same instruction stream.
@@ -56,51 +65,54 @@ static __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.asyn
 template <int N>
 static __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
 
-// A warp's copy cursor over its K groups kg = warp, warp + CUDA_GEMV_WARPS, ... of one tile:
-// this lane's 16 bytes of codes and (lanes 0-3) of scales of the next group to request.
+// A warp's copy cursor over its K groups kg = first, first + STRIDE, ... of one tile (STRIDE:
+// CUDA_GEMV_WARPS when the block's warps share a tile's K, 1 when a warp has a tile of its
+// own): this lane's 16 bytes of codes and (lanes 0-3) of scales of the next group to request.
 struct ring_cursor {
     const uint8_t *codes, *scales;
     int left; // groups still to request
 };
 
+template <int STRIDE>
 static __device__ __forceinline__ ring_cursor ring_cursor_at(const uint8_t *codes, const uint8_t *scales,
-                                                             int groups, int warp, int lane)
+                                                             int groups, int first, int lane)
 {
     ring_cursor r;
-    r.codes = codes + (int64_t)warp * 512 + lane * 16;
-    r.scales = scales + (int64_t)warp * 64 + (lane % 4) * 16;
-    r.left = groups > warp ? (groups - warp + CUDA_GEMV_WARPS - 1) / CUDA_GEMV_WARPS : 0;
+    r.codes = codes + (int64_t)first * 512 + lane * 16;
+    r.scales = scales + (int64_t)first * 64 + (lane % 4) * 16;
+    r.left = groups > first ? (groups - first + STRIDE - 1) / STRIDE : 0;
     return r;
 }
 
 // Requests the cursor's next group into the stage at shared address `stage` (this lane's part)
 // and advances; one commit group either way, so the waits count stages.
+template <int STRIDE>
 static __device__ __forceinline__ void ring_request(ring_cursor &r, uint32_t stage, int lane)
 {
     const bool on = r.left > 0;
     cp_async16_if(stage + lane * 16, r.codes, on);
     cp_async16_if(stage + 512 + (lane % 4) * 16, r.scales, on && lane < 4);
     cp_async_commit();
-    r.codes += CUDA_GEMV_WARPS * 512;
-    r.scales += CUDA_GEMV_WARPS * 64;
+    r.codes += STRIDE * 512;
+    r.scales += STRIDE * 64;
     r.left--;
 }
 
 // The first D - 1 stages of a warp's share of a tile.
-template <int D>
+template <int D, int STRIDE>
 static __device__ __forceinline__ void ring_start(ring_cursor &r, uint4 *ring, int lane)
 {
     const uint32_t base = (uint32_t)__cvta_generic_to_shared(ring);
 #pragma unroll
-    for (int d = 0; d + 1 < D; d++) ring_request(r, base + d * GEMV_STAGE_BYTES, lane);
+    for (int d = 0; d + 1 < D; d++) ring_request<STRIDE>(r, base + d * GEMV_STAGE_BYTES, lane);
 }
 
 // The cursor past the stages ring_start requested (when they were requested earlier).
-template <int D>
+template <int D, int STRIDE>
 static __device__ __forceinline__ void ring_skip(ring_cursor &r)
 {
-    r.codes += (D - 1) * CUDA_GEMV_WARPS * 512;
-    r.scales += (D - 1) * CUDA_GEMV_WARPS * 64;
+    r.codes += (D - 1) * STRIDE * 512;
+    r.scales += (D - 1) * STRIDE * 64;
     r.left -= D - 1;
 }
 
@@ -119,28 +131,29 @@ static __device__ __forceinline__ uint4 load_b_unit(const uint2 *p)
     return make_uint4(hi.x, hi.y, 0u, 0u);
 }
 
-// One warp's share of a tile against the B rows of 8 columns (b_row: this lane's column; lanes of
-// columns without a slot read another column's row, their results are not stored), its ring
-// started (ring_start with cursor r). acc: this lane's C fragment (rows g, g+8; columns 2q,
-// 2q+1), block scales applied, row scales not. The B fragments come from L1/L2.
-template <int D, int PARTS>
+// One warp's share of a tile (K groups first, first + STRIDE, ...) against the B rows of 8
+// columns (b_row: this lane's column; lanes of columns without a slot read another column's
+// row, their results are not stored), its ring started (ring_start with cursor r). acc: this
+// lane's C fragment (rows g, g+8; columns 2q, 2q+1), block scales applied, row scales not. The
+// B fragments come from L1/L2.
+template <int D, int PARTS, int STRIDE>
 static __device__ __forceinline__ void tile_partial(ring_cursor &r, uint4 *ring, int groups,
-                                                    const uint8_t *b_row, int warp, int lane, float acc[4])
+                                                    const uint8_t *b_row, int first, int lane, float acc[4])
 {
     const int g = lane / 4, q = lane % 4;
     const uint32_t base = (uint32_t)__cvta_generic_to_shared(ring);
     // (one pointer of the unit's type: the same walk for one part and for two)
     typedef typename std::conditional<PARTS == 2, uint4, uint2>::type unit;
-    const unit *b_next = reinterpret_cast<const unit *>(b_row) + warp * 16 + q;
+    const unit *b_next = reinterpret_cast<const unit *>(b_row) + first * 16 + q;
     int stage = 0;
-    for (int kg = warp; kg < groups; kg += CUDA_GEMV_WARPS) {
+    for (int kg = first; kg < groups; kg += STRIDE) {
         uint4 bc[4];
 #pragma unroll
         for (int s = 0; s < 4; s++) bc[s] = load_b_unit(b_next + s * 4);
-        b_next += CUDA_GEMV_WARPS * 16;
+        b_next += STRIDE * 16;
         cp_async_wait<D - 2>(); // this lane's copies of group kg have landed
         __syncwarp();           // so have the other lanes' (the scales); the previous stage is read
-        ring_request(r, base + (stage == 0 ? D - 1 : stage - 1) * GEMV_STAGE_BYTES, lane);
+        ring_request<STRIDE>(r, base + (stage == 0 ? D - 1 : stage - 1) * GEMV_STAGE_BYTES, lane);
         const uint4 w = ring[stage * GEMV_STAGE_UNITS + lane];
         const uint2 scd = reinterpret_cast<const uint2 *>(ring + stage * GEMV_STAGE_UNITS + 32)[g];
         stage = stage + 1 == D ? 0 : stage + 1;
@@ -180,10 +193,10 @@ static __device__ __forceinline__ void tile_product(uint4 *ring, bool started, c
 {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     acc[0] = acc[1] = acc[2] = acc[3] = 0.0f;
-    ring_cursor r = ring_cursor_at(codes, scales, groups, warp, lane);
-    if (started) ring_skip<D>(r);
-    else ring_start<D>(r, ring, lane);
-    tile_partial<D, PARTS>(r, ring, groups, b_row, warp, lane, acc);
+    ring_cursor r = ring_cursor_at<CUDA_GEMV_WARPS>(codes, scales, groups, warp, lane);
+    if (started) ring_skip<D, CUDA_GEMV_WARPS>(r);
+    else ring_start<D, CUDA_GEMV_WARPS>(r, ring, lane);
+    tile_partial<D, PARTS, CUDA_GEMV_WARPS>(r, ring, groups, b_row, warp, lane, acc);
     __syncthreads(); // red is free (the previous pass's epilogue is done)
     if (warp > 0) {
 #pragma unroll
@@ -200,22 +213,62 @@ static __device__ __forceinline__ void tile_product(uint4 *ring, bool started, c
     }
 }
 
+// The whole tile for one pass by one warp over every K group (the warp-per-tile kernels):
+// returns in acc; ring: the warp's D stages, already started when `started`.
+template <int D, int PARTS>
+static __device__ __forceinline__ void warp_tile_product(uint4 *ring, bool started, const uint8_t *codes,
+                                                         const uint8_t *scales, int groups, const uint8_t *b_row,
+                                                         float acc[4])
+{
+    const int lane = threadIdx.x % 32;
+    acc[0] = acc[1] = acc[2] = acc[3] = 0.0f;
+    ring_cursor r = ring_cursor_at<1>(codes, scales, groups, 0, lane);
+    if (started) ring_skip<D, 1>(r);
+    else ring_start<D, 1>(r, ring, lane);
+    tile_partial<D, PARTS, 1>(r, ring, groups, b_row, 0, lane, acc);
+    // the weights were decoded as value * 2^-14: undo it (exact)
+#pragma unroll
+    for (int i = 0; i < 4; i++) acc[i] *= 16384.0f;
+}
+
 // ------------------------------------------------------------------ FC1 + activation
-// One block per (touched expert, 16-row tile); blocks past the touched experts exit at once.
-template <int PARTS>
-__global__ void __launch_bounds__(CUDA_GEMV_WARPS * 32, FC1_MIN_BLOCKS)
+// The results of one pass (slots pos .. pos + nslots - 1 of expert e, 16-row tile `tile`, acc as
+// tile_product returns it): lane rows g, g+8 of the tile, columns (slots) 2q, 2q+1.
+static __device__ __forceinline__ void fc1_pass_store(const cuda_plan_view &p, const cuda_call_view &c,
+                                                      const cuda_workspace &ws, int64_t e, int64_t tile, int pos,
+                                                      int nslots, float scale_low, float scale_high,
+                                                      const float acc[4], int lane)
+{
+    const int g = lane / 4, q = lane % 4;
+    for (int j = 0; j < 2; j++) {
+        const int col = 2 * q + j;
+        if (col >= nslots) continue;
+        const int64_t slot = ws.entries[pos + col];
+        const float xs = ws.x_scale[c.x_per_slot ? slot : slot / p.top_k];
+        fc1_epilogue(p, e, tile, g, acc[j], acc[2 + j], xs, scale_low, scale_high, c.hidden_dtype,
+                     ws.u + slot * p.k2p);
+    }
+}
+
+// One block per (touched expert, 16-row tile), its warps sharing the K groups; or (WT) one warp
+// per (touched expert, tile) over the whole K, CUDA_WT_WARPS warps per block. Blocks (warps)
+// past the touched experts exit at once.
+template <int PARTS, int WT>
+__global__ void __launch_bounds__(WT ? CUDA_WT_WARPS * 32 : CUDA_GEMV_WARPS * 32, WT ? WT_MIN_BLOCKS : FC1_MIN_BLOCKS)
 fc1_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws)
 {
-    __shared__ float red[CUDA_GEMV_WARPS * 32 * 4];
-    __shared__ uint4 rings[CUDA_GEMV_WARPS][FC1_DEPTH * GEMV_STAGE_UNITS];
+    constexpr int WARPS = WT ? CUDA_WT_WARPS : CUDA_GEMV_WARPS, D = WT ? WT_DEPTH : FC1_DEPTH;
+    __shared__ float red[WT ? 4 : CUDA_GEMV_WARPS * 32 * 4];
+    __shared__ uint4 rings[WARPS][D * GEMV_STAGE_UNITS];
     wait_for_previous_kernel();
     const int64_t tiles = p.n1 / CUDA_TILE_ROWS;
     const int groups = (int)(p.k1p / CUDA_KGROUP);
-    const int64_t u = blockIdx.x / tiles, tile = blockIdx.x % tiles;
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4;
+    const int64_t item = WT ? (int64_t)blockIdx.x * CUDA_WT_WARPS + warp : (int64_t)blockIdx.x;
+    const int64_t u = item / tiles, tile = item % tiles;
     if (u >= ws.touched[0]) return;
     const int64_t e = ws.touched[1 + u];
     const int begin = ws.touched_begin[u], end = ws.touched_begin[u + 1];
-    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, q = lane % 4;
     const int64_t k = p.top_k;
     const uint8_t *codes = p.w1_codes + (e * tiles + tile) * groups * 512;
     const uint8_t *scales = p.w1_scales + (e * tiles + tile) * groups * 64;
@@ -228,18 +281,10 @@ fc1_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws)
         const uint8_t *b_row = reinterpret_cast<const uint8_t *>(ws.xh) +
                                (c.x_per_slot ? slot : slot / k) * (p.k1p / 4) * 8 * PARTS;
         float acc[4];
-        tile_product<FC1_DEPTH, PARTS>(rings[warp], false, codes, scales, groups, b_row, acc, red);
+        if (WT) warp_tile_product<D, PARTS>(rings[warp], false, codes, scales, groups, b_row, acc);
+        else tile_product<D, PARTS>(rings[warp], false, codes, scales, groups, b_row, acc, red);
         if (pos + CUDA_SLOTS_PER_PASS >= end) allow_next_kernel(); // last pass: epilogue left
-        if (warp != 0) continue;
-        // lane: rows g, g+8 of the tile; columns (slots) 2q, 2q+1
-        for (int j = 0; j < 2; j++) {
-            const int col = 2 * q + j;
-            if (col >= nslots) continue;
-            const int64_t slot = ws.entries[pos + col];
-            const float xs = ws.x_scale[c.x_per_slot ? slot : slot / k];
-            fc1_epilogue(p, e, tile, g, acc[j], acc[2 + j], xs, scale_low, scale_high,
-                         c.hidden_dtype, ws.u + slot * p.k2p);
-        }
+        if (WT || warp == 0) fc1_pass_store(p, c, ws, e, tile, pos, nslots, scale_low, scale_high, acc, lane);
     }
 }
 
@@ -282,27 +327,56 @@ __global__ void fc2_input_kernel(cuda_plan_view p, cuda_call_view c, cuda_worksp
 }
 
 // ------------------------------------------------------------------ FC2
-template <int PARTS>
-__global__ void __launch_bounds__(CUDA_GEMV_WARPS * 32, FC2_MIN_BLOCKS)
+// The results of one pass (as fc1_pass_store): the (slot, row) outputs, row scale, global scale
+// and bias applied.
+static __device__ __forceinline__ void fc2_pass_store(const cuda_plan_view &p, const cuda_workspace &ws,
+                                                      int64_t e, int64_t tile, int pos, int nslots, float scale,
+                                                      const float acc[4], int lane)
+{
+    const int g = lane / 4, q = lane % 4;
+    const int64_t h = p.h;
+    for (int j = 0; j < 2; j++) {
+        const int col = 2 * q + j;
+        if (col >= nslots) continue;
+        const int64_t slot = ws.entries[pos + col];
+        const float us = ws.u_scale[slot];
+        for (int r = 0; r < 2; r++) {
+            const int64_t n = tile * CUDA_TILE_ROWS + g + 8 * r;
+            float v = __fmul_rn(__fmul_rn(acc[2 * r + j], us), scale);
+            if (p.b2) v = __fadd_rn(v, p.b2[e * h + n]);
+            ws.y[slot * h + n] = v;
+        }
+    }
+}
+
+// Blocks or (WT) warps per (touched expert, tile) as fc1_kernel.
+template <int PARTS, int WT>
+__global__ void __launch_bounds__(WT ? CUDA_WT_WARPS * 32 : CUDA_GEMV_WARPS * 32, WT ? WT_MIN_BLOCKS : FC2_MIN_BLOCKS)
 fc2_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws)
 {
-    __shared__ float red[CUDA_GEMV_WARPS * 32 * 4];
-    __shared__ uint4 rings[CUDA_GEMV_WARPS][FC2_DEPTH * GEMV_STAGE_UNITS];
+    constexpr int WARPS = WT ? CUDA_WT_WARPS : CUDA_GEMV_WARPS, D = WT ? WT_DEPTH : FC2_DEPTH;
+    __shared__ float red[WT ? 4 : CUDA_GEMV_WARPS * 32 * 4];
+    __shared__ uint4 rings[WARPS][D * GEMV_STAGE_UNITS];
     // The touched experts and their slot ranges come from the front kernel, which finished
     // before FC1 passed its wait (and so before this grid could start): the first weights are
     // requested before waiting for FC1 and the FC2 inputs. (L2 loads: not through L1.)
     const int64_t tiles = p.h / CUDA_TILE_ROWS;
     const int groups = (int)(p.k2p / CUDA_KGROUP);
-    const int64_t u = blockIdx.x / tiles, tile = blockIdx.x % tiles;
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4;
+    const int64_t item = WT ? (int64_t)blockIdx.x * CUDA_WT_WARPS + warp : (int64_t)blockIdx.x;
+    const int64_t u = item / tiles, tile = item % tiles;
     if (u >= __ldcg(ws.touched)) return;
     const int64_t e = __ldcg(ws.touched + 1 + u);
     const int begin = __ldcg(ws.touched_begin + u), end = __ldcg(ws.touched_begin + u + 1);
-    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, q = lane % 4;
-    const int64_t h = p.h;
     const uint8_t *codes = p.w2_codes + (e * tiles + tile) * groups * 512;
     const uint8_t *scales = p.w2_scales + (e * tiles + tile) * groups * 64;
-    ring_cursor first = ring_cursor_at(codes, scales, (int)groups, warp, lane);
-    ring_start<FC2_DEPTH>(first, rings[warp], lane);
+    if (WT) {
+        ring_cursor first = ring_cursor_at<1>(codes, scales, (int)groups, 0, lane);
+        ring_start<D, 1>(first, rings[warp], lane);
+    } else {
+        ring_cursor first = ring_cursor_at<CUDA_GEMV_WARPS>(codes, scales, (int)groups, warp, lane);
+        ring_start<D, CUDA_GEMV_WARPS>(first, rings[warp], lane);
+    }
     wait_for_previous_kernel();
     float sc = 1.0f;
     if (p.w4a4) sc = 1.0f / p.a2_global[e];
@@ -313,21 +387,10 @@ fc2_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws)
         const uint8_t *b_row = reinterpret_cast<const uint8_t *>(ws.uh) +
                                (int64_t)ws.entries[pos + min(g, nslots - 1)] * (p.k2p / 4) * 8 * PARTS;
         float acc[4];
-        tile_product<FC2_DEPTH, PARTS>(rings[warp], pos == begin, codes, scales, groups, b_row, acc, red);
+        if (WT) warp_tile_product<D, PARTS>(rings[warp], pos == begin, codes, scales, groups, b_row, acc);
+        else tile_product<D, PARTS>(rings[warp], pos == begin, codes, scales, groups, b_row, acc, red);
         if (pos + CUDA_SLOTS_PER_PASS >= end) allow_next_kernel(); // last pass: epilogue left
-        if (warp != 0) continue;
-        for (int j = 0; j < 2; j++) {
-            const int col = 2 * q + j;
-            if (col >= nslots) continue;
-            const int64_t slot = ws.entries[pos + col];
-            const float us = ws.u_scale[slot];
-            for (int r = 0; r < 2; r++) {
-                const int64_t n = tile * CUDA_TILE_ROWS + g + 8 * r;
-                float v = __fmul_rn(__fmul_rn(acc[2 * r + j], us), scale);
-                if (p.b2) v = __fadd_rn(v, p.b2[e * h + n]);
-                ws.y[slot * h + n] = v;
-            }
-        }
+        if (WT || warp == 0) fc2_pass_store(p, ws, e, tile, pos, nslots, scale, acc, lane);
     }
     cp_async_wait<0>(); // (a touched expert has a slot, so the ring was run; this keeps it so)
 }
@@ -406,14 +469,20 @@ static cudaError_t launch_experts(const cuda_plan_view *p, const cuda_call_view 
 {
     const int64_t slots = (c->t1 - c->t0) * p->top_k;
     const int64_t most_touched = slots < p->e_loc ? slots : p->e_loc;
-    const dim3 threads(CUDA_GEMV_WARPS * 32);
-    cudaError_t err = launch_dependent(fc1_kernel<PARTS>, dim3((unsigned)(most_touched * (p->n1 / CUDA_TILE_ROWS))),
-                                       threads, 0, stream, *p, *c, *ws);
+    const int64_t fc1_items = most_touched * (p->n1 / CUDA_TILE_ROWS), fc2_items = most_touched * (p->h / CUDA_TILE_ROWS);
+    const int wt = p->decode_warp_tile;
+    const dim3 threads(wt ? CUDA_WT_WARPS * 32 : CUDA_GEMV_WARPS * 32);
+    cudaError_t err =
+        wt ? launch_dependent(fc1_kernel<PARTS, 1>, dim3((unsigned)((fc1_items + CUDA_WT_WARPS - 1) / CUDA_WT_WARPS)),
+                              threads, 0, stream, *p, *c, *ws)
+           : launch_dependent(fc1_kernel<PARTS, 0>, dim3((unsigned)fc1_items), threads, 0, stream, *p, *c, *ws);
     if (err == cudaSuccess)
         err = launch_dependent(fc2_input_kernel<PARTS>, dim3((unsigned)slots), dim3(256), 0, stream, *p, *c, *ws);
     if (err == cudaSuccess)
-        err = launch_dependent(fc2_kernel<PARTS>, dim3((unsigned)(most_touched * (p->h / CUDA_TILE_ROWS))),
-                               threads, 0, stream, *p, *c, *ws);
+        err = wt ? launch_dependent(fc2_kernel<PARTS, 1>,
+                                    dim3((unsigned)((fc2_items + CUDA_WT_WARPS - 1) / CUDA_WT_WARPS)), threads, 0,
+                                    stream, *p, *c, *ws)
+                 : launch_dependent(fc2_kernel<PARTS, 0>, dim3((unsigned)fc2_items), threads, 0, stream, *p, *c, *ws);
     if (err == cudaSuccess) err = cuda_launch_finalize(p, c, ws, stream);
     return err;
 }

@@ -29,6 +29,7 @@ extern "C" {
 #define CUDA_TILE_ROWS 16
 #define CUDA_SLOTS_PER_PASS 8 /* the N of one MMA */
 #define CUDA_GEMV_WARPS 8     /* a block splits K of one tile over its warps */
+#define CUDA_WT_WARPS 4       /* warp-per-tile decode kernels: warps (tiles) per block */
 // Tokens per pass of the expert kernels (bounds the per-slot workspace).
 #define CUDA_TOKEN_CHUNK 256
 // Routing and planning run in one block when the call has at most this many tokens.
@@ -60,6 +61,7 @@ typedef struct cuda_plan_view {
     int wgmma;       // host side: the prefill GEMMs use the sm_90a warpgroup kernels
     int gemm_rows;   // host side: weight rows per wgmma GEMM block (128 or 256)
     int tile_tokens; // host side: tokens per prefill GEMM tile, 0 = chosen per call
+    int decode_warp_tile; // decode GEMVs one warp per tile (FP4MOE_CUDA_DECODE_WARP_TILE=1)
 } cuda_plan_view;
 
 // Workspace of one call. Routing results cover every token; the rest is per token chunk.
