@@ -158,9 +158,10 @@ static __device__ void load_router_row(const cuda_plan_view &p, const cuda_route
 }
 
 // Routes token t into ids[t*k..], weights[t*k..] (and the replay outputs when given).
+// chunk_ids (nullable): the block's shared copy of the ids, token t at (t - t0) * k.
 static __device__ void route_token_warp(const cuda_plan_view &p, const cuda_route_source &src,
                                         int64_t t, float *scratch, int32_t *ids, float *weights,
-                                        int lane)
+                                        int32_t *chunk_ids, int64_t t0, int lane)
 {
     const int k = p.top_k;
     const int n = (int)p.num_experts;
@@ -270,6 +271,7 @@ static __device__ void route_token_warp(const cuda_plan_view &p, const cuda_rout
     }
     if (lane < k) {
         ids[t * k + lane] = id;
+        if (chunk_ids) chunk_ids[(t - t0) * k + lane] = id;
         weights[t * k + lane] = w;
         if (src.ids_out) src.ids_out[t * k + lane] = id;
         if (src.weights_out) src.weights_out[t * k + lane] = w;
@@ -279,20 +281,24 @@ static __device__ void route_token_warp(const cuda_plan_view &p, const cuda_rout
 
 // The caller's ids and weights for token t (fp4moe_forward_routed).
 static __device__ void copy_routed_token(const cuda_plan_view &p, const cuda_route_source &src,
-                                         int64_t t, int32_t *ids, float *weights, int lane)
+                                         int64_t t, int32_t *ids, float *weights, int32_t *chunk_ids,
+                                         int64_t t0, int lane)
 {
     const int k = p.top_k;
     for (int j = lane; j < k; j += 32) {
-        ids[t * k + j] = src.topk_ids[t * k + j];
+        const int32_t id = src.topk_ids[t * k + j];
+        ids[t * k + j] = id;
+        if (chunk_ids) chunk_ids[(t - t0) * k + j] = id;
         weights[t * k + j] = load_as_f32(src.topk_weights, src.topk_weights_dtype, t * k + j);
     }
 }
 
 static __device__ void route_or_copy(const cuda_plan_view &p, const cuda_route_source &src,
-                                     int64_t t, float *scratch, const cuda_workspace &ws, int lane)
+                                     int64_t t, float *scratch, const cuda_workspace &ws,
+                                     int32_t *chunk_ids, int64_t t0, int lane)
 {
-    if (src.logits) route_token_warp(p, src, t, scratch, ws.ids, ws.weights, lane);
-    else copy_routed_token(p, src, t, ws.ids, ws.weights, lane);
+    if (src.logits) route_token_warp(p, src, t, scratch, ws.ids, ws.weights, chunk_ids, t0, lane);
+    else copy_routed_token(p, src, t, ws.ids, ws.weights, chunk_ids, t0, lane);
 }
 
 __global__ void route_kernel(cuda_plan_view p, int64_t num_tokens, cuda_route_source src,
@@ -302,7 +308,7 @@ __global__ void route_kernel(cuda_plan_view p, int64_t num_tokens, cuda_route_so
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int64_t t = (int64_t)blockIdx.x * (blockDim.x / 32) + warp;
     if (t >= num_tokens) return;
-    route_or_copy(p, src, t, route_smem + warp * route_warp_floats(p.num_experts), ws, lane);
+    route_or_copy(p, src, t, route_smem + warp * route_warp_floats(p.num_experts), ws, NULL, 0, lane);
 }
 
 // ------------------------------------------------------------------ slot lists + FC1 inputs
@@ -311,8 +317,12 @@ __global__ void route_kernel(cuda_plan_view p, int64_t num_tokens, cuda_route_so
 // order inside an expert changes nothing). The per-expert counts live in shared memory when
 // they fit (each global round trip of the counts cost ~1 us of a T = 1 call).
 #define FRONT_SMEM_COUNTS 1024
+// chunk_ids / chunk_slots (nullable): shared copies of the chunk's ids (written by this block's
+// routing) and of the slots' local experts, read instead of their global rows (each global
+// write-then-read cost a round trip of a T = 1 call).
 static __device__ void build_slot_lists(const cuda_plan_view &p, const cuda_call_view &c,
-                                        const cuda_workspace &ws)
+                                        const cuda_workspace &ws, const int32_t *chunk_ids,
+                                        int32_t *chunk_slots)
 {
     __shared__ int32_t smem_counts[FRONT_SMEM_COUNTS];
     const int64_t k = p.top_k, slots = (c.t1 - c.t0) * k;
@@ -324,9 +334,10 @@ static __device__ void build_slot_lists(const cuda_plan_view &p, const cuda_call
     for (int64_t s = tid; s < slots; s += nthreads) {
         // ids outside [0, E) (fp4moe_forward_routed cannot check them without a sync) fall
         // outside the local range too and contribute nothing.
-        const int64_t local = (int64_t)ws.ids[c.t0 * k + s] - p.e0;
+        const int64_t local = (int64_t)(chunk_ids ? chunk_ids[s] : ws.ids[c.t0 * k + s]) - p.e0;
         const bool valid = local >= 0 && local < p.e_loc;
         ws.slot_local[s] = valid ? (int32_t)local : -1;
+        if (chunk_slots) chunk_slots[s] = valid ? (int32_t)local : -1;
         if (valid) atomicAdd(&counts[local], 1);
     }
     __syncthreads();
@@ -365,7 +376,7 @@ static __device__ void build_slot_lists(const cuda_plan_view &p, const cuda_call
     }
     __syncthreads();
     for (int64_t s = tid; s < slots; s += nthreads) {
-        const int local = ws.slot_local[s];
+        const int local = chunk_slots ? chunk_slots[s] : ws.slot_local[s];
         if (local >= 0) ws.entries[atomicAdd(&counts[local], 1)] = (int32_t)s;
     }
 }
@@ -374,7 +385,7 @@ static __device__ void build_slot_lists(const cuda_plan_view &p, const cuda_call
 // expert's scale), by the routing block: FP32 rows padded to k1p with zeros, then each row as
 // FP16 hi/lo B fragments with its power-of-two scale (cuda_internal.cuh).
 static __device__ void prepare_slot_inputs(const cuda_plan_view &p, const cuda_call_view &c,
-                                          const cuda_workspace &ws)
+                                          const cuda_workspace &ws, const int32_t *chunk_slots)
 {
     const int64_t k = p.top_k, h = p.h, blocks = p.k1p / 16;
     const int64_t rows = c.x_per_slot ? (c.t1 - c.t0) * k : (c.t1 - c.t0);
@@ -385,7 +396,7 @@ static __device__ void prepare_slot_inputs(const cuda_plan_view &p, const cuda_c
         const int64_t t = c.t0 + (c.x_per_slot ? row / k : row);
         int local = -1;
         if (c.x_per_slot) {
-            local = ws.slot_local[row];
+            local = chunk_slots ? chunk_slots[row] : ws.slot_local[row];
             if (local < 0) continue; // never read
         }
         float v[16];
@@ -418,7 +429,7 @@ static __device__ void prepare_slot_inputs(const cuda_plan_view &p, const cuda_c
     const int64_t units = p.k1p / 4;
     for (int64_t i = threadIdx.x; i < rows * units; i += blockDim.x) {
         const int64_t row = i / units, unit = i % units;
-        if (c.x_per_slot && ws.slot_local[row] < 0) continue;
+        if (c.x_per_slot && (chunk_slots ? chunk_slots[row] : ws.slot_local[row]) < 0) continue;
         float inverse;
         const float scale = row_scale_from_amax(__int_as_float(ws.x_amax[row]), &inverse);
         if (unit == 0) ws.x_scale[row] = scale;
@@ -488,18 +499,22 @@ front_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws, cuda_route_s
         allow_next_kernel();
         return;
     }
+    // the chunk's ids and slots' local experts in shared memory when its slots fit (every fused
+    // call: at most CUDA_FUSED_FRONT_MAX_TOKENS tokens of top_k <= 32)
+    __shared__ int32_t chunk_ids[CUDA_FUSED_FRONT_MAX_TOKENS * 32], chunk_slots[CUDA_FUSED_FRONT_MAX_TOKENS * 32];
+    const bool local_copies = (c.t1 - c.t0) * p.top_k <= CUDA_FUSED_FRONT_MAX_TOKENS * 32;
     if (route_in_block) {
         const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
         if (warp < route_warps) {
             float *scratch = front_smem + warp * route_warp_floats(p.num_experts);
             for (int64_t t = c.t0 + warp; t < c.t1; t += route_warps)
-                route_or_copy(p, src, t, scratch, ws, lane);
+                route_or_copy(p, src, t, scratch, ws, local_copies ? chunk_ids : NULL, c.t0, lane);
         }
         __syncthreads();
     }
-    build_slot_lists(p, c, ws);
+    build_slot_lists(p, c, ws, route_in_block && local_copies ? chunk_ids : NULL, local_copies ? chunk_slots : NULL);
     __syncthreads();
-    if (c.x_per_slot) prepare_slot_inputs(p, c, ws);
+    if (c.x_per_slot) prepare_slot_inputs(p, c, ws, local_copies ? chunk_slots : NULL);
     // FC2 reads its inputs' padding columns (against zero weights): they must be numbers.
     const int64_t pad = p.k2p - p.inter, slots = (c.t1 - c.t0) * p.top_k;
     for (int64_t i = threadIdx.x; i < slots * pad; i += blockDim.x)
