@@ -42,12 +42,13 @@
 #endif
 // The warp-per-tile kernels (FP4MOE_CUDA_DECODE_WARP_TILE=1, being measured): a warp streams a
 // whole tile's K through a deeper ring (its groups' copies no longer split over 8 warps, the
-// per-block setup, cross-warp sum and barrier gone); 4-warp blocks spread over the SMs.
+// per-block setup, cross-warp sum and barrier gone); 4-warp blocks spread over the SMs; 6 per SM
+// (80 registers: at 8 the FP32 FC1 spilled 28 bytes).
 #ifndef WT_DEPTH
 #define WT_DEPTH 8
 #endif
 #ifndef WT_MIN_BLOCKS
-#define WT_MIN_BLOCKS 8
+#define WT_MIN_BLOCKS 6
 #endif
 
 // Copies 16 bytes to shared memory (address `to`) when `on`, with no branch: every lane runs the
@@ -180,7 +181,7 @@ static __device__ __forceinline__ void tile_partial(ring_cursor &r, uint4 *ring,
             acc[3] = fmaf(dd[3], s_g8[s], acc[3]);
         }
     }
-    cp_async_wait<0>(); // only empty groups can be left; the ring may be restarted after this
+    cp_async_wait<0>(); // only empty groups can be left; after a warp or block barrier the ring may restart
 }
 
 // The whole tile for one pass: every warp's partial, summed in warp order by warp 0 (fixed
@@ -223,8 +224,12 @@ static __device__ __forceinline__ void warp_tile_product(uint4 *ring, bool start
     const int lane = threadIdx.x % 32;
     acc[0] = acc[1] = acc[2] = acc[3] = 0.0f;
     ring_cursor r = ring_cursor_at<1>(codes, scales, groups, 0, lane);
-    if (started) ring_skip<D, 1>(r);
-    else ring_start<D, 1>(r, ring, lane);
+    if (started) {
+        ring_skip<D, 1>(r);
+    } else {
+        __syncwarp(); // every lane has read the previous pass's stages (lanes 0-3 wrote the scales)
+        ring_start<D, 1>(r, ring, lane);
+    }
     tile_partial<D, PARTS, 1>(r, ring, groups, b_row, 0, lane, acc);
     // the weights were decoded as value * 2^-14: undo it (exact)
 #pragma unroll
@@ -362,12 +367,14 @@ fc2_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws)
     // requested before waiting for FC1 and the FC2 inputs. (L2 loads: not through L1.)
     const int64_t tiles = p.h / CUDA_TILE_ROWS;
     const int groups = (int)(p.k2p / CUDA_KGROUP);
-    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4;
-    const int64_t item = WT ? (int64_t)blockIdx.x * CUDA_WT_WARPS + warp : (int64_t)blockIdx.x;
+    const int64_t item = WT ? (int64_t)blockIdx.x * CUDA_WT_WARPS + threadIdx.x / 32 : (int64_t)blockIdx.x;
     const int64_t u = item / tiles, tile = item % tiles;
     if (u >= __ldcg(ws.touched)) return;
     const int64_t e = __ldcg(ws.touched + 1 + u);
     const int begin = __ldcg(ws.touched_begin + u), end = __ldcg(ws.touched_begin + u + 1);
+    // (lane and warp after the early exit, as before WT: computed earlier, they cost the default
+    // kernel's K loop four register copies per group)
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4;
     const uint8_t *codes = p.w2_codes + (e * tiles + tile) * groups * 512;
     const uint8_t *scales = p.w2_scales + (e * tiles + tile) * groups * 64;
     if (WT) {
