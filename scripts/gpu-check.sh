@@ -179,10 +179,13 @@ FP4MOE_GPU_FILTER=${GPU_TEST_FILTER:-} bash scripts/gpu-tests.sh "./$BUILD/test_
 tests_rc=$?
 grep -E "check failed|passed" "$OUT/gpu-tests.log" | tail -25
 
-echo "== GPU tests, decode cases on the warp-per-tile GEMVs (FP4MOE_CUDA_DECODE_WARP_TILE=1)"
-FP4MOE_CUDA_DECODE_WARP_TILE=1 FP4MOE_GPU_FILTER='!prefill' GPU_TEST_TIMEOUT=200 bash scripts/gpu-tests.sh \
-  "./$BUILD/test_gpu_backend" "$OUT/gpu-tests-warp-tile.log" || tests_rc=1
-grep -E "check failed|passed|timed out" "$OUT/gpu-tests-warp-tile.log" | tail -8
+# the decode GEMVs run a warp per tile from 2 tokens up: the cases again with either kind at every T
+for wt in 0 1; do
+  echo "== GPU tests, decode cases with FP4MOE_CUDA_DECODE_WARP_TILE=$wt"
+  FP4MOE_CUDA_DECODE_WARP_TILE=$wt FP4MOE_GPU_FILTER='!prefill' GPU_TEST_TIMEOUT=200 bash scripts/gpu-tests.sh \
+    "./$BUILD/test_gpu_backend" "$OUT/gpu-tests-warp-tile$wt.log" || tests_rc=1
+  grep -E "check failed|passed|timed out" "$OUT/gpu-tests-warp-tile$wt.log" | tail -8
+done
 echo "== GPU tests, prefill cases on the mma.sync kernels (the path of GPUs without wgmma)"
 FP4MOE_CUDA_MMA_SYNC=1 FP4MOE_GPU_FILTER=prefill bash scripts/gpu-tests.sh "./$BUILD/test_gpu_backend" \
   "$OUT/gpu-tests-mma.log" || tests_rc=1

@@ -157,9 +157,11 @@ static fp4moe_status cuda_prepare(fp4moe_plan *plan)
         if (t == 64 || t == 128 || (t == 256 && v->wgmma)) v->tile_tokens = t;
     }
     // wgmma blocks of 128 weight rows (256 measured 1-8% slower on the H100, docs/PERF.md);
-    // FP4MOE_CUDA_DECODE_WARP_TILE=1: the decode GEMVs with one warp per tile (being measured)
+    // The decode GEMVs run one warp per tile from 2 tokens up (at T = 4 and 16 8-22% faster than
+    // a block per tile, at T = 1 equal or 13-20% slower: docs/PERF.md, decode v6);
+    // FP4MOE_CUDA_DECODE_WARP_TILE=0 or 1 fixes the choice for every T (measurements, tests).
     const char *warp_tile = getenv("FP4MOE_CUDA_DECODE_WARP_TILE");
-    v->decode_warp_tile = warp_tile != NULL && strcmp(warp_tile, "1") == 0;
+    v->decode_warp_tile = warp_tile == NULL ? -1 : strcmp(warp_tile, "1") == 0;
     // FP4MOE_CUDA_GEMM_ROWS=256 asks for 256 (not with 256-token tiles: too many accumulators)
     const char *rows = getenv("FP4MOE_CUDA_GEMM_ROWS");
     v->gemm_rows = rows != NULL && strcmp(rows, "256") == 0 && v->tile_tokens != 256 ? 256 : 128;
@@ -371,8 +373,7 @@ static fp4moe_status cuda_forward(fp4moe_plan *plan, const forward_call *call, v
         c.t1 = t0 + chunk < t_total ? t0 + chunk : t_total;
         if (prefill) {
             const int tile = prefill_tile_tokens(v, c.t1 - c.t0);
-            err = cuda_launch_prefill(v, &c, &ws, tile, c.parts, prefill_max_tiles(v, c.t1 - c.t0, tile),
-                                      stream);
+            err = cuda_launch_prefill(v, &c, &ws, tile, prefill_max_tiles(v, c.t1 - c.t0, tile), stream);
             if (err != cudaSuccess) return cuda_fail(plan, err, "prefill kernels");
             continue;
         }

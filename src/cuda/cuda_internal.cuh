@@ -61,7 +61,7 @@ typedef struct cuda_plan_view {
     int wgmma;       // host side: the prefill GEMMs use the sm_90a warpgroup kernels
     int gemm_rows;   // host side: weight rows per wgmma GEMM block (128 or 256)
     int tile_tokens; // host side: tokens per prefill GEMM tile, 0 = chosen per call
-    int decode_warp_tile; // decode GEMVs one warp per tile (FP4MOE_CUDA_DECODE_WARP_TILE=1)
+    int decode_warp_tile; // decode GEMVs one warp per tile: 1 always, 0 never, -1 from 2 tokens up
 } cuda_plan_view;
 
 // Workspace of one call. Routing results cover every token; the rest is per token chunk.
@@ -258,14 +258,14 @@ cudaError_t cuda_launch_finalize(const cuda_plan_view *p, const cuda_call_view *
                                  const cuda_workspace *ws, cudaStream_t stream);
 // cuda_prefill.cu: the prefill path of one token chunk (routing already in ws->ids/weights):
 // permutation, FC1 inputs, grouped FC1 GEMM + activation, FC2 inputs, grouped FC2 GEMM, finalize.
-// tile_tokens: tokens per GEMM tile (64 or 128); parts: 2 when activations enter as FP16
-// hi + lo (FP32 hidden states), 1 when one FP16 part holds them exactly.
+// tile_tokens: tokens per GEMM tile (64 or 128); the activations enter as c->parts FP16 parts
+// (2: hi + lo of FP32 hidden states, 1 when one FP16 part holds them exactly).
 // Blocks of the prefill permutation kernels for a chunk of `slots` (token, slot) pairs; ws.counts
 // holds e_loc ints per block.
 int64_t cuda_prefill_perm_blocks(int64_t slots);
 cudaError_t cuda_launch_prefill(const cuda_plan_view *p, const cuda_call_view *c,
-                                const cuda_workspace *ws, int tile_tokens, int parts,
-                                int64_t max_tiles, cudaStream_t stream);
+                                const cuda_workspace *ws, int tile_tokens, int64_t max_tiles,
+                                cudaStream_t stream);
 // cuda_grouped_gemm.cu: FC1 (fc2 = 0) or FC2 over every tile of ws->tile_list.
 // warpgroups: 2 or 4 for the sm_90a warpgroup kernels (128 or 256 weight rows per block, when
 // cuda_gemm_has_wgmma said so), 0 for mma.sync.

@@ -245,9 +245,10 @@ prefill_fc2_input_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws, 
 
 // ------------------------------------------------------------------ host side
 extern "C" cudaError_t cuda_launch_prefill(const cuda_plan_view *p, const cuda_call_view *c,
-                                           const cuda_workspace *ws, int tile_tokens, int parts,
-                                           int64_t max_tiles, cudaStream_t stream)
+                                           const cuda_workspace *ws, int tile_tokens, int64_t max_tiles,
+                                           cudaStream_t stream)
 {
+    const int parts = c->parts;
     const int warpgroups = p->wgmma ? p->gemm_rows / 64 : 0;
     const int64_t tokens = c->t1 - c->t0, slots = tokens * p->top_k;
     const int64_t x_rows = c->x_per_slot ? slots : tokens;
