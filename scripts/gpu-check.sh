@@ -239,7 +239,9 @@ fi
 if [ "${GPU_CHECK_TESTS_ONLY:-0}" = 1 ]; then exit $tests_rc; fi
 
 echo "== fp4moe bench (cuda)"
-"./$BUILD/fp4moe" bench --backend cuda --preset "$PRESETS" --tokens "$TOKENS" 2>&1 | tee "$OUT/bench.log"
+# GPU_CHECK_DTYPE=bf16: the hidden states of the decode bench (default f32; PyTorch runs BF16)
+"./$BUILD/fp4moe" bench --backend cuda --dtype "${GPU_CHECK_DTYPE:-f32}" --preset "$PRESETS" --tokens "$TOKENS" \
+  2>&1 | tee "$OUT/bench.log"
 
 [ "${GPU_CHECK_NO_TORCH:-0}" = 1 ] && exit $tests_rc # GPU_CHECK_NO_TORCH=1: fp4moe bench only
 echo "== PyTorch BF16 baseline"

@@ -157,8 +157,9 @@ static fp4moe_status cuda_prepare(fp4moe_plan *plan)
         if (t == 64 || t == 128 || (t == 256 && v->wgmma)) v->tile_tokens = t;
     }
     // wgmma blocks of 128 weight rows (256 measured 1-8% slower on the H100, docs/PERF.md);
-    // The decode GEMVs run one warp per tile from 2 tokens up (at T = 4 and 16 8-22% faster than
-    // a block per tile, at T = 1 equal or 13-20% slower: docs/PERF.md, decode v6);
+    // The decode GEMVs run one warp per tile from 2 tokens up (from 4 when H > 4096; at T = 8 and
+    // 16 up to 25% faster than a block per tile, at T = 1 equal or up to 13% slower: docs/PERF.md,
+    // decode v6);
     // FP4MOE_CUDA_DECODE_WARP_TILE=0 or 1 fixes the choice for every T (measurements, tests).
     const char *warp_tile = getenv("FP4MOE_CUDA_DECODE_WARP_TILE");
     v->decode_warp_tile = warp_tile == NULL ? -1 : strcmp(warp_tile, "1") == 0;

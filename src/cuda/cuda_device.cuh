@@ -61,21 +61,44 @@ static __device__ __forceinline__ float gelu_tanh(float x)
     return 0.5f * x * (1.0f + tanhf(0.79788456080286536f * (x + 0.044715f * x * x * x)));
 }
 
-static __device__ float activation_gated(const cuda_plan_view &p, int64_t e, float gate, float up)
+// Expert e's constants of FC1's epilogue, read once per block (prefill) or call (decode): the
+// loads of an epilogue loop that also stores through u could not be hoisted by the compiler.
+typedef struct fc1_epi_consts {
+    float scale_low, scale_high; // global scale of rows below / from `inter` (gate, up halves)
+    float limit, alpha, beta;    // SwiGLU's clamp and shape (activation SWIGLU only)
+    float fp8_scale;             // FP8 down-input scale (fp8_down only)
+    const float *b1;             // the expert's FC1 bias row, NULL without bias
+} fc1_epi_consts;
+
+static __device__ __forceinline__ fc1_epi_consts fc1_epi_consts_of(const cuda_plan_view &p, int64_t e,
+                                                                   float scale_low, float scale_high)
 {
-    if (p.activation == FP4MOE_ACT_SWIGLU) {
-        const float limit = p.swiglu_limit[e];
-        const float g = gate > limit ? limit : gate;
-        const float u = up > limit ? limit : (up < -limit ? -limit : up);
-        return g * sigmoid_dev(p.swiglu_alpha[e] * g) * (u + p.swiglu_beta[e]);
+    fc1_epi_consts k;
+    k.scale_low = scale_low;
+    k.scale_high = scale_high;
+    const bool swiglu = p.activation == FP4MOE_ACT_SWIGLU;
+    k.limit = swiglu ? p.swiglu_limit[e] : 0.0f;
+    k.alpha = swiglu ? p.swiglu_alpha[e] : 0.0f;
+    k.beta = swiglu ? p.swiglu_beta[e] : 0.0f;
+    k.fp8_scale = p.fp8_down ? p.fp8_scale[e] : 1.0f;
+    k.b1 = p.b1 ? p.b1 + e * p.n1 : NULL;
+    return k;
+}
+
+static __device__ float activation_gated(int activation, const fc1_epi_consts &k, float gate, float up)
+{
+    if (activation == FP4MOE_ACT_SWIGLU) {
+        const float g = gate > k.limit ? k.limit : gate;
+        const float u = up > k.limit ? k.limit : (up < -k.limit ? -k.limit : up);
+        return g * sigmoid_dev(k.alpha * g) * (u + k.beta);
     }
-    if (p.activation == FP4MOE_ACT_GEGLU) return gelu_erf(gate) * up;
+    if (activation == FP4MOE_ACT_GEGLU) return gelu_erf(gate) * up;
     return gelu_tanh(gate) * up;
 }
 
-static __device__ float activation_plain(const cuda_plan_view &p, float x)
+static __device__ float activation_plain(int activation, float x)
 {
-    switch (p.activation) {
+    switch (activation) {
     case FP4MOE_ACT_RELU2: return x > 0.0f ? x * x : (x != x ? x : 0.0f);
     case FP4MOE_ACT_SILU: return x * sigmoid_dev(x);
     case FP4MOE_ACT_GELU: return gelu_erf(x);
@@ -88,10 +111,9 @@ static __device__ float activation_plain(const cuda_plan_view &p, float x)
 // scale xs, the global scale of each row's half, the bias, the activation (gate row g and up row
 // g+8 of channel tile*8+g when gated; rows g, g+8 as two channels otherwise), the rounding to the
 // hidden dtype and the FP8 down-input quantisation, and stores into the slot's FC2 input row u.
-static __device__ __forceinline__ void fc1_epilogue(const cuda_plan_view &p, int64_t e, int64_t tile,
-                                                    int g, float acc_g, float acc_g8, float xs,
-                                                    float scale_low, float scale_high,
-                                                    int hidden_dtype, float *u)
+static __device__ __forceinline__ void fc1_epilogue_with(const cuda_plan_view &p, const fc1_epi_consts &k,
+                                                         int64_t tile, int g, float acc_g, float acc_g8,
+                                                         float xs, int hidden_dtype, float *u)
 {
     const int64_t inter = p.inter;
     int64_t n[2];
@@ -107,28 +129,38 @@ static __device__ __forceinline__ void fc1_epilogue(const cuda_plan_view &p, int
     float h[2];
     for (int r = 0; r < 2; r++) {
         float v = __fmul_rn(acc[r], xs);
-        v = __fmul_rn(v, n[r] < inter ? scale_low : scale_high);
-        if (p.b1) v = __fadd_rn(v, p.b1[e * p.n1 + n[r]]);
+        v = __fmul_rn(v, n[r] < inter ? k.scale_low : k.scale_high);
+        if (k.b1) v = __fadd_rn(v, k.b1[n[r]]);
         h[r] = v;
     }
     float a[2];
     int64_t ch[2];
     int outputs;
     if (p.gated) {
-        a[0] = activation_gated(p, e, h[0], h[1]);
+        a[0] = activation_gated(p.activation, k, h[0], h[1]);
         ch[0] = tile * 8 + g;
         outputs = 1;
     } else {
-        a[0] = activation_plain(p, h[0]);
-        a[1] = activation_plain(p, h[1]);
+        a[0] = activation_plain(p.activation, h[0]);
+        a[1] = activation_plain(p.activation, h[1]);
         ch[0] = n[0], ch[1] = n[1];
         outputs = 2;
     }
     for (int o = 0; o < outputs; o++) {
         float v = round_to_dtype_dev(a[o], hidden_dtype);
-        if (p.fp8_down) v = e4m3_value(e4m3_encode_satfinite(__fmul_rn(v, p.fp8_scale[e])));
+        if (p.fp8_down) v = e4m3_value(e4m3_encode_satfinite(__fmul_rn(v, k.fp8_scale)));
         u[ch[o]] = v;
     }
+}
+
+// The same, reading expert e's constants itself (one column per call).
+static __device__ __forceinline__ void fc1_epilogue(const cuda_plan_view &p, int64_t e, int64_t tile,
+                                                    int g, float acc_g, float acc_g8, float xs,
+                                                    float scale_low, float scale_high,
+                                                    int hidden_dtype, float *u)
+{
+    const fc1_epi_consts k = fc1_epi_consts_of(p, e, scale_low, scale_high);
+    fc1_epilogue_with(p, k, tile, g, acc_g, acc_g8, xs, hidden_dtype, u);
 }
 
 // Exclusive block-wide scan of one int per thread; returns the thread's prefix, *total the sum.

@@ -40,7 +40,7 @@
 #ifndef FC2_MIN_BLOCKS
 #define FC2_MIN_BLOCKS 4
 #endif
-// The warp-per-tile kernels (chunks of 2 tokens or more): a warp streams a
+// The warp-per-tile kernels (chunks of 2-4 tokens or more, launch_experts): a warp streams a
 // whole tile's K through a deeper ring (its groups' copies no longer split over 8 warps, the
 // per-block setup, cross-warp sum and barrier gone); 4-warp blocks spread over the SMs; 6 per SM
 // (80 registers: at 8 the FP32 FC1 spilled 28 bytes).
@@ -477,7 +477,10 @@ static cudaError_t launch_experts(const cuda_plan_view *p, const cuda_call_view 
     const int64_t slots = (c->t1 - c->t0) * p->top_k;
     const int64_t most_touched = slots < p->e_loc ? slots : p->e_loc;
     const int64_t fc1_items = most_touched * (p->n1 / CUDA_TILE_ROWS), fc2_items = most_touched * (p->h / CUDA_TILE_ROWS);
-    const int wt = p->decode_warp_tile >= 0 ? p->decode_warp_tile : c->t1 - c->t0 >= 2;
+    // a warp per tile from 2 tokens up, but from 4 when H > 4096 (deepseek-v3's 448-group FC1
+    // rows: at T = 2-3 the block-per-tile kernels were 0-9% faster; docs/PERF.md, decode v6)
+    const int64_t tokens = c->t1 - c->t0;
+    const int wt = p->decode_warp_tile >= 0 ? p->decode_warp_tile : tokens >= 4 || (tokens >= 2 && p->h <= 4096);
     const dim3 threads(wt ? CUDA_WT_WARPS * 32 : CUDA_GEMV_WARPS * 32);
     cudaError_t err =
         wt ? launch_dependent(fc1_kernel<PARTS, 1>, dim3((unsigned)((fc1_items + CUDA_WT_WARPS - 1) / CUDA_WT_WARPS)),

@@ -286,16 +286,21 @@ static __device__ __forceinline__ void epilogue(const cuda_plan_view &p, const c
         scale_high = __fmul_rn(sa, p.w1_global_half2[e]);
     }
     if (FC2) {
-        // four consecutive output columns n per iteration (H is a multiple of 16): one 16-byte
-        // store of the (token, slot) row
+        // four consecutive output rows n per column (H is a multiple of 16): one 16-byte store
+        // of the (token, slot) row. A thread keeps its four rows (and their bias) in every column.
+        constexpr int QUADS = ROWS / 4;
+        static_assert(THREADS % QUADS == 0, "a thread's rows are the same in every column");
+        const int j = (threadIdx.x % QUADS) * 4;
+        const int64_t mtile = t.mt0 + j / 16;
+        if (mtile >= t.mtiles) return;
+        const int64_t n = mtile * CUDA_TILE_ROWS + j % 16;
+        const float4 bias = p.b2 ? *reinterpret_cast<const float4 *>(p.b2 + e * p.h + n)
+                                 : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
 #pragma unroll 1
-        for (int i = threadIdx.x; i < BN * (ROWS / 4); i += THREADS) {
-            const int col = i / (ROWS / 4), j = (i % (ROWS / 4)) * 4;
+        for (int col = threadIdx.x / QUADS; col < BN; col += THREADS / QUADS) {
             const int32_t slot = slot_of[col];
-            const int64_t mtile = t.mt0 + j / 16;
-            if (slot < 0 || mtile >= t.mtiles) continue;
+            if (slot < 0) continue;
             const float4 v = *reinterpret_cast<const float4 *>(epi + col * (ROWS + 4) + j);
-            const int64_t n = mtile * CUDA_TILE_ROWS + j % 16;
             // the weights were decoded as value * 2^-14: undo it (exact)
             const float us = ws.u_scale[row0 + col];
             float4 y;
@@ -304,28 +309,30 @@ static __device__ __forceinline__ void epilogue(const cuda_plan_view &p, const c
             y.z = __fmul_rn(__fmul_rn(v.z * 16384.0f, us), scale_low);
             y.w = __fmul_rn(__fmul_rn(v.w * 16384.0f, us), scale_low);
             if (p.b2) {
-                const float *b2 = p.b2 + e * p.h + n;
-                y.x = __fadd_rn(y.x, b2[0]), y.y = __fadd_rn(y.y, b2[1]);
-                y.z = __fadd_rn(y.z, b2[2]), y.w = __fadd_rn(y.w, b2[3]);
+                y.x = __fadd_rn(y.x, bias.x), y.y = __fadd_rn(y.y, bias.y);
+                y.z = __fadd_rn(y.z, bias.z), y.w = __fadd_rn(y.w, bias.w);
             }
             *reinterpret_cast<float4 *>(ws.y + (int64_t)slot * p.h + n) = y;
         }
         return;
     }
-    // FC1: one (row g, row g + 8) pair of a 16-row tile per iteration: gate and up of a channel
-    // (gated) or two output rows (plain), both stored by fc1_epilogue
+    // FC1: one (row g, row g + 8) pair of a 16-row tile per column: gate and up of a channel
+    // (gated) or two output rows (plain), both stored by fc1_epilogue_with. A thread keeps its
+    // pair for every column it visits, so the expert's constants and the pair's rows are set once.
     constexpr int PAIRS = ROWS / 2;
+    static_assert(THREADS % PAIRS == 0, "a thread's pair is the same in every column");
+    const int pair = threadIdx.x % PAIRS, mt = pair / 8, g = pair % 8;
+    const int64_t mtile = t.mt0 + mt;
+    if (mtile >= t.mtiles) return;
+    const fc1_epi_consts k = fc1_epi_consts_of(p, e, scale_low, scale_high);
+    const float *v = epi + mt * 16 + g;
+    float *u = ws.u + row0 * p.k2p;
 #pragma unroll 1
-    for (int i = threadIdx.x; i < BN * PAIRS; i += THREADS) {
-        const int col = i / PAIRS, mt = (i % PAIRS) / 8, g = i % 8;
-        const int32_t slot = slot_of[col];
-        const int64_t mtile = t.mt0 + mt;
-        if (slot < 0 || mtile >= t.mtiles) continue;
-        const float *v = epi + col * (ROWS + 4) + mt * 16;
+    for (int col = threadIdx.x / PAIRS; col < BN; col += THREADS / PAIRS) {
+        if (slot_of[col] < 0) continue;
         // the weights were decoded as value * 2^-14: undo it (exact)
-        fc1_epilogue(p, e, mtile, g, v[g] * 16384.0f, v[g + 8] * 16384.0f,
-                     xs_of[col], scale_low, scale_high,
-                     c.hidden_dtype, ws.u + (row0 + col) * p.k2p);
+        fc1_epilogue_with(p, k, mtile, g, v[col * (ROWS + 4)] * 16384.0f, v[col * (ROWS + 4) + 8] * 16384.0f,
+                          xs_of[col], c.hidden_dtype, u + col * p.k2p);
     }
 }
 

@@ -61,7 +61,7 @@ typedef struct cuda_plan_view {
     int wgmma;       // host side: the prefill GEMMs use the sm_90a warpgroup kernels
     int gemm_rows;   // host side: weight rows per wgmma GEMM block (128 or 256)
     int tile_tokens; // host side: tokens per prefill GEMM tile, 0 = chosen per call
-    int decode_warp_tile; // decode GEMVs one warp per tile: 1 always, 0 never, -1 from 2 tokens up
+    int decode_warp_tile; // decode GEMVs one warp per tile: 1 always, 0 never, -1 by T and H (launch_experts)
 } cuda_plan_view;
 
 // Workspace of one call. Routing results cover every token; the rest is per token chunk.
