@@ -195,7 +195,7 @@ typedef struct fp4moe_config {
      * a' = e4m3_satfinite(a * s) / s. Only with W4A16. */
     int32_t fc2_input_fp8;
 
-    int64_t decode_threshold; /* T <= this takes the decode path (GPU). Default 16 */
+    int64_t decode_threshold; /* T <= this takes the decode path (GPU). Default 128 */
     int64_t max_tokens;       /* largest T a forward call will see. Default 16384 */
 } fp4moe_config;
 

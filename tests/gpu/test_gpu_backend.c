@@ -48,6 +48,9 @@ static fp4moe_config base_config(int64_t e, int32_t k, int64_t h, int64_t inter)
     c.num_experts = e, c.top_k = k, c.hidden_size = h, c.intermediate_size = inter;
     c.routing = FP4MOE_ROUTING_RENORMALIZE_NAIVE;
     c.max_tokens = 512;
+    /* the cases were laid out for the peers' split: T <= 16 on the decode path, the "prefill"
+     * cases above it (the library's default, 128, is tested by the last cases of the list) */
+    c.decode_threshold = 16;
     return c;
 }
 
@@ -542,6 +545,21 @@ static int build_cases(gpu_case *cases)
         g = make("bf16 finalize off", c, 6);
         g.hidden_dtype = FP4MOE_DTYPE_BF16;
         g.skip_finalize = 1;
+        cases[n++] = g;
+    }
+    /* the library's default split (decode path up to 128 tokens): T = 48 on the fused front,
+     * 128 (the largest decode call) and 129 (the smallest prefill call) */
+    {
+        fp4moe_config c = base_config(64, 8, 512, 256);
+        fp4moe_config d;
+        fp4moe_config_init(&d);
+        c.decode_threshold = d.decode_threshold;
+        gpu_case g = make("bf16 default split T=48", c, 48);
+        g.hidden_dtype = g.output_dtype = g.logits_dtype = FP4MOE_DTYPE_BF16;
+        cases[n++] = g;
+        cases[n++] = make("default split T=128", c, 128);
+        g = make("bf16 default split T=129 (prefill)", c, 129);
+        g.hidden_dtype = g.output_dtype = g.logits_dtype = FP4MOE_DTYPE_BF16;
         cases[n++] = g;
     }
 
