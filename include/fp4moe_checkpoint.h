@@ -85,7 +85,7 @@ fp4moe_status fp4moe_checkpoint_find_layer(fp4moe_context *ctx, const fp4moe_che
 typedef struct fp4moe_checkpoint_plan_options {
     fp4moe_precision precision; /* W4A4 needs input_scale on every projection. Default W4A16 */
     int64_t max_tokens;         /* default 16384 */
-    int64_t decode_threshold;   /* default 16 */
+    int64_t decode_threshold;   /* default 128 (fp4moe_config_init) */
     int64_t local_expert_offset; /* expert parallelism: load experts [e0, e0 + E_loc) only */
     int64_t local_num_experts;   /* 0: all from the offset */
     fp4moe_gate_up_order gate_up_order; /* how FC1 is assembled from gate and up. GATE_UP */

@@ -199,7 +199,7 @@ fi
 if [ $PREFILL = 1 ]; then
   P=${1:-qwen3-30b-a3b,deepseek-v3}
   T=${2:-32,64,256,1024,4096,8192}
-  echo "== fp4moe bench (cuda, prefill path, BF16 hidden states)"
+  echo "== fp4moe bench (cuda, BF16 hidden states; T <= 128, the default decode_threshold, on the decode path)"
   "./$BUILD/fp4moe" bench --backend cuda --dtype bf16 --preset "$P" --tokens "$T" --repeat 50 2>&1 \
     | tee "$OUT/bench-prefill.log"
   for knob in ${PREFILL_KNOBS:-}; do # e.g. PREFILL_KNOBS="FP4MOE_CUDA_GEMM_ROWS=256 FP4MOE_CUDA_TILE_TOKENS=256"
@@ -207,10 +207,10 @@ if [ $PREFILL = 1 ]; then
     env "$knob" "./$BUILD/fp4moe" bench --backend cuda --dtype bf16 --preset "$P" \
       --tokens 1024,4096,8192 --repeat 50 2>&1 | grep -E "^(qwen3|deepseek)"
   done
-  echo "== crossover: decode path (threshold 64) vs prefill path (threshold 0), qwen3, BF16"
-  for th in 64 0; do
-    "./$BUILD/fp4moe" bench --backend cuda --dtype bf16 --threshold $th --preset qwen3-30b-a3b \
-      --tokens 8,12,16,20,24,32 2>&1 | tee -a "$OUT/crossover.log" | grep -E "^qwen3"
+  echo "== crossover: decode path (threshold 4096) vs prefill path (threshold 0), BF16"
+  for th in 4096 0; do
+    "./$BUILD/fp4moe" bench --backend cuda --dtype bf16 --threshold $th --preset "$P" \
+      --tokens 16,32,64,96,128,192,256 2>&1 | tee -a "$OUT/crossover.log" | grep -E "^(qwen3|deepseek)"
   done
   echo "== PyTorch BF16 baseline + cuBLAS BF16 rate"
   PYTHONUNBUFFERED=1 python3 bench/torch_moe_baseline.py --cublas --preset "$P" --tokens "$T" \

@@ -29,15 +29,17 @@ for i in "${!pids[@]}"; do
     [ $r -eq 124 ] && echo "shard $i/$n: timed out after ${GPU_TEST_TIMEOUT:-540} s" >> "$log.$i"
   fi
 done
+shard_logs=()
+for i in $(seq 0 $((n - 1))); do shard_logs+=("$log.$i"); done
 {
-  grep -h -m1 'seed' "$log.0"
+  grep -h -m1 '^test_gpu_backend: seed' "$log.0"
   grep -h -m1 '^device:' "$log.0"
-  grep -h '^  #[0-9]' "$log".* | sort
-  grep -h -v '^  #[0-9]\|seed\|^device:\|passed, .* failed' "$log".*
-  grep -h 'passed, .* failed' "$log".* | awk -v n="$n" '{p += $(NF - 3); f += $(NF - 1); k++}
+  grep -h '^  #[0-9]' "${shard_logs[@]}" | sort
+  grep -h -v '^  #[0-9]\|^test_gpu_backend: seed\|^device:\|passed, .* failed' "${shard_logs[@]}"
+  grep -h 'passed, .* failed' "${shard_logs[@]}" | awk -v n="$n" '{p += $(NF - 3); f += $(NF - 1); k++}
     END {print "test_gpu_backend: " p " passed, " f " failed (" k " of " n " shards reported)"}'
 } > "$log"
 # a shard that did not report (crash, timeout) fails the run even without a failed check
 grep -q "($n of $n shards reported)" "$log" || rc=1
-rm -f "${log}".[0-9]*
+rm -f "${shard_logs[@]}"
 exit $rc

@@ -10,6 +10,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT"
 DEPS=/tmp/fp4moe-deps
+ls .deb/*.deb > /dev/null 2>&1 || { echo "prefill-ablate: carry .deb (the cJSON/zlib packages)"; exit 1; }
 mkdir -p "$DEPS"
 for f in .deb/*.deb; do dpkg -x "$f" "$DEPS"; done
 lib=$(dirname "$(find "$DEPS" -name 'libcjson.so*' | head -1)")

@@ -26,7 +26,8 @@ void fp4moe_config_init(fp4moe_config *cfg)
     cfg->routed_scaling_factor = 1.0f;
     cfg->precision = FP4MOE_PRECISION_W4A16;
     /* the CUDA decode path (warp-per-tile GEMVs) beats the grouped GEMMs up to 128 tokens on the
-     * H100 (qwen3, nemotron, deepseek-v3; docs/PERF.md "crossover"); the plugin splits at 16 */
+     * H100 (qwen3, nemotron, deepseek-v3; docs/PERF.md "crossover"); the peers (TensorRT-LLM's
+     * plugin, FlashInfer) split at 16 */
     cfg->decode_threshold = 128;
     cfg->max_tokens = 16384;
 }

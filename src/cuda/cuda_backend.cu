@@ -156,13 +156,13 @@ static fp4moe_status cuda_prepare(fp4moe_plan *plan)
         const int t = atoi(tile);
         if (t == 64 || t == 128 || (t == 256 && v->wgmma)) v->tile_tokens = t;
     }
-    // wgmma blocks of 128 weight rows (256 measured 1-8% slower on the H100, docs/PERF.md);
     // The decode GEMVs run one warp per tile from 2 tokens up (from 4 when H > 4096; at T = 8 and
     // 16 up to 25% faster than a block per tile, at T = 1 equal or up to 13% slower: docs/PERF.md,
-    // decode v6);
-    // FP4MOE_CUDA_DECODE_WARP_TILE=0 or 1 fixes the choice for every T (measurements, tests).
+    // decode v6); FP4MOE_CUDA_DECODE_WARP_TILE=0 or 1 fixes the choice for every T
+    // (measurements, tests), any other value leaves it to the token count.
     const char *warp_tile = getenv("FP4MOE_CUDA_DECODE_WARP_TILE");
-    v->decode_warp_tile = warp_tile == NULL ? -1 : strcmp(warp_tile, "1") == 0;
+    v->decode_warp_tile = warp_tile == NULL ? -1 : strcmp(warp_tile, "1") == 0 ? 1 : strcmp(warp_tile, "0") == 0 ? 0 : -1;
+    // wgmma blocks of 128 weight rows (256 measured 1-8% slower on the H100, docs/PERF.md);
     // FP4MOE_CUDA_GEMM_ROWS=256 asks for 256 (not with 256-token tiles: too many accumulators)
     const char *rows = getenv("FP4MOE_CUDA_GEMM_ROWS");
     v->gemm_rows = rows != NULL && strcmp(rows, "256") == 0 && v->tile_tokens != 256 ? 256 : 128;

@@ -349,7 +349,7 @@ static __device__ void build_slot_lists(const cuda_plan_view &p, const cuda_call
         my_slots += counts[e];
         my_touched += counts[e] > 0;
     }
-    // one scan for both (slots < 2^15 here: at most CUDA_FUSED_FRONT_MAX_TOKENS * k)
+    // one scan for both when slots < 2^15 (a decode chunk has at most CUDA_TOKEN_CHUNK * k)
     int total_slots, total_touched, slot_prefix, touched_prefix;
     if (e_loc < 65536 && slots < 32768) {
         int total;

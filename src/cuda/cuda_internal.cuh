@@ -258,7 +258,7 @@ cudaError_t cuda_launch_finalize(const cuda_plan_view *p, const cuda_call_view *
                                  const cuda_workspace *ws, cudaStream_t stream);
 // cuda_prefill.cu: the prefill path of one token chunk (routing already in ws->ids/weights):
 // permutation, FC1 inputs, grouped FC1 GEMM + activation, FC2 inputs, grouped FC2 GEMM, finalize.
-// tile_tokens: tokens per GEMM tile (64 or 128); the activations enter as c->parts FP16 parts
+// tile_tokens: tokens per GEMM tile (64, 128; 256 with wgmma); the activations enter as c->parts FP16 parts
 // (2: hi + lo of FP32 hidden states, 1 when one FP16 part holds them exactly).
 // Blocks of the prefill permutation kernels for a chunk of `slots` (token, slot) pairs; ws.counts
 // holds e_loc ints per block.

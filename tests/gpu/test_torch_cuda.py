@@ -85,7 +85,8 @@ def inputs(rng, T, H, E, dtype=torch.bfloat16):
 
 # ------------------------------------------------------------------------------ tests
 def test_eager_equals_c_api():
-    plan, cfg, rng = make_plan("eager")
+    # (threshold 16: T = 40 takes the prefill path, as before the default became 128)
+    plan, cfg, rng = make_plan("eager", decode_threshold=16)
     for T in (1, 5, 40):
         x, logits = inputs(rng, T, cfg.hidden_size, cfg.num_experts)
         want = c_api_forward(plan, x, logits)
