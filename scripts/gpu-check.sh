@@ -179,21 +179,19 @@ FP4MOE_GPU_FILTER=${GPU_TEST_FILTER:-} bash scripts/gpu-tests.sh "./$BUILD/test_
 tests_rc=$?
 grep -E "check failed|passed" "$OUT/gpu-tests.log" | tail -25
 
-# the decode GEMVs run a warp per tile from 2 tokens up: the cases again with either kind at every T
-for wt in 0 1; do
-  echo "== GPU tests, decode cases with FP4MOE_CUDA_DECODE_WARP_TILE=$wt"
-  FP4MOE_CUDA_DECODE_WARP_TILE=$wt FP4MOE_GPU_FILTER='!prefill' GPU_TEST_TIMEOUT=200 bash scripts/gpu-tests.sh \
-    "./$BUILD/test_gpu_backend" "$OUT/gpu-tests-warp-tile$wt.log" || tests_rc=1
-  grep -E "check failed|passed|timed out" "$OUT/gpu-tests-warp-tile$wt.log" | tail -8
-done
-echo "== GPU tests, prefill cases on the mma.sync kernels (the path of GPUs without wgmma)"
-FP4MOE_CUDA_MMA_SYNC=1 FP4MOE_GPU_FILTER=prefill bash scripts/gpu-tests.sh "./$BUILD/test_gpu_backend" \
-  "$OUT/gpu-tests-mma.log" || tests_rc=1
-grep -E "check failed|passed" "$OUT/gpu-tests-mma.log" | tail -8
-echo "== GPU tests, prefill cases on the 256-row wgmma kernels (FP4MOE_CUDA_GEMM_ROWS=256)"
-FP4MOE_CUDA_GEMM_ROWS=256 FP4MOE_GPU_FILTER=prefill bash scripts/gpu-tests.sh "./$BUILD/test_gpu_backend" \
-  "$OUT/gpu-tests-rows256.log" || tests_rc=1
-grep -E "check failed|passed" "$OUT/gpu-tests-rows256.log" | tail -8
+# The cases again under one setting of the library (KNOB=value), cases matching FILTER.
+tests_under() { # KNOB=value FILTER LOG TITLE
+  echo "== GPU tests, $4 ($1)"
+  env "$1" FP4MOE_GPU_FILTER="$2" GPU_TEST_TIMEOUT=200 bash scripts/gpu-tests.sh \
+    "./$BUILD/test_gpu_backend" "$OUT/$3" || tests_rc=1
+  grep -E "check failed|passed|timed out" "$OUT/$3" | tail -8
+}
+# the decode GEMVs run a warp per tile from 2 tokens up: the decode cases again with either
+# GEMV kind at every T
+tests_under FP4MOE_CUDA_DECODE_WARP_TILE=0 '!prefill' gpu-tests-warp-tile0.log "decode cases, block per tile"
+tests_under FP4MOE_CUDA_DECODE_WARP_TILE=1 '!prefill' gpu-tests-warp-tile1.log "decode cases, warp per tile"
+tests_under FP4MOE_CUDA_MMA_SYNC=1 prefill gpu-tests-mma.log "prefill cases on the mma.sync kernels (GPUs without wgmma)"
+tests_under FP4MOE_CUDA_GEMM_ROWS=256 prefill gpu-tests-rows256.log "prefill cases on the 256-row wgmma kernels"
 fi
 
 if [ $PREFILL = 1 ]; then

@@ -482,18 +482,18 @@ static cudaError_t launch_experts(const cuda_plan_view *p, const cuda_call_view 
     // rows: at T = 2-3 the block-per-tile kernels were 0-9% faster; docs/PERF.md, decode v6)
     const int64_t tokens = c->t1 - c->t0;
     const int wt = p->decode_warp_tile >= 0 ? p->decode_warp_tile : tokens >= 4 || (tokens >= 2 && p->h <= 4096);
+    // a block per tile, or CUDA_WT_WARPS tiles (warps) per block
     const dim3 threads(wt ? CUDA_WT_WARPS * 32 : CUDA_GEMV_WARPS * 32);
-    cudaError_t err =
-        wt ? launch_dependent(fc1_kernel<PARTS, 1>, dim3((unsigned)((fc1_items + CUDA_WT_WARPS - 1) / CUDA_WT_WARPS)),
-                              threads, 0, stream, *p, *c, *ws)
-           : launch_dependent(fc1_kernel<PARTS, 0>, dim3((unsigned)fc1_items), threads, 0, stream, *p, *c, *ws);
+    const int64_t per_block = wt ? CUDA_WT_WARPS : 1;
+    void (*fc1)(cuda_plan_view, cuda_call_view, cuda_workspace) = wt ? fc1_kernel<PARTS, 1> : fc1_kernel<PARTS, 0>;
+    void (*fc2)(cuda_plan_view, cuda_call_view, cuda_workspace) = wt ? fc2_kernel<PARTS, 1> : fc2_kernel<PARTS, 0>;
+    cudaError_t err = launch_dependent(fc1, dim3((unsigned)((fc1_items + per_block - 1) / per_block)), threads, 0,
+                                       stream, *p, *c, *ws);
     if (err == cudaSuccess)
         err = launch_dependent(fc2_input_kernel<PARTS>, dim3((unsigned)slots), dim3(256), 0, stream, *p, *c, *ws);
     if (err == cudaSuccess)
-        err = wt ? launch_dependent(fc2_kernel<PARTS, 1>,
-                                    dim3((unsigned)((fc2_items + CUDA_WT_WARPS - 1) / CUDA_WT_WARPS)), threads, 0,
-                                    stream, *p, *c, *ws)
-                 : launch_dependent(fc2_kernel<PARTS, 0>, dim3((unsigned)fc2_items), threads, 0, stream, *p, *c, *ws);
+        err = launch_dependent(fc2, dim3((unsigned)((fc2_items + per_block - 1) / per_block)), threads, 0, stream,
+                               *p, *c, *ws);
     if (err == cudaSuccess) err = cuda_launch_finalize(p, c, ws, stream);
     return err;
 }

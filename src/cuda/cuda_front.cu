@@ -320,6 +320,18 @@ __global__ void route_kernel(cuda_plan_view p, int64_t num_tokens, cuda_route_so
 // chunk_ids / chunk_slots (nullable): shared copies of the chunk's ids (written by this block's
 // routing) and of the slots' local experts, read instead of their global rows (each global
 // write-then-read cost a round trip of a T = 1 call).
+// A chunk slot's global id and local expert: from the block's shared copies when it has them.
+static __device__ __forceinline__ int32_t slot_id(const int32_t *chunk_ids, const cuda_workspace &ws,
+                                                  const cuda_call_view &c, int64_t k, int64_t s)
+{
+    return chunk_ids ? chunk_ids[s] : ws.ids[c.t0 * k + s];
+}
+static __device__ __forceinline__ int32_t slot_local_of(const int32_t *chunk_slots, const cuda_workspace &ws,
+                                                        int64_t s)
+{
+    return chunk_slots ? chunk_slots[s] : ws.slot_local[s];
+}
+
 static __device__ void build_slot_lists(const cuda_plan_view &p, const cuda_call_view &c,
                                         const cuda_workspace &ws, const int32_t *chunk_ids,
                                         int32_t *chunk_slots)
@@ -334,7 +346,7 @@ static __device__ void build_slot_lists(const cuda_plan_view &p, const cuda_call
     for (int64_t s = tid; s < slots; s += nthreads) {
         // ids outside [0, E) (fp4moe_forward_routed cannot check them without a sync) fall
         // outside the local range too and contribute nothing.
-        const int64_t local = (int64_t)(chunk_ids ? chunk_ids[s] : ws.ids[c.t0 * k + s]) - p.e0;
+        const int64_t local = (int64_t)slot_id(chunk_ids, ws, c, k, s) - p.e0;
         const bool valid = local >= 0 && local < p.e_loc;
         ws.slot_local[s] = valid ? (int32_t)local : -1;
         if (chunk_slots) chunk_slots[s] = valid ? (int32_t)local : -1;
@@ -376,7 +388,7 @@ static __device__ void build_slot_lists(const cuda_plan_view &p, const cuda_call
     }
     __syncthreads();
     for (int64_t s = tid; s < slots; s += nthreads) {
-        const int local = chunk_slots ? chunk_slots[s] : ws.slot_local[s];
+        const int local = slot_local_of(chunk_slots, ws, s);
         if (local >= 0) ws.entries[atomicAdd(&counts[local], 1)] = (int32_t)s;
     }
 }
@@ -396,7 +408,7 @@ static __device__ void prepare_slot_inputs(const cuda_plan_view &p, const cuda_c
         const int64_t t = c.t0 + (c.x_per_slot ? row / k : row);
         int local = -1;
         if (c.x_per_slot) {
-            local = chunk_slots ? chunk_slots[row] : ws.slot_local[row];
+            local = slot_local_of(chunk_slots, ws, row);
             if (local < 0) continue; // never read
         }
         float v[16];
@@ -429,7 +441,7 @@ static __device__ void prepare_slot_inputs(const cuda_plan_view &p, const cuda_c
     const int64_t units = p.k1p / 4;
     for (int64_t i = threadIdx.x; i < rows * units; i += blockDim.x) {
         const int64_t row = i / units, unit = i % units;
-        if (c.x_per_slot && (chunk_slots ? chunk_slots[row] : ws.slot_local[row]) < 0) continue;
+        if (c.x_per_slot && slot_local_of(chunk_slots, ws, row) < 0) continue;
         float inverse;
         const float scale = row_scale_from_amax(__int_as_float(ws.x_amax[row]), &inverse);
         if (unit == 0) ws.x_scale[row] = scale;

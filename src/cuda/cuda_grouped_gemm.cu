@@ -439,9 +439,9 @@ static cudaError_t launch(const cuda_plan_view *p, const cuda_call_view *c, cons
 
 template <int BN, int WG>
 static cudaError_t launch_tile(const cuda_plan_view *p, const cuda_call_view *c,
-                               const cuda_workspace *ws, int fc2, int parts, int64_t max_tiles,
-                               cudaStream_t stream)
+                               const cuda_workspace *ws, int fc2, int64_t max_tiles, cudaStream_t stream)
 {
+    const int parts = c->parts;
     if (fc2) return parts == 2 ? launch<BN, 2, 1, WG>(p, c, ws, max_tiles, stream)
                                : launch<BN, 1, 1, WG>(p, c, ws, max_tiles, stream);
     return parts == 2 ? launch<BN, 2, 0, WG>(p, c, ws, max_tiles, stream)
@@ -450,22 +450,21 @@ static cudaError_t launch_tile(const cuda_plan_view *p, const cuda_call_view *c,
 
 extern "C" cudaError_t cuda_launch_grouped_gemm(const cuda_plan_view *p, const cuda_call_view *c,
                                                 const cuda_workspace *ws, int fc2, int tile_tokens,
-                                                int parts, int64_t max_tiles, int warpgroups,
-                                                cudaStream_t stream)
+                                                int64_t max_tiles, int warpgroups, cudaStream_t stream)
 {
     if (max_tiles > 65535) return cudaErrorInvalidConfiguration;
     if (warpgroups == 4) {
-        if (tile_tokens == 128) return launch_tile<128, 4>(p, c, ws, fc2, parts, max_tiles, stream);
-        if (tile_tokens == 64) return launch_tile<64, 4>(p, c, ws, fc2, parts, max_tiles, stream);
+        if (tile_tokens == 128) return launch_tile<128, 4>(p, c, ws, fc2, max_tiles, stream);
+        if (tile_tokens == 64) return launch_tile<64, 4>(p, c, ws, fc2, max_tiles, stream);
         return cudaErrorInvalidValue; // 256 x 256 tiles: too many accumulators
     }
     if (warpgroups == 2) {
-        if (tile_tokens == 256) return launch_tile<256, 2>(p, c, ws, fc2, parts, max_tiles, stream);
-        if (tile_tokens == 128) return launch_tile<128, 2>(p, c, ws, fc2, parts, max_tiles, stream);
-        return launch_tile<64, 2>(p, c, ws, fc2, parts, max_tiles, stream);
+        if (tile_tokens == 256) return launch_tile<256, 2>(p, c, ws, fc2, max_tiles, stream);
+        if (tile_tokens == 128) return launch_tile<128, 2>(p, c, ws, fc2, max_tiles, stream);
+        return launch_tile<64, 2>(p, c, ws, fc2, max_tiles, stream);
     }
-    if (tile_tokens == 128) return launch_tile<128, 0>(p, c, ws, fc2, parts, max_tiles, stream);
-    if (tile_tokens == 64) return launch_tile<64, 0>(p, c, ws, fc2, parts, max_tiles, stream);
+    if (tile_tokens == 128) return launch_tile<128, 0>(p, c, ws, fc2, max_tiles, stream);
+    if (tile_tokens == 64) return launch_tile<64, 0>(p, c, ws, fc2, max_tiles, stream);
     return cudaErrorInvalidValue; // 256-token tiles need wgmma's registers
 }
 

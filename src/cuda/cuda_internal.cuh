@@ -268,9 +268,9 @@ cudaError_t cuda_launch_prefill(const cuda_plan_view *p, const cuda_call_view *c
                                 cudaStream_t stream);
 // cuda_grouped_gemm.cu: FC1 (fc2 = 0) or FC2 over every tile of ws->tile_list.
 // warpgroups: 2 or 4 for the sm_90a warpgroup kernels (128 or 256 weight rows per block, when
-// cuda_gemm_has_wgmma said so), 0 for mma.sync.
+// cuda_gemm_has_wgmma said so), 0 for mma.sync; B rows of c->parts FP16 parts.
 cudaError_t cuda_launch_grouped_gemm(const cuda_plan_view *p, const cuda_call_view *c,
-                                     const cuda_workspace *ws, int fc2, int tile_tokens, int parts,
+                                     const cuda_workspace *ws, int fc2, int tile_tokens,
                                      int64_t max_tiles, int warpgroups, cudaStream_t stream);
 cudaError_t cuda_gemm_has_wgmma(int *has);
 // cuda_repack.cu: one expert's canonical codes + linear scales (device) -> tile layout.

@@ -172,7 +172,7 @@ static __device__ __forceinline__ void fc1_input_block(const cuda_plan_view &p, 
 
 // One block per FC1 input row (a token, or a slot when the input depends on the slot).
 __global__ void __launch_bounds__(ROW_THREADS)
-prefill_fc1_input_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws, int parts)
+prefill_fc1_input_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws)
 {
     wait_for_previous_kernel();
     const int64_t row = blockIdx.x;
@@ -192,7 +192,7 @@ prefill_fc1_input_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws, 
     if (threadIdx.x == 0) ws.x_scale[row] = scale;
     for (int64_t b = threadIdx.x; b < blocks; b += ROW_THREADS) {
         fc1_input_block(p, c, ws, row, t, local, b, v); // again: cheaper than keeping the row
-        store_parts16(v, inverse, parts, p.k1p, ws.xb + row * parts * p.k1p + b * 16);
+        store_parts16(v, inverse, c.parts, p.k1p, ws.xb + row * c.parts * p.k1p + b * 16);
     }
     allow_next_kernel();
 }
@@ -200,8 +200,7 @@ prefill_fc1_input_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws, 
 // One warp per padded row: the FC2 input (FP32 from FC1's epilogue) W4A4-quantised in place
 // with the expert's a2 scale, then as FP16 parts with its row scale. Padding columns are zero.
 __global__ void __launch_bounds__(ROW_THREADS)
-prefill_fc2_input_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws, int parts,
-                         int tile_tokens)
+prefill_fc2_input_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws, int tile_tokens)
 {
     wait_for_previous_kernel();
     const int lane = threadIdx.x % 32;
@@ -238,7 +237,7 @@ prefill_fc2_input_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws, 
             const float4 f = b < live ? src[j] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
             v[4 * j] = f.x, v[4 * j + 1] = f.y, v[4 * j + 2] = f.z, v[4 * j + 3] = f.w;
         }
-        store_parts16(v, inverse, parts, p.k2p, ws.ub + row * parts * p.k2p + b * 16);
+        store_parts16(v, inverse, c.parts, p.k2p, ws.ub + row * c.parts * p.k2p + b * 16);
     }
     allow_next_kernel();
 }
@@ -248,7 +247,6 @@ extern "C" cudaError_t cuda_launch_prefill(const cuda_plan_view *p, const cuda_c
                                            const cuda_workspace *ws, int tile_tokens, int64_t max_tiles,
                                            cudaStream_t stream)
 {
-    const int parts = c->parts;
     const int warpgroups = p->wgmma ? p->gemm_rows / 64 : 0;
     const int64_t tokens = c->t1 - c->t0, slots = tokens * p->top_k;
     const int64_t x_rows = c->x_per_slot ? slots : tokens;
@@ -264,15 +262,15 @@ extern "C" cudaError_t cuda_launch_prefill(const cuda_plan_view *p, const cuda_c
                                hist_bytes, stream, *p, *c, *ws);
     if (err == cudaSuccess)
         err = launch_dependent(prefill_fc1_input_kernel, dim3((unsigned)x_rows), dim3(ROW_THREADS), 0,
-                               stream, *p, *c, *ws, parts);
+                               stream, *p, *c, *ws);
     if (err == cudaSuccess)
-        err = cuda_launch_grouped_gemm(p, c, ws, 0, tile_tokens, parts, max_tiles, warpgroups, stream);
+        err = cuda_launch_grouped_gemm(p, c, ws, 0, tile_tokens, max_tiles, warpgroups, stream);
     if (err == cudaSuccess)
         err = launch_dependent(prefill_fc2_input_kernel,
                                dim3((unsigned)((max_tiles * tile_tokens + ROW_THREADS / 32 - 1) / (ROW_THREADS / 32))),
-                               dim3(ROW_THREADS), 0, stream, *p, *c, *ws, parts, tile_tokens);
+                               dim3(ROW_THREADS), 0, stream, *p, *c, *ws, tile_tokens);
     if (err == cudaSuccess)
-        err = cuda_launch_grouped_gemm(p, c, ws, 1, tile_tokens, parts, max_tiles, warpgroups, stream);
+        err = cuda_launch_grouped_gemm(p, c, ws, 1, tile_tokens, max_tiles, warpgroups, stream);
     if (err == cudaSuccess) err = cuda_launch_finalize(p, c, ws, stream);
     return err;
 }
