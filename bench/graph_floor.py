@@ -1,7 +1,8 @@
 """The time a CUDA-graph replay costs before any work: one replay of a graph of N dependent
-one-element kernels, timed as `fp4moe bench` times a layer (CUDA events around each replay,
-median after warm-up). It bounds from below what a decode call of N kernels can measure, however
-few bytes it reads (docs/PERF.md, decode: the floor of a T = 1 call).
+one-element kernels, timed as `fp4moe bench` times a layer (replays queued back to back, an
+event pair around each, median after warm-up; no host wait between replays). It bounds from
+below what a decode call of N kernels can measure, however few bytes it reads (docs/PERF.md,
+decode: the floor of a T = 1 call).
 
 Usage: python3 bench/graph_floor.py [--kernels 1,2,5] [--repeat 500]
 """
@@ -23,16 +24,20 @@ def replay_us(kernels, repeat):
     with torch.cuda.graph(graph, stream=stream):
         for _ in range(kernels):
             x.add_(1.0)
-    times = []
-    for i in range(repeat + 50):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for _ in range(50):
+        graph.replay()
+    # a long kernel first, so the host queues every replay before the GPU reaches them (Python
+    # takes longer to queue a replay than the GPU to run one)
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeat)]
+    torch.cuda._sleep(100_000_000)
+    pairs = []
+    for start, end in events:
         start.record()
         graph.replay()
         end.record()
-        end.synchronize()
-        if i >= 50:
-            times.append(start.elapsed_time(end) * 1000.0)
-    return statistics.median(times)
+        pairs.append((start, end))
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) * 1000.0 for s, e in pairs)
 
 
 def main():
@@ -41,7 +46,7 @@ def main():
     ap.add_argument("--repeat", type=int, default=500)
     args = ap.parse_args()
     print(f"device: {torch.cuda.get_device_name()}")
-    print("kernels  replay_us (median, CUDA events around each replay)")
+    print("kernels  replay_us (median, replays back to back, CUDA events around each)")
     for n in (int(v) for v in args.kernels.split(",")):
         print(f"{n:7d}  {replay_us(n, args.repeat):9.2f}")
 
