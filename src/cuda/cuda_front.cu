@@ -312,11 +312,6 @@ __global__ void route_kernel(cuda_plan_view p, int64_t num_tokens, cuda_route_so
 }
 
 // ------------------------------------------------------------------ slot lists + FC1 inputs
-// Groups the chunk's slots by local expert: touched experts in ascending order, each with its
-// range of entries (slots in any order: every slot's result is computed independently, so the
-// order inside an expert changes nothing). The per-expert counts live in shared memory when
-// they fit (each global round trip of the counts cost ~1 us of a T = 1 call).
-#define FRONT_SMEM_COUNTS 1024
 // A chunk slot's global id and local expert: from the block's shared copies when it has them.
 static __device__ __forceinline__ int32_t slot_id(const int32_t *chunk_ids, const cuda_workspace &ws,
                                                   const cuda_call_view &c, int64_t k, int64_t s)
@@ -329,6 +324,11 @@ static __device__ __forceinline__ int32_t slot_local_of(const int32_t *chunk_slo
     return chunk_slots ? chunk_slots[s] : ws.slot_local[s];
 }
 
+// Groups the chunk's slots by local expert: touched experts in ascending order, each with its
+// range of entries (slots in any order: every slot's result is computed independently, so the
+// order inside an expert changes nothing). The per-expert counts live in shared memory when
+// they fit (each global round trip of the counts cost ~1 us of a T = 1 call).
+#define FRONT_SMEM_COUNTS 1024
 // chunk_ids / chunk_slots (nullable): shared copies of the chunk's ids (written by this block's
 // routing) and of the slots' local experts, read instead of their global rows (each global
 // write-then-read cost a round trip of a T = 1 call).
