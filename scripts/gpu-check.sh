@@ -4,8 +4,8 @@
 # of the same layers, and print a short table last. Logs go to $OUT (or ./out).
 #
 # The device image has CMake, the CUDA toolkit and PyTorch but no cJSON: carry the Debian
-# packages in .deb/ (apt-get download libcjson-dev libcjson1 zlib1g-dev), which this script
-# unpacks into a private prefix. Usage there: bash scripts/gpu-check.sh [--sanitize|--profile] [presets] [tokens]
+# packages in .deb/ (apt-get download libcjson-dev libcjson1 zlib1g-dev), which
+# scripts/gpu-deps.sh unpacks into a private prefix. Usage there: bash scripts/gpu-check.sh [--sanitize|--profile] [presets] [tokens]
 # (--sanitize: build, then the GPU tests' quick subset under compute-sanitizer's four tools;
 #  --ep: build and run only the expert-parallel NCCL test and benchmark, one rank per GPU;
 #  --large: build and run only tests/test_large_sizes.c on the CUDA backend;
@@ -34,20 +34,8 @@ TOKENS=${2:-1,4,16}
 # GPU_CHECK_BUILD / GPU_CHECK_CUDA_FLAGS: another build folder with extra nvcc flags (variants
 # measured side by side, e.g. GPU_CHECK_CUDA_FLAGS="-DFC1_DEPTH=3 -DFC1_MIN_BLOCKS=3")
 BUILD=${GPU_CHECK_BUILD:-build-gpu}
-DEPS=/tmp/fp4moe-deps
-
-extra=()
-if ls .deb/*.deb > /dev/null 2>&1; then
-  mkdir -p "$DEPS"
-  for f in .deb/*.deb; do dpkg -x "$f" "$DEPS"; done
-  lib=$(dirname "$(find "$DEPS" -name 'libcjson.so*' | head -1)")
-  extra+=(-DCJSON_INCLUDE_DIR="$DEPS/usr/include" -DCJSON_LIBRARY="$lib/libcjson.so")
-  if [ ! -f /usr/include/zlib.h ] && [ -f "$DEPS/usr/include/zlib.h" ]; then
-    zlib=$(ls /usr/lib/x86_64-linux-gnu/libz.so.1 /lib/x86_64-linux-gnu/libz.so.1 2>/dev/null | head -1)
-    extra+=(-DZLIB_INCLUDE_DIR="$DEPS/usr/include" -DZLIB_LIBRARY="$zlib")
-  fi
-  export LD_LIBRARY_PATH="$lib:${LD_LIBRARY_PATH:-}"
-fi
+# cJSON / zlib from the carried .deb/ (sets `extra` and LD_LIBRARY_PATH)
+. scripts/gpu-deps.sh
 
 # NCCL for the EP transport: the toolkit's if it has one, else PyTorch's nvidia-nccl wheel.
 if ! ls /usr/local/cuda/lib*/libnccl.so /usr/lib/x86_64-linux-gnu/libnccl.so > /dev/null 2>&1; then

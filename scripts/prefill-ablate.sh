@@ -9,17 +9,8 @@ set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT"
-DEPS=/tmp/fp4moe-deps
 ls .deb/*.deb > /dev/null 2>&1 || { echo "prefill-ablate: carry .deb (the cJSON/zlib packages)"; exit 1; }
-mkdir -p "$DEPS"
-for f in .deb/*.deb; do dpkg -x "$f" "$DEPS"; done
-lib=$(dirname "$(find "$DEPS" -name 'libcjson.so*' | head -1)")
-export LD_LIBRARY_PATH="$lib:${LD_LIBRARY_PATH:-}"
-extra=(-DCJSON_INCLUDE_DIR="$DEPS/usr/include" -DCJSON_LIBRARY="$lib/libcjson.so")
-if [ ! -f /usr/include/zlib.h ]; then
-  zlib=$(ls /usr/lib/x86_64-linux-gnu/libz.so.1 /lib/x86_64-linux-gnu/libz.so.1 2>/dev/null | head -1)
-  extra+=(-DZLIB_INCLUDE_DIR="$DEPS/usr/include" -DZLIB_LIBRARY="$zlib")
-fi
+. scripts/gpu-deps.sh # sets `extra` and LD_LIBRARY_PATH
 VARIANTS=${ABL_VARIANTS:-base nodecode nomma noepi noload}
 for v in $VARIANTS; do
   d=/tmp/abl/$v
