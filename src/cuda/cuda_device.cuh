@@ -61,44 +61,29 @@ static __device__ __forceinline__ float gelu_tanh(float x)
     return 0.5f * x * (1.0f + tanhf(0.79788456080286536f * (x + 0.044715f * x * x * x)));
 }
 
-// Expert e's constants of FC1's epilogue, read once per block (prefill) or call (decode): the
-// loads of an epilogue loop that also stores through u could not be hoisted by the compiler.
-typedef struct fc1_epi_consts {
-    float scale_low, scale_high; // global scale of rows below / from `inter` (gate, up halves)
-    float limit, alpha, beta;    // SwiGLU's clamp and shape (activation SWIGLU only)
-    float fp8_scale;             // FP8 down-input scale (fp8_down only)
-    const float *b1;             // the expert's FC1 bias row, NULL without bias
-} fc1_epi_consts;
+// SwiGLU's per-expert shape (activation SWIGLU only).
+typedef struct swiglu_shape {
+    float limit, alpha, beta;
+} swiglu_shape;
 
-static __device__ __forceinline__ fc1_epi_consts fc1_epi_consts_of(const cuda_plan_view &p, int64_t e,
-                                                                   float scale_low, float scale_high)
+// ACT: the activation when known at compile time (a loop specialised for it), else -1 and
+// `activation` is read.
+template <int ACT>
+static __device__ __forceinline__ float activation_gated(int activation, const swiglu_shape &k, float gate, float up)
 {
-    fc1_epi_consts k;
-    k.scale_low = scale_low;
-    k.scale_high = scale_high;
-    const bool swiglu = p.activation == FP4MOE_ACT_SWIGLU;
-    k.limit = swiglu ? p.swiglu_limit[e] : 0.0f;
-    k.alpha = swiglu ? p.swiglu_alpha[e] : 0.0f;
-    k.beta = swiglu ? p.swiglu_beta[e] : 0.0f;
-    k.fp8_scale = p.fp8_down ? p.fp8_scale[e] : 1.0f;
-    k.b1 = p.b1 ? p.b1 + e * p.n1 : NULL;
-    return k;
-}
-
-static __device__ float activation_gated(int activation, const fc1_epi_consts &k, float gate, float up)
-{
-    if (activation == FP4MOE_ACT_SWIGLU) {
+    const int act = ACT >= 0 ? ACT : activation;
+    if (act == FP4MOE_ACT_SWIGLU) {
         const float g = gate > k.limit ? k.limit : gate;
         const float u = up > k.limit ? k.limit : (up < -k.limit ? -k.limit : up);
         return g * sigmoid_dev(k.alpha * g) * (u + k.beta);
     }
-    if (activation == FP4MOE_ACT_GEGLU) return gelu_erf(gate) * up;
+    if (act == FP4MOE_ACT_GEGLU) return gelu_erf(gate) * up;
     return gelu_tanh(gate) * up;
 }
 
-static __device__ float activation_plain(int activation, float x)
+template <int ACT> static __device__ __forceinline__ float activation_plain(int activation, float x)
 {
-    switch (activation) {
+    switch (ACT >= 0 ? ACT : activation) {
     case FP4MOE_ACT_RELU2: return x > 0.0f ? x * x : (x != x ? x : 0.0f);
     case FP4MOE_ACT_SILU: return x * sigmoid_dev(x);
     case FP4MOE_ACT_GELU: return gelu_erf(x);
@@ -106,61 +91,84 @@ static __device__ float activation_plain(int activation, float x)
     }
 }
 
-// FC1's epilogue for one column (a slot) of a 16-row tile: acc_g, acc_g8 are the lane's sums of
-// tile rows g and g+8 (weights decoded as value * 2^-14 already undone). Applies the input row
-// scale xs, the global scale of each row's half, the bias, the activation (gate row g and up row
-// g+8 of channel tile*8+g when gated; rows g, g+8 as two channels otherwise), the rounding to the
-// hidden dtype and the FP8 down-input quantisation, and stores into the slot's FC2 input row u.
-static __device__ __forceinline__ void fc1_epilogue_with(const cuda_plan_view &p, const fc1_epi_consts &k,
-                                                         int64_t tile, int g, float acc_g, float acc_g8,
-                                                         float xs, int hidden_dtype, float *u)
+// FC1's epilogue works on a (row g, row g + 8) pair of a 16-row tile: gate row g and up row g+8
+// of channel tile*8+g when gated, rows g, g+8 as two channels otherwise. A thread keeps its pair
+// over all the columns (slots) it visits, so everything that does not depend on the column is
+// read once (the loads of a loop that also stores through u could not be hoisted by the compiler).
+typedef struct fc1_pair {
+    float scale[2];     // each row's global scale (times the W4A4 input scale)
+    float bias[2];      // each row's FC1 bias (has_bias only)
+    int64_t ch[2];      // the output channel(s) in u: ch[0] gated, ch[0] and ch[1] plain
+    swiglu_shape shape; // SwiGLU's clamp and shape
+    float fp8_scale;    // FP8 down-input scale (fp8_down only)
+    bool has_bias;
+} fc1_pair;
+
+// Expert e's pair (g, g + 8) of 16-row tile `tile`. scale_low / scale_high: the global scale
+// (times the W4A4 input scale) of the rows below / from `inter` (the gate and up halves).
+static __device__ __forceinline__ fc1_pair fc1_pair_of(const cuda_plan_view &p, int64_t e, int64_t tile, int g,
+                                                       float scale_low, float scale_high)
 {
+    fc1_pair k;
     const int64_t inter = p.inter;
     int64_t n[2];
     if (p.gated) {
         const int64_t ch = tile * 8 + g;
         n[0] = p.gate_first ? ch : ch + inter; // gate row
         n[1] = p.gate_first ? ch + inter : ch; // up row
+        k.ch[0] = k.ch[1] = ch;
     } else {
         n[0] = tile * CUDA_TILE_ROWS + g;
         n[1] = n[0] + 8;
+        k.ch[0] = n[0], k.ch[1] = n[1];
     }
+    k.has_bias = p.b1 != NULL;
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        k.scale[r] = n[r] < inter ? scale_low : scale_high;
+        k.bias[r] = k.has_bias ? p.b1[e * p.n1 + n[r]] : 0.0f;
+    }
+    const bool swiglu = p.activation == FP4MOE_ACT_SWIGLU;
+    k.shape.limit = swiglu ? p.swiglu_limit[e] : 0.0f;
+    k.shape.alpha = swiglu ? p.swiglu_alpha[e] : 0.0f;
+    k.shape.beta = swiglu ? p.swiglu_beta[e] : 0.0f;
+    k.fp8_scale = p.fp8_down ? p.fp8_scale[e] : 1.0f;
+    return k;
+}
+
+// FC1's epilogue for one column of the pair: acc_g, acc_g8 are the sums of rows g and g+8
+// (weights decoded as value * 2^-14 already undone). Applies the input row scale xs, each row's
+// global scale, the bias, the activation, the rounding to the hidden dtype and the FP8 down-input
+// quantisation, and stores into the slot's FC2 input row u.
+template <int ACT>
+static __device__ __forceinline__ void fc1_pair_store(const cuda_plan_view &p, const fc1_pair &k, float acc_g,
+                                                      float acc_g8, float xs, int hidden_dtype, float *u)
+{
     const float acc[2] = {acc_g, acc_g8};
     float h[2];
+#pragma unroll
     for (int r = 0; r < 2; r++) {
-        float v = __fmul_rn(acc[r], xs);
-        v = __fmul_rn(v, n[r] < inter ? k.scale_low : k.scale_high);
-        if (k.b1) v = __fadd_rn(v, k.b1[n[r]]);
+        float v = __fmul_rn(__fmul_rn(acc[r], xs), k.scale[r]);
+        if (k.has_bias) v = __fadd_rn(v, k.bias[r]);
         h[r] = v;
     }
     float a[2];
-    int64_t ch[2];
     int outputs;
     if (p.gated) {
-        a[0] = activation_gated(p.activation, k, h[0], h[1]);
-        ch[0] = tile * 8 + g;
+        a[0] = activation_gated<ACT>(p.activation, k.shape, h[0], h[1]);
         outputs = 1;
     } else {
-        a[0] = activation_plain(p.activation, h[0]);
-        a[1] = activation_plain(p.activation, h[1]);
-        ch[0] = n[0], ch[1] = n[1];
+        a[0] = activation_plain<ACT>(p.activation, h[0]);
+        a[1] = activation_plain<ACT>(p.activation, h[1]);
         outputs = 2;
     }
-    for (int o = 0; o < outputs; o++) {
+#pragma unroll
+    for (int o = 0; o < 2; o++) {
+        if (o >= outputs) break;
         float v = round_to_dtype_dev(a[o], hidden_dtype);
         if (p.fp8_down) v = e4m3_value(e4m3_encode_satfinite(__fmul_rn(v, k.fp8_scale)));
-        u[ch[o]] = v;
+        u[k.ch[o]] = v;
     }
-}
-
-// The same, reading expert e's constants itself (one column per call).
-static __device__ __forceinline__ void fc1_epilogue(const cuda_plan_view &p, int64_t e, int64_t tile,
-                                                    int g, float acc_g, float acc_g8, float xs,
-                                                    float scale_low, float scale_high,
-                                                    int hidden_dtype, float *u)
-{
-    const fc1_epi_consts k = fc1_epi_consts_of(p, e, scale_low, scale_high);
-    fc1_epilogue_with(p, k, tile, g, acc_g, acc_g8, xs, hidden_dtype, u);
 }
 
 // Exclusive block-wide scan of one int per thread; returns the thread's prefix, *total the sum.

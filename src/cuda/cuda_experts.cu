@@ -241,18 +241,16 @@ static __device__ __forceinline__ void warp_tile_product(uint4 *ring, bool start
 // The results of one pass (slots pos .. pos + nslots - 1 of expert e, 16-row tile `tile`, acc as
 // tile_product returns it): lane rows g, g+8 of the tile, columns (slots) 2q, 2q+1.
 static __device__ __forceinline__ void fc1_pass_store(const cuda_plan_view &p, const cuda_call_view &c,
-                                                      const cuda_workspace &ws, int64_t e, int64_t tile, int pos,
-                                                      int nslots, float scale_low, float scale_high,
-                                                      const float acc[4], int lane)
+                                                      const cuda_workspace &ws, const fc1_pair &pair, int pos,
+                                                      int nslots, const float acc[4], int lane)
 {
-    const int g = lane / 4, q = lane % 4;
+    const int q = lane % 4;
     for (int j = 0; j < 2; j++) {
         const int col = 2 * q + j;
         if (col >= nslots) continue;
         const int64_t slot = ws.entries[pos + col];
         const float xs = ws.x_scale[c.x_per_slot ? slot : slot / p.top_k];
-        fc1_epilogue(p, e, tile, g, acc[j], acc[2 + j], xs, scale_low, scale_high, c.hidden_dtype,
-                     ws.u + slot * p.k2p);
+        fc1_pair_store<-1>(p, pair, acc[j], acc[2 + j], xs, c.hidden_dtype, ws.u + slot * p.k2p);
     }
 }
 
@@ -290,7 +288,9 @@ fc1_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws)
         if (WT) warp_tile_product<D, PARTS>(rings[warp], false, codes, scales, groups, b_row, acc);
         else tile_product<D, PARTS>(rings[warp], false, codes, scales, groups, b_row, acc, red);
         if (pos + CUDA_SLOTS_PER_PASS >= end) allow_next_kernel(); // last pass: epilogue left
-        if (WT || warp == 0) fc1_pass_store(p, c, ws, e, tile, pos, nslots, scale_low, scale_high, acc, lane);
+        // (the epilogue's constants read after the product: not held in registers through it)
+        if (WT || warp == 0)
+            fc1_pass_store(p, c, ws, fc1_pair_of(p, e, tile, g, scale_low, scale_high), pos, nslots, acc, lane);
     }
 }
 

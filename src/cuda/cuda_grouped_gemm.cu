@@ -73,7 +73,8 @@ static __device__ __forceinline__ uint32_t hmul2_bits(uint32_t a, __half2 s)
 // What one block works on.
 typedef struct gemm_tile {
     const uint8_t *codes, *scales; // the expert's repacked matrix
-    int64_t mtiles, groups, kp, mt0;
+    int64_t mtiles, kp, mt0;
+    int groups;                    // K groups (of CUDA_KGROUP values)
     const uint8_t *b;              // the B rows (FP16 inputs)
     const uint32_t *b_row;         // smem [BN]: each tile column's row in 16-byte units from b, ~0: padding
 } gemm_tile;
@@ -87,7 +88,8 @@ typedef struct gemm_tile {
 template <int BN, int PARTS, int THREADS> struct b_chunks {
     static constexpr int n = BN * PARTS * 8 / THREADS;
     static_assert(n * THREADS == BN * PARTS * 8 && THREADS % 64 == 0, "B chunks per thread");
-    uint32_t src[n]; // 16-byte units from t.b, B_PAD: padding column
+    uint32_t src[n]; // 16-byte units from t.b (0 for a padding column: never read)
+    uint32_t pad;    // bit j: chunk j is a padding column's (zero-filled)
     int dst;
 };
 
@@ -96,11 +98,13 @@ static __device__ __forceinline__ void plan_b_chunks(const gemm_tile &t, b_chunk
 {
     const int ch = threadIdx.x & 7, r0 = threadIdx.x >> 3;
     b.dst = (r0 * 8 + (ch ^ (r0 & 7))) << 4;
+    b.pad = 0;
 #pragma unroll
     for (int j = 0; j < b_chunks<BN, PARTS, THREADS>::n; j++) {
         const int r = r0 + j * (THREADS / 8);
         const uint32_t row = t.b_row[r % BN];
-        b.src[j] = row == B_PAD ? B_PAD : row + (uint32_t)((r / BN) * (t.kp / 8) + ch);
+        b.src[j] = row == B_PAD ? 0 : row + (uint32_t)((r / BN) * (t.kp / 8) + ch);
+        b.pad |= (row == B_PAD ? 1u : 0u) << j;
     }
 }
 
@@ -126,8 +130,8 @@ static __device__ __forceinline__ void plan_a_chunks(const gemm_tile &t, a_chunk
         a.dst[j] = i * 16; // the scales follow the codes
         a.step[j] = i < A::codes ? 512 : 64;
         a.src[j] = !a.ok[j] ? t.codes
-                   : i < A::codes ? t.codes + (t.mt0 + mt) * t.groups * 512 + (i % 32) * 16
-                                  : t.scales + (t.mt0 + mt) * t.groups * 64 + ((i - A::codes) % 4) * 16;
+                   : i < A::codes ? t.codes + (t.mt0 + mt) * (int64_t)t.groups * 512 + (i % 32) * 16
+                                  : t.scales + (t.mt0 + mt) * (int64_t)t.groups * 64 + ((i - A::codes) % 4) * 16;
     }
 }
 
@@ -136,15 +140,13 @@ static __device__ __forceinline__ void plan_a_chunks(const gemm_tile &t, a_chunk
 template <int BN, int PARTS, int MT, int THREADS>
 static __device__ __forceinline__ void load_stage(uint8_t *stage, const gemm_tile &t,
                                                   const a_chunks<MT, THREADS> &a,
-                                                  const b_chunks<BN, PARTS, THREADS> &b, int64_t kg)
+                                                  const b_chunks<BN, PARTS, THREADS> &b, int kg)
 {
+    // (32-bit offsets and no selects: this runs every stage in the MMA warps)
+    const uint32_t kg8 = (uint32_t)kg * 8;
 #pragma unroll
-    for (int j = 0; j < b_chunks<BN, PARTS, THREADS>::n; j++) {
-        const uint32_t src = b.src[j];
-        const bool ok = src != B_PAD;
-        cp_async16(stage + b.dst + j * THREADS * 16,
-                   t.b + (ok ? (uint64_t)(src + (uint32_t)kg * 8) * 16 : 0), ok);
-    }
+    for (int j = 0; j < b_chunks<BN, PARTS, THREADS>::n; j++)
+        cp_async16(stage + b.dst + j * THREADS * 16, t.b + (uint64_t)(b.src[j] + kg8) * 16, !((b.pad >> j) & 1));
     uint8_t *sa = stage + BN * PARTS * 128;
 #pragma unroll
     for (int j = 0; j < a_chunks<MT, THREADS>::n; j++)
@@ -243,7 +245,7 @@ static __device__ __forceinline__ void issue_stage_wgmma(const uint8_t *stage, i
 template <int BN, int PARTS, int WG, int THREADS>
 static __device__ __forceinline__ void run_stage(uint8_t *smem, const gemm_tile &t,
                                                  const a_chunks<gemm_shape<BN, PARTS, WG>::mt, THREADS> &ac,
-                                                 const b_chunks<BN, PARTS, THREADS> &bc, int64_t kg,
+                                                 const b_chunks<BN, PARTS, THREADS> &bc, int kg,
                                                  int warp, int lane, float *acc, uint32_t (&a)[4][4])
 {
     typedef gemm_shape<BN, PARTS, WG> S;
@@ -253,10 +255,11 @@ static __device__ __forceinline__ void run_stage(uint8_t *smem, const gemm_tile 
     // kg + ahead - stages: kg - 1 for mma.sync (done in every warp), kg - 2 for wgmma (every
     // warpgroup waited for it after issuing kg - 1, before this barrier).
     __syncthreads();
-    const int64_t next = kg + S::ahead;
-    if (next < t.groups) load_stage<BN, PARTS, S::mt, THREADS>(smem + (next % S::stages) * S::stage_bytes, t, ac, bc, next);
+    const int next = kg + S::ahead;
+    if (next < t.groups)
+        load_stage<BN, PARTS, S::mt, THREADS>(smem + (unsigned)next % S::stages * S::stage_bytes, t, ac, bc, next);
     cp_async_commit();
-    const uint8_t *stage = smem + (kg % S::stages) * S::stage_bytes;
+    const uint8_t *stage = smem + (unsigned)kg % S::stages * S::stage_bytes;
     if constexpr (WG != 0) {
         // a was last read by stage kg - 2's MMAs: complete
         issue_stage_wgmma<BN, PARTS, S::mt>(stage, warp, lane, acc, a);
@@ -266,26 +269,36 @@ static __device__ __forceinline__ void run_stage(uint8_t *smem, const gemm_tile 
     }
 }
 
+// FC1's epilogue over the columns a thread visits, for activation ACT: one (row g, row g + 8)
+// pair `k` of the tile's rows (v: its first row in the tile's results), stored by fc1_pair_store.
+template <int BN, int ROWS, int THREADS, int PAIRS, int ACT>
+static __device__ __forceinline__ void fc1_columns(const cuda_plan_view &p, const cuda_call_view &c,
+                                                   const fc1_pair &k, const float *v, float *u,
+                                                   const int32_t *slot_of, const float *xs_of)
+{
+#pragma unroll 2
+    for (int col = threadIdx.x / PAIRS; col < BN; col += THREADS / PAIRS) {
+        if (slot_of[col] < 0) continue;
+        // the weights were decoded as value * 2^-14: undo it (exact)
+        fc1_pair_store<ACT>(p, k, v[col * (ROWS + 4)] * 16384.0f, v[col * (ROWS + 4) + 8] * 16384.0f, xs_of[col],
+                            c.hidden_dtype, u + col * p.k2p);
+    }
+}
+
 // The tile's results: epi[col * (ROWS + 4) + row]
-// holds the FP32 sum of tile row `row` (block-local, 0..ROWS-1) for column `col`.
+// holds the FP32 sum of tile row `row` (block-local, 0..ROWS-1) for column `col`. xs_of holds
+// each column's input row scale (FC1: hidden row, FC2: u row).
 template <int BN, int FC2, int ROWS, int THREADS>
 static __device__ __forceinline__ void epilogue(const cuda_plan_view &p, const cuda_call_view &c,
                                                 const cuda_workspace &ws, const gemm_tile &t,
                                                 int64_t e, int64_t row0, const float *epi,
                                                 const int32_t *slot_of, const float *xs_of)
 {
-    float scale_low, scale_high;
     if (FC2) {
         float sc = 1.0f;
         if (p.w4a4) sc = 1.0f / p.a2_global[e];
         else if (p.fp8_down) sc = 1.0f / p.fp8_scale[e];
-        scale_low = scale_high = __fmul_rn(sc, p.w2_global[e]);
-    } else {
-        const float sa = p.w4a4 ? 1.0f / p.a1_global[e] : 1.0f;
-        scale_low = __fmul_rn(sa, p.w1_global[e]);
-        scale_high = __fmul_rn(sa, p.w1_global_half2[e]);
-    }
-    if (FC2) {
+        const float scale = __fmul_rn(sc, p.w2_global[e]);
         // four consecutive output rows n per column (H is a multiple of 16): one 16-byte store
         // of the (token, slot) row. A thread keeps its four rows (and their bias) in every column.
         constexpr int QUADS = ROWS / 4;
@@ -296,43 +309,46 @@ static __device__ __forceinline__ void epilogue(const cuda_plan_view &p, const c
         const int64_t n = mtile * CUDA_TILE_ROWS + j % 16;
         const float4 bias = p.b2 ? *reinterpret_cast<const float4 *>(p.b2 + e * p.h + n)
                                  : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-#pragma unroll 1
+        float *y = ws.y + n;
+#pragma unroll 4
         for (int col = threadIdx.x / QUADS; col < BN; col += THREADS / QUADS) {
             const int32_t slot = slot_of[col];
             if (slot < 0) continue;
             const float4 v = *reinterpret_cast<const float4 *>(epi + col * (ROWS + 4) + j);
             // the weights were decoded as value * 2^-14: undo it (exact)
-            const float us = ws.u_scale[row0 + col];
-            float4 y;
-            y.x = __fmul_rn(__fmul_rn(v.x * 16384.0f, us), scale_low);
-            y.y = __fmul_rn(__fmul_rn(v.y * 16384.0f, us), scale_low);
-            y.z = __fmul_rn(__fmul_rn(v.z * 16384.0f, us), scale_low);
-            y.w = __fmul_rn(__fmul_rn(v.w * 16384.0f, us), scale_low);
+            const float us = xs_of[col];
+            float4 o;
+            o.x = __fmul_rn(__fmul_rn(v.x * 16384.0f, us), scale);
+            o.y = __fmul_rn(__fmul_rn(v.y * 16384.0f, us), scale);
+            o.z = __fmul_rn(__fmul_rn(v.z * 16384.0f, us), scale);
+            o.w = __fmul_rn(__fmul_rn(v.w * 16384.0f, us), scale);
             if (p.b2) {
-                y.x = __fadd_rn(y.x, bias.x), y.y = __fadd_rn(y.y, bias.y);
-                y.z = __fadd_rn(y.z, bias.z), y.w = __fadd_rn(y.w, bias.w);
+                o.x = __fadd_rn(o.x, bias.x), o.y = __fadd_rn(o.y, bias.y);
+                o.z = __fadd_rn(o.z, bias.z), o.w = __fadd_rn(o.w, bias.w);
             }
-            *reinterpret_cast<float4 *>(ws.y + (int64_t)slot * p.h + n) = y;
+            *reinterpret_cast<float4 *>(y + (int64_t)slot * p.h) = o;
         }
         return;
     }
-    // FC1: one (row g, row g + 8) pair of a 16-row tile per column: gate and up of a channel
-    // (gated) or two output rows (plain), both stored by fc1_epilogue_with. A thread keeps its
-    // pair for every column it visits, so the expert's constants and the pair's rows are set once.
+    // FC1: a thread keeps one pair of rows for every column it visits; the loop is specialised
+    // for the activation (one loop over every activation's path was 362 SASS instructions per column)
     constexpr int PAIRS = ROWS / 2;
     static_assert(THREADS % PAIRS == 0, "a thread's pair is the same in every column");
     const int pair = threadIdx.x % PAIRS, mt = pair / 8, g = pair % 8;
     const int64_t mtile = t.mt0 + mt;
     if (mtile >= t.mtiles) return;
-    const fc1_epi_consts k = fc1_epi_consts_of(p, e, scale_low, scale_high);
+    const float sa = p.w4a4 ? 1.0f / p.a1_global[e] : 1.0f;
+    const fc1_pair k = fc1_pair_of(p, e, mtile, g, __fmul_rn(sa, p.w1_global[e]), __fmul_rn(sa, p.w1_global_half2[e]));
     const float *v = epi + mt * 16 + g;
     float *u = ws.u + row0 * p.k2p;
-#pragma unroll 1
-    for (int col = threadIdx.x / PAIRS; col < BN; col += THREADS / PAIRS) {
-        if (slot_of[col] < 0) continue;
-        // the weights were decoded as value * 2^-14: undo it (exact)
-        fc1_epilogue_with(p, k, mtile, g, v[col * (ROWS + 4)] * 16384.0f, v[col * (ROWS + 4) + 8] * 16384.0f,
-                          xs_of[col], c.hidden_dtype, u + col * p.k2p);
+    switch (p.activation) {
+    case FP4MOE_ACT_SWIGLU: fc1_columns<BN, ROWS, THREADS, PAIRS, FP4MOE_ACT_SWIGLU>(p, c, k, v, u, slot_of, xs_of); break;
+    case FP4MOE_ACT_GEGLU: fc1_columns<BN, ROWS, THREADS, PAIRS, FP4MOE_ACT_GEGLU>(p, c, k, v, u, slot_of, xs_of); break;
+    case FP4MOE_ACT_GEGLU_TANH: fc1_columns<BN, ROWS, THREADS, PAIRS, FP4MOE_ACT_GEGLU_TANH>(p, c, k, v, u, slot_of, xs_of); break;
+    case FP4MOE_ACT_RELU2: fc1_columns<BN, ROWS, THREADS, PAIRS, FP4MOE_ACT_RELU2>(p, c, k, v, u, slot_of, xs_of); break;
+    case FP4MOE_ACT_SILU: fc1_columns<BN, ROWS, THREADS, PAIRS, FP4MOE_ACT_SILU>(p, c, k, v, u, slot_of, xs_of); break;
+    case FP4MOE_ACT_GELU: fc1_columns<BN, ROWS, THREADS, PAIRS, FP4MOE_ACT_GELU>(p, c, k, v, u, slot_of, xs_of); break;
+    default: fc1_columns<BN, ROWS, THREADS, PAIRS, FP4MOE_ACT_IDENTITY>(p, c, k, v, u, slot_of, xs_of); break;
     }
 }
 
@@ -356,7 +372,7 @@ grouped_gemm_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws)
     for (int r = tid; r < BN; r += THREADS) {
         const int32_t slot = ws.perm[row0 + r];
         slot_of[r] = slot;
-        if (!FC2) xs_of[r] = slot < 0 ? 0.0f : ws.x_scale[c.x_per_slot ? slot : slot / p.top_k];
+        xs_of[r] = slot < 0 ? 0.0f : FC2 ? ws.u_scale[row0 + r] : ws.x_scale[c.x_per_slot ? slot : slot / p.top_k];
         const int64_t row = FC2 ? row0 + r : c.x_per_slot ? slot : slot / p.top_k;
         // (in 16-byte units: the workspace's B rows stay far below 64 GB)
         b_row[r] = slot < 0 ? B_PAD : (uint32_t)(row * PARTS * kp / 8);
@@ -366,7 +382,7 @@ grouped_gemm_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws)
     gemm_tile t;
     t.mtiles = (FC2 ? p.h : p.n1) / CUDA_TILE_ROWS;
     t.kp = kp;
-    t.groups = kp / CUDA_KGROUP;
+    t.groups = (int)(kp / CUDA_KGROUP);
     t.codes = (FC2 ? p.w2_codes : p.w1_codes) + e * t.mtiles * t.groups * 512;
     t.scales = (FC2 ? p.w2_scales : p.w1_scales) + e * t.mtiles * t.groups * 64;
     t.mt0 = (int64_t)blockIdx.x * S::mt;
@@ -393,7 +409,7 @@ grouped_gemm_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws)
     // decoded into the other. Each call names its set at compile time and the loop has no exit
     // between the two: otherwise ptxas serialises every MMA (warning C7513).
     uint32_t a_even[4][4], a_odd[4][4];
-    int64_t kg = 0;
+    int kg = 0;
     for (; kg + 1 < t.groups; kg += 2) {
         run_stage<BN, PARTS, WG, THREADS>(smem, t, ac, bc, kg, warp, lane, acc, a_even);
         run_stage<BN, PARTS, WG, THREADS>(smem, t, ac, bc, kg + 1, warp, lane, acc, a_odd);
