@@ -139,10 +139,11 @@ static __device__ __forceinline__ fc1_pair fc1_pair_of(const cuda_plan_view &p, 
 // FC1's epilogue for one column of the pair: acc_g, acc_g8 are the sums of rows g and g+8
 // (weights decoded as value * 2^-14 already undone). Applies the input row scale xs, each row's
 // global scale, the bias, the activation, the rounding to the hidden dtype and the FP8 down-input
-// quantisation, and stores into the slot's FC2 input row u.
+// quantisation, and stores into the slot's FC2 input row u, of dtype u_dtype (FP32, or the
+// hidden dtype: the values are rounded to it already, so that is exact).
 template <int ACT>
 static __device__ __forceinline__ void fc1_pair_store(const cuda_plan_view &p, const fc1_pair &k, float acc_g,
-                                                      float acc_g8, float xs, int hidden_dtype, float *u)
+                                                      float acc_g8, float xs, int hidden_dtype, void *u, int u_dtype)
 {
     const float acc[2] = {acc_g, acc_g8};
     float h[2];
@@ -167,7 +168,7 @@ static __device__ __forceinline__ void fc1_pair_store(const cuda_plan_view &p, c
         if (o >= outputs) break;
         float v = round_to_dtype_dev(a[o], hidden_dtype);
         if (p.fp8_down) v = e4m3_value(e4m3_encode_satfinite(__fmul_rn(v, k.fp8_scale)));
-        u[k.ch[o]] = v;
+        store_from_f32(u, u_dtype, k.ch[o], v);
     }
 }
 

@@ -250,7 +250,8 @@ static __device__ __forceinline__ void fc1_pass_store(const cuda_plan_view &p, c
         if (col >= nslots) continue;
         const int64_t slot = ws.entries[pos + col];
         const float xs = ws.x_scale[c.x_per_slot ? slot : slot / p.top_k];
-        fc1_pair_store<-1>(p, pair, acc[j], acc[2 + j], xs, c.hidden_dtype, ws.u + slot * p.k2p);
+        fc1_pair_store<-1>(p, pair, acc[j], acc[2 + j], xs, c.hidden_dtype, ws.u + slot * p.k2p,
+                           FP4MOE_DTYPE_F32);
     }
 }
 

@@ -271,9 +271,10 @@ static __device__ __forceinline__ void run_stage(uint8_t *smem, const gemm_tile 
 
 // FC1's epilogue over the columns a thread visits, for activation ACT: one (row g, row g + 8)
 // pair `k` of the tile's rows (v: its first row in the tile's results), stored by fc1_pair_store.
+// The FC2 input rows u hold the hidden dtype (half the bytes of FP32 with 16-bit hidden states).
 template <int BN, int ROWS, int THREADS, int PAIRS, int ACT>
 static __device__ __forceinline__ void fc1_columns(const cuda_plan_view &p, const cuda_call_view &c,
-                                                   const fc1_pair &k, const float *v, float *u,
+                                                   const fc1_pair &k, const float *v, uint8_t *u, int64_t u_row_bytes,
                                                    const int32_t *slot_of, const float *xs_of)
 {
 #pragma unroll 2
@@ -281,7 +282,7 @@ static __device__ __forceinline__ void fc1_columns(const cuda_plan_view &p, cons
         if (slot_of[col] < 0) continue;
         // the weights were decoded as value * 2^-14: undo it (exact)
         fc1_pair_store<ACT>(p, k, v[col * (ROWS + 4)] * 16384.0f, v[col * (ROWS + 4) + 8] * 16384.0f, xs_of[col],
-                            c.hidden_dtype, u + col * p.k2p);
+                            c.hidden_dtype, u + col * u_row_bytes, c.hidden_dtype);
     }
 }
 
@@ -340,15 +341,16 @@ static __device__ __forceinline__ void epilogue(const cuda_plan_view &p, const c
     const float sa = p.w4a4 ? 1.0f / p.a1_global[e] : 1.0f;
     const fc1_pair k = fc1_pair_of(p, e, mtile, g, __fmul_rn(sa, p.w1_global[e]), __fmul_rn(sa, p.w1_global_half2[e]));
     const float *v = epi + mt * 16 + g;
-    float *u = ws.u + row0 * p.k2p;
+    const int64_t u_row_bytes = p.k2p * (c.hidden_dtype == FP4MOE_DTYPE_F32 ? 4 : 2);
+    uint8_t *u = reinterpret_cast<uint8_t *>(ws.u) + row0 * u_row_bytes;
     switch (p.activation) {
-    case FP4MOE_ACT_SWIGLU: fc1_columns<BN, ROWS, THREADS, PAIRS, FP4MOE_ACT_SWIGLU>(p, c, k, v, u, slot_of, xs_of); break;
-    case FP4MOE_ACT_GEGLU: fc1_columns<BN, ROWS, THREADS, PAIRS, FP4MOE_ACT_GEGLU>(p, c, k, v, u, slot_of, xs_of); break;
-    case FP4MOE_ACT_GEGLU_TANH: fc1_columns<BN, ROWS, THREADS, PAIRS, FP4MOE_ACT_GEGLU_TANH>(p, c, k, v, u, slot_of, xs_of); break;
-    case FP4MOE_ACT_RELU2: fc1_columns<BN, ROWS, THREADS, PAIRS, FP4MOE_ACT_RELU2>(p, c, k, v, u, slot_of, xs_of); break;
-    case FP4MOE_ACT_SILU: fc1_columns<BN, ROWS, THREADS, PAIRS, FP4MOE_ACT_SILU>(p, c, k, v, u, slot_of, xs_of); break;
-    case FP4MOE_ACT_GELU: fc1_columns<BN, ROWS, THREADS, PAIRS, FP4MOE_ACT_GELU>(p, c, k, v, u, slot_of, xs_of); break;
-    default: fc1_columns<BN, ROWS, THREADS, PAIRS, FP4MOE_ACT_IDENTITY>(p, c, k, v, u, slot_of, xs_of); break;
+    case FP4MOE_ACT_SWIGLU: fc1_columns<BN, ROWS, THREADS, PAIRS, FP4MOE_ACT_SWIGLU>(p, c, k, v, u, u_row_bytes, slot_of, xs_of); break;
+    case FP4MOE_ACT_GEGLU: fc1_columns<BN, ROWS, THREADS, PAIRS, FP4MOE_ACT_GEGLU>(p, c, k, v, u, u_row_bytes, slot_of, xs_of); break;
+    case FP4MOE_ACT_GEGLU_TANH: fc1_columns<BN, ROWS, THREADS, PAIRS, FP4MOE_ACT_GEGLU_TANH>(p, c, k, v, u, u_row_bytes, slot_of, xs_of); break;
+    case FP4MOE_ACT_RELU2: fc1_columns<BN, ROWS, THREADS, PAIRS, FP4MOE_ACT_RELU2>(p, c, k, v, u, u_row_bytes, slot_of, xs_of); break;
+    case FP4MOE_ACT_SILU: fc1_columns<BN, ROWS, THREADS, PAIRS, FP4MOE_ACT_SILU>(p, c, k, v, u, u_row_bytes, slot_of, xs_of); break;
+    case FP4MOE_ACT_GELU: fc1_columns<BN, ROWS, THREADS, PAIRS, FP4MOE_ACT_GELU>(p, c, k, v, u, u_row_bytes, slot_of, xs_of); break;
+    default: fc1_columns<BN, ROWS, THREADS, PAIRS, FP4MOE_ACT_IDENTITY>(p, c, k, v, u, u_row_bytes, slot_of, xs_of); break;
     }
 }
 

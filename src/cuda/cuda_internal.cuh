@@ -80,7 +80,7 @@ typedef struct cuda_workspace {
     void *xh;            // [C*k or C][k1p/4 units][8 * parts bytes]: FC1 B rows (store_b_unit)
     int32_t *x_amax;     // [C*k or C] (float bits, atomicMax)
     float *x_scale;      // [C*k or C]
-    float *u;            // [C*k][k2p] FC2 inputs (FP32)
+    float *u;            // [C*k][k2p] FC2 inputs (FP32; the prefill path stores the hidden dtype)
     void *uh;            // [C*k][k2p/4 units][8 * parts bytes]: FC2 B rows
     float *u_scale;      // [C*k]
     float *y;            // [C*k][h] FC2 outputs

@@ -197,8 +197,88 @@ prefill_fc1_input_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws)
     allow_next_kernel();
 }
 
-// One warp per padded row: the FC2 input (FP32 from FC1's epilogue) W4A4-quantised in place
-// with the expert's a2 scale, then as FP16 parts with its row scale. Padding columns are zero.
+// Eight 16-bit values (FP16 or BF16 bits) as floats.
+static __device__ __forceinline__ void unpack8(uint4 w, bool bf16, float v[8])
+{
+    const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        const uint32_t lo = words[j] & 0xffffu, hi = words[j] >> 16;
+        v[2 * j] = bf16 ? __uint_as_float(lo << 16) : __half2float(__ushort_as_half((unsigned short)lo));
+        v[2 * j + 1] = bf16 ? __uint_as_float(hi << 16) : __half2float(__ushort_as_half((unsigned short)hi));
+    }
+}
+
+// The FC1 input rows of 16-bit hidden states when every slot of a token reads the same row (no
+// router weight on the input, no W4A4): 16-byte loads, the row kept in registers from its amax
+// to its stores (the general kernel above reads 2-byte values, twice). Same values.
+#define FC1_INPUT16_CHUNKS 4 /* 8-value chunks per thread: rows up to 8192 values */
+__global__ void __launch_bounds__(ROW_THREADS)
+prefill_fc1_input16_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws)
+{
+    wait_for_previous_kernel();
+    const int64_t row = blockIdx.x;
+    const uint4 *src = reinterpret_cast<const uint4 *>(static_cast<const uint16_t *>(c.hidden) + (c.t0 + row) * p.h);
+    const int chunks = (int)(p.h / 8), out_chunks = (int)(p.k1p / 8);
+    const bool bf16 = c.hidden_dtype == FP4MOE_DTYPE_BF16;
+    uint4 w[FC1_INPUT16_CHUNKS];
+    float amax = 0.0f;
+#pragma unroll
+    for (int j = 0; j < FC1_INPUT16_CHUNKS; j++) {
+        const int i = threadIdx.x + j * ROW_THREADS;
+        w[j] = i < chunks ? src[i] : make_uint4(0, 0, 0, 0); // zero past h
+        float v[8];
+        unpack8(w[j], bf16, v);
+#pragma unroll
+        for (int k = 0; k < 8; k++) amax = fmaxf(amax, fabsf(v[k]));
+    }
+    amax = block_max(amax);
+    float inverse;
+    const float scale = row_scale_from_amax(amax, &inverse);
+    if (threadIdx.x == 0) ws.x_scale[row] = scale;
+    uint4 *dst = reinterpret_cast<uint4 *>(ws.xb + row * p.k1p);
+#pragma unroll
+    for (int j = 0; j < FC1_INPUT16_CHUNKS; j++) {
+        const int i = threadIdx.x + j * ROW_THREADS;
+        if (i >= out_chunks) break;
+        float v[8];
+        unpack8(w[j], bf16, v);
+        uint32_t o[4];
+#pragma unroll
+        for (int k = 0; k < 4; k++) o[k] = pack_half2(__float2half_rn(v[2 * k] * inverse), __float2half_rn(v[2 * k + 1] * inverse));
+        dst[i] = make_uint4(o[0], o[1], o[2], o[3]);
+    }
+    allow_next_kernel();
+}
+
+// Block b (16 values) of an FC2 input row as FC1's epilogue stored it (FP32, or the 16-bit
+// hidden dtype), W4A4-quantised with scale a2 when w4a4; zero from block `live` on (padding).
+static __device__ __forceinline__ void fc2_input_block(const void *row, int dtype, int64_t b, int64_t live,
+                                                       bool w4a4, float a2, float v[16])
+{
+    if (b >= live) {
+#pragma unroll
+        for (int j = 0; j < 16; j++) v[j] = 0.0f;
+        return;
+    }
+    if (dtype == FP4MOE_DTYPE_F32) {
+        const float4 *src = reinterpret_cast<const float4 *>(row) + b * 4;
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            const float4 f = src[j];
+            v[4 * j] = f.x, v[4 * j + 1] = f.y, v[4 * j + 2] = f.z, v[4 * j + 3] = f.w;
+        }
+    } else {
+        const uint4 *src = reinterpret_cast<const uint4 *>(row) + b * 2;
+        unpack8(src[0], dtype == FP4MOE_DTYPE_BF16, v);
+        unpack8(src[1], dtype == FP4MOE_DTYPE_BF16, v + 8);
+    }
+    if (w4a4) nvfp4_fake_quantize16(v, a2);
+}
+
+// One warp per padded row: the FC2 input W4A4-quantised with the expert's a2 scale (again in the
+// second pass: cheaper than writing it back), then as FP16 parts with its row scale. Padding
+// columns are zero.
 __global__ void __launch_bounds__(ROW_THREADS)
 prefill_fc2_input_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws, int tile_tokens)
 {
@@ -208,21 +288,13 @@ prefill_fc2_input_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws, 
     if (row >= (int64_t)*ws.num_tiles * tile_tokens) return;
     const int32_t slot = ws.perm[row];
     if (slot < 0) return; // padding: never stored, so never read
-    float *u = ws.u + row * p.k2p;
+    const int dtype = c.hidden_dtype; // of u (fc1_columns, cuda_grouped_gemm.cu)
+    const void *u = reinterpret_cast<const uint8_t *>(ws.u) + row * p.k2p * (dtype == FP4MOE_DTYPE_F32 ? 4 : 2);
     const int64_t blocks = p.k2p / 16, live = p.inter / 16;
+    const float a2 = p.w4a4 ? p.a2_global[ws.slot_local[slot]] : 1.0f;
     float amax = 0.0f, v[16];
     for (int64_t b = lane; b < blocks; b += 32) {
-        float4 *src = reinterpret_cast<float4 *>(u + b * 16);
-#pragma unroll
-        for (int j = 0; j < 4; j++) {
-            const float4 f = b < live ? src[j] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-            v[4 * j] = f.x, v[4 * j + 1] = f.y, v[4 * j + 2] = f.z, v[4 * j + 3] = f.w;
-        }
-        if (p.w4a4 && b < live) {
-            nvfp4_fake_quantize16(v, p.a2_global[ws.slot_local[slot]]);
-#pragma unroll
-            for (int j = 0; j < 4; j++) src[j] = make_float4(v[4 * j], v[4 * j + 1], v[4 * j + 2], v[4 * j + 3]);
-        }
+        fc2_input_block(u, dtype, b, live, p.w4a4, a2, v);
 #pragma unroll
         for (int j = 0; j < 16; j++) amax = fmaxf(amax, fabsf(v[j]));
     }
@@ -231,12 +303,7 @@ prefill_fc2_input_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws, 
     const float scale = row_scale_from_amax(amax, &inverse);
     if (lane == 0) ws.u_scale[row] = scale;
     for (int64_t b = lane; b < blocks; b += 32) {
-        const float4 *src = reinterpret_cast<const float4 *>(u + b * 16);
-#pragma unroll
-        for (int j = 0; j < 4; j++) {
-            const float4 f = b < live ? src[j] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-            v[4 * j] = f.x, v[4 * j + 1] = f.y, v[4 * j + 2] = f.z, v[4 * j + 3] = f.w;
-        }
+        fc2_input_block(u, dtype, b, live, p.w4a4, a2, v);
         store_parts16(v, inverse, c.parts, p.k2p, ws.ub + row * c.parts * p.k2p + b * 16);
     }
     allow_next_kernel();
@@ -260,9 +327,12 @@ extern "C" cudaError_t cuda_launch_prefill(const cuda_plan_view *p, const cuda_c
     if (err == cudaSuccess)
         err = launch_dependent(prefill_place_kernel, dim3((unsigned)perm_blocks), dim3(PERM_THREADS),
                                hist_bytes, stream, *p, *c, *ws);
+    // (the 16-byte kernel needs 16-byte aligned rows of at most 8 * ROW_THREADS * FC1_INPUT16_CHUNKS values)
+    const bool input16 = !c->x_per_slot && c->parts == 1 && p->h % 8 == 0 &&
+                         p->k1p <= 8 * ROW_THREADS * FC1_INPUT16_CHUNKS && (uintptr_t)c->hidden % 16 == 0;
     if (err == cudaSuccess)
-        err = launch_dependent(prefill_fc1_input_kernel, dim3((unsigned)x_rows), dim3(ROW_THREADS), 0,
-                               stream, *p, *c, *ws);
+        err = launch_dependent(input16 ? prefill_fc1_input16_kernel : prefill_fc1_input_kernel, dim3((unsigned)x_rows),
+                               dim3(ROW_THREADS), 0, stream, *p, *c, *ws);
     if (err == cudaSuccess)
         err = cuda_launch_grouped_gemm(p, c, ws, 0, tile_tokens, max_tiles, warpgroups, stream);
     if (err == cudaSuccess)
