@@ -214,11 +214,24 @@ static __device__ __forceinline__ void compute_stage_mma(const uint8_t *stage, i
     }
 }
 
-// wgmma: the warpgroup's 64 x BN product over one stage; warp w of the block owns 16-row tile w
-// (of MT) and decodes only that one into a[] (untouched until these MMAs complete).
-template <int BN, int PARTS, int MT>
-static __device__ __forceinline__ void issue_stage_wgmma(const uint8_t *stage, int mt, int lane,
-                                                         float *acc, uint32_t (&a)[4][4])
+template <int N> static __device__ __forceinline__ void wgmma_n(float *d, const uint32_t a[4], uint64_t desc)
+{
+    if constexpr (N == 16) wgmma_m64n16k16(d, a, desc);
+    else if constexpr (N == 32) wgmma_m64n32k16(d, a, desc);
+    else if constexpr (N == 48) wgmma_m64n48k16(d, a, desc);
+    else if constexpr (N == 64) wgmma_m64n64k16(d, a, desc);
+    else if constexpr (N == 96) wgmma_m64n96k16(d, a, desc);
+    else if constexpr (N == 128) wgmma_m64n128k16(d, a, desc);
+    else if constexpr (N == 192) wgmma_m64n192k16(d, a, desc);
+    else wgmma_m64n256k16(d, a, desc);
+}
+
+// wgmma: the warpgroup's 64 x BN product over one stage, of which the MMAs cover the first N
+// columns (see mma_loop); warp w of the block owns 16-row tile w (of MT) and decodes only that one
+// into a[] (untouched until these MMAs complete).
+template <int N, int BN, int PARTS, int MT>
+static __device__ __forceinline__ void issue_stage_wgmma(const uint8_t *stage, int mt, int lane, float *acc,
+                                                         uint32_t (&a)[4][4])
 {
     uint32_t words[4];
     uint2 sc;
@@ -231,18 +244,13 @@ static __device__ __forceinline__ void issue_stage_wgmma(const uint8_t *stage, i
 #pragma unroll
     for (int s = 0; s < 4; s++)
 #pragma unroll
-        for (int part = 0; part < PARTS; part++) {
-            const uint64_t desc = wgmma_desc_sw128(sb + part * BN * 128 + s * 32);
-            if (BN == 256) wgmma_m64n256k16(acc, a[s], desc);
-            else if (BN == 128) wgmma_m64n128k16(acc, a[s], desc);
-            else wgmma_m64n64k16(acc, a[s], desc);
-        }
+        for (int part = 0; part < PARTS; part++) wgmma_n<N>(acc, a[s], wgmma_desc_sw128(sb + part * BN * 128 + s * 32));
     wgmma_commit();
     wgmma_fence_operands<BN / 2>(acc);
 }
 
 // Stage kg of the main loop: wait for its copies, refill the slot ahead, multiply.
-template <int BN, int PARTS, int WG, int THREADS>
+template <int N, int BN, int PARTS, int WG, int THREADS>
 static __device__ __forceinline__ void run_stage(uint8_t *smem, const gemm_tile &t,
                                                  const a_chunks<gemm_shape<BN, PARTS, WG>::mt, THREADS> &ac,
                                                  const b_chunks<BN, PARTS, THREADS> &bc, int kg,
@@ -262,11 +270,31 @@ static __device__ __forceinline__ void run_stage(uint8_t *smem, const gemm_tile 
     const uint8_t *stage = smem + (unsigned)kg % S::stages * S::stage_bytes;
     if constexpr (WG != 0) {
         // a was last read by stage kg - 2's MMAs: complete
-        issue_stage_wgmma<BN, PARTS, S::mt>(stage, warp, lane, acc, a);
+        issue_stage_wgmma<N, BN, PARTS, S::mt>(stage, warp, lane, acc, a);
         wgmma_wait<1>(); // stage kg - 1's MMAs are done, kg's may run on
     } else {
         compute_stage_mma<BN, PARTS>(stage, warp / 2, warp % 2, lane, reinterpret_cast<float (*)[BN / 16][4]>(acc));
     }
+}
+
+// The main loop over the K groups. With wgmma, the MMAs cover the tile's first N columns: the
+// others are the padding of an expert's last tile (their accumulators stay 0 and are never
+// stored). The warp's A fragments come in two sets: stage kg's MMAs read one while stage kg + 1
+// is decoded into the other. Each call names its set at compile time and the loop has no exit
+// between the two: otherwise ptxas serialises every MMA (warning C7513).
+template <int N, int BN, int PARTS, int WG, int THREADS>
+static __device__ __forceinline__ void mma_loop(uint8_t *smem, const gemm_tile &t,
+                                                const a_chunks<gemm_shape<BN, PARTS, WG>::mt, THREADS> &ac,
+                                                const b_chunks<BN, PARTS, THREADS> &bc, int warp, int lane, float *acc)
+{
+    uint32_t a_even[4][4], a_odd[4][4];
+    int kg = 0;
+    for (; kg + 1 < t.groups; kg += 2) {
+        run_stage<N, BN, PARTS, WG, THREADS>(smem, t, ac, bc, kg, warp, lane, acc, a_even);
+        run_stage<N, BN, PARTS, WG, THREADS>(smem, t, ac, bc, kg + 1, warp, lane, acc, a_odd);
+    }
+    if (kg < t.groups) run_stage<N, BN, PARTS, WG, THREADS>(smem, t, ac, bc, kg, warp, lane, acc, a_even);
+    if (WG) wgmma_wait_all();
 }
 
 // FC1's epilogue over the columns a thread visits, for activation ACT: one (row g, row g + 8)
@@ -371,15 +399,20 @@ grouped_gemm_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws)
     float *xs_of = reinterpret_cast<float *>(slot_of + BN);
     const int tid = threadIdx.x;
     const int64_t kp = FC2 ? p.k2p : p.k1p;
-    for (int r = tid; r < BN; r += THREADS) {
-        const int32_t slot = ws.perm[row0 + r];
+    static_assert(BN <= THREADS, "one tile column per thread");
+    int32_t slot = -1;
+    if (tid < BN) {
+        const int r = tid;
+        slot = ws.perm[row0 + r];
         slot_of[r] = slot;
         xs_of[r] = slot < 0 ? 0.0f : FC2 ? ws.u_scale[row0 + r] : ws.x_scale[c.x_per_slot ? slot : slot / p.top_k];
         const int64_t row = FC2 ? row0 + r : c.x_per_slot ? slot : slot / p.top_k;
         // (in 16-byte units: the workspace's B rows stay far below 64 GB)
         b_row[r] = slot < 0 ? B_PAD : (uint32_t)(row * PARTS * kp / 8);
     }
-    __syncthreads();
+    // the tile's columns that hold tokens (the padding is at its end), in quarters of BN
+    const int filled = __syncthreads_count(slot >= 0);
+    const int nq = (filled * 4 + BN - 1) / BN;
 
     gemm_tile t;
     t.mtiles = (FC2 ? p.h : p.n1) / CUDA_TILE_ROWS;
@@ -407,17 +440,18 @@ grouped_gemm_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws)
         cp_async_commit();
     }
     const int warp = tid / 32, lane = tid % 32;
-    // wgmma: the warp's A fragments, two sets: stage kg's MMAs read one while stage kg + 1 is
-    // decoded into the other. Each call names its set at compile time and the loop has no exit
-    // between the two: otherwise ptxas serialises every MMA (warning C7513).
-    uint32_t a_even[4][4], a_odd[4][4];
-    int kg = 0;
-    for (; kg + 1 < t.groups; kg += 2) {
-        run_stage<BN, PARTS, WG, THREADS>(smem, t, ac, bc, kg, warp, lane, acc, a_even);
-        run_stage<BN, PARTS, WG, THREADS>(smem, t, ac, bc, kg + 1, warp, lane, acc, a_odd);
+    if constexpr (WG != 0 && PARTS == 1) {
+        // one whole loop per width (a branch between the MMAs of a stage made ptxas serialise
+        // them); not with FP32 hidden states (PARTS = 2), whose loops then spilled registers
+        switch (nq) {
+        case 1: mma_loop<BN / 4, BN, PARTS, WG, THREADS>(smem, t, ac, bc, warp, lane, acc); break;
+        case 2: mma_loop<BN / 2, BN, PARTS, WG, THREADS>(smem, t, ac, bc, warp, lane, acc); break;
+        case 3: mma_loop<3 * BN / 4, BN, PARTS, WG, THREADS>(smem, t, ac, bc, warp, lane, acc); break;
+        default: mma_loop<BN, BN, PARTS, WG, THREADS>(smem, t, ac, bc, warp, lane, acc); break;
+        }
+    } else {
+        mma_loop<BN, BN, PARTS, WG, THREADS>(smem, t, ac, bc, warp, lane, acc);
     }
-    if (kg < t.groups) run_stage<BN, PARTS, WG, THREADS>(smem, t, ac, bc, kg, warp, lane, acc, a_even);
-    if (WG) wgmma_wait_all();
     wgmma_fence_operands<ACC>(acc);
     cp_async_wait<0>();
     __syncthreads(); // every warp is done with the pipeline: its memory holds the epilogue tile
