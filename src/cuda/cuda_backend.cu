@@ -220,14 +220,17 @@ static size_t align256(size_t n) { return (n + 255) / 256 * 256; }
 
 static int x_per_slot(const cuda_plan_view *v) { return v->on_input || v->w4a4; }
 
-// The prefill path's tiling of a chunk of `chunk` tokens: tokens per GEMM tile (as many as the
-// average expert fills: 64 or 128) and the most tiles it can need
-// (every expert's last tile may be partial).
+// The prefill path's tiling of a chunk of `chunk` tokens: tokens per GEMM tile and the most
+// tiles it can need (every expert's last tile may be partial). 128-token tiles from 64 rows per
+// expert on average with wgmma, which multiplies only a tile's filled quarters, so a half-filled
+// 128-token tile costs one weight decode where two 64-token tiles cost two (H100, docs/PERF.md
+// prefill v10: 6-7% faster at 64 rows per expert, 14% slower at 32); from 96 with the mma.sync
+// kernels, which multiply whole tiles. 256 measured slower.
 static int prefill_tile_tokens(const cuda_plan_view *v, int64_t chunk)
 {
     const int64_t rows = chunk * v->top_k; // over num_experts experts on average
-    if (v->tile_tokens) return v->tile_tokens; // 256 measured slower than 128 on the H100
-    return rows >= 96 * v->num_experts ? 128 : 64;
+    if (v->tile_tokens) return v->tile_tokens;
+    return rows >= (v->wgmma ? 64 : 96) * v->num_experts ? 128 : 64;
 }
 static int64_t prefill_max_tiles(const cuda_plan_view *v, int64_t chunk, int tile_tokens)
 {
