@@ -128,6 +128,16 @@ static __device__ float block_max(float v)
     return v;
 }
 
+// The row's power-of-two scale from the block's values (amax: this thread's share), stored by
+// thread 0 at *scale; returns its inverse.
+static __device__ __forceinline__ float block_row_scale(float amax, float *scale)
+{
+    float inverse;
+    const float s = row_scale_from_amax(block_max(amax), &inverse);
+    if (threadIdx.x == 0) *scale = s;
+    return inverse;
+}
+
 // 16 values times inverse as FP16 parts (hi, and lo = the rest when parts == 2) at dst[0..15],
 // dst[kp..kp+15].
 static __device__ __forceinline__ void store_parts16(const float v[16], float inverse, int parts,
@@ -186,10 +196,7 @@ prefill_fc1_input_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws)
 #pragma unroll
         for (int j = 0; j < 16; j++) amax = fmaxf(amax, fabsf(v[j]));
     }
-    amax = block_max(amax);
-    float inverse;
-    const float scale = row_scale_from_amax(amax, &inverse);
-    if (threadIdx.x == 0) ws.x_scale[row] = scale;
+    const float inverse = block_row_scale(amax, ws.x_scale + row);
     for (int64_t b = threadIdx.x; b < blocks; b += ROW_THREADS) {
         fc1_input_block(p, c, ws, row, t, local, b, v); // again: cheaper than keeping the row
         store_parts16(v, inverse, c.parts, p.k1p, ws.xb + row * c.parts * p.k1p + b * 16);
@@ -232,10 +239,7 @@ prefill_fc1_input16_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws
 #pragma unroll
         for (int k = 0; k < 8; k++) amax = fmaxf(amax, fabsf(v[k]));
     }
-    amax = block_max(amax);
-    float inverse;
-    const float scale = row_scale_from_amax(amax, &inverse);
-    if (threadIdx.x == 0) ws.x_scale[row] = scale;
+    const float inverse = block_row_scale(amax, ws.x_scale + row);
     uint4 *dst = reinterpret_cast<uint4 *>(ws.xb + row * p.k1p);
 #pragma unroll
     for (int j = 0; j < FC1_INPUT16_CHUNKS; j++) {
