@@ -222,15 +222,16 @@ static int x_per_slot(const cuda_plan_view *v) { return v->on_input || v->w4a4; 
 
 // The prefill path's tiling of a chunk of `chunk` tokens: tokens per GEMM tile and the most
 // tiles it can need (every expert's last tile may be partial). 128-token tiles from 64 rows per
-// expert on average with wgmma, which multiplies only a tile's filled quarters, so a half-filled
-// 128-token tile costs one weight decode where two 64-token tiles cost two (H100, docs/PERF.md
-// prefill v10: 6-7% faster at 64 rows per expert, 14% slower at 32); from 96 with the mma.sync
-// kernels, which multiply whole tiles. 256 measured slower.
-static int prefill_tile_tokens(const cuda_plan_view *v, int64_t chunk)
+// expert on average where the wgmma kernels multiply only a tile's filled quarters (one B part:
+// FP16/BF16 hidden states), so that a half-filled 128-token tile costs one weight decode where
+// two 64-token tiles cost two (H100, docs/PERF.md prefill v10: 6-7% faster at 64 rows per
+// expert, 14% slower at 32); from 96 where whole tiles are multiplied (mma.sync, or FP32 hidden
+// states). 256 measured slower.
+static int prefill_tile_tokens(const cuda_plan_view *v, int64_t chunk, int parts)
 {
     const int64_t rows = chunk * v->top_k; // over num_experts experts on average
     if (v->tile_tokens) return v->tile_tokens;
-    return rows >= (v->wgmma ? 64 : 96) * v->num_experts ? 128 : 64;
+    return rows >= (v->wgmma && parts == 1 ? 64 : 96) * v->num_experts ? 128 : 64;
 }
 static int64_t prefill_max_tiles(const cuda_plan_view *v, int64_t chunk, int tile_tokens)
 {
@@ -376,7 +377,7 @@ static fp4moe_status cuda_forward(fp4moe_plan *plan, const forward_call *call, v
         c.t0 = t0;
         c.t1 = t0 + chunk < t_total ? t0 + chunk : t_total;
         if (prefill) {
-            const int tile = prefill_tile_tokens(v, c.t1 - c.t0);
+            const int tile = prefill_tile_tokens(v, c.t1 - c.t0, c.parts);
             err = cuda_launch_prefill(v, &c, &ws, tile, prefill_max_tiles(v, c.t1 - c.t0, tile), stream);
             if (err != cudaSuccess) return cuda_fail(plan, err, "prefill kernels");
             continue;

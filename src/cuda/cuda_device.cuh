@@ -140,7 +140,8 @@ static __device__ __forceinline__ fc1_pair fc1_pair_of(const cuda_plan_view &p, 
 // (weights decoded as value * 2^-14 already undone). Applies the input row scale xs, each row's
 // global scale, the bias, the activation, the rounding to the hidden dtype and the FP8 down-input
 // quantisation, and stores into the slot's FC2 input row u, of dtype u_dtype (FP32, or the
-// hidden dtype: the values are rounded to it already, so that is exact).
+// hidden dtype: exact, as the values are rounded to it already, or are E4M3 values with FP8
+// down inputs, which FP16 and BF16 hold).
 template <int ACT>
 static __device__ __forceinline__ void fc1_pair_store(const cuda_plan_view &p, const fc1_pair &k, float acc_g,
                                                       float acc_g8, float xs, int hidden_dtype, void *u, int u_dtype)

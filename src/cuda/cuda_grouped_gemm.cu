@@ -40,7 +40,8 @@ template <int BN, int PARTS, int WG> struct gemm_shape {
     static constexpr int pipe_bytes = stages * stage_bytes;
     static constexpr int epi_bytes = BN * epi_stride * 4;
     static constexpr int main_bytes = pipe_bytes > epi_bytes ? pipe_bytes : epi_bytes;
-    // + alignment, then the tile's B row offsets, slots and FC1 input row scales
+    // + alignment, then the tile's B row offsets, slots and input row scales (FC1: x_scale,
+    // FC2: u_scale)
     static constexpr int smem_bytes = 1024 + main_bytes + BN * 12;
     static constexpr int min_blocks = WG == 4 || BN == 256 ? 1 : 2;
 };
@@ -146,7 +147,8 @@ static __device__ __forceinline__ void load_stage(uint8_t *stage, const gemm_til
     const uint32_t kg8 = (uint32_t)kg * 8;
 #pragma unroll
     for (int j = 0; j < b_chunks<BN, PARTS, THREADS>::n; j++)
-        cp_async16(stage + b.dst + j * THREADS * 16, t.b + (uint64_t)(b.src[j] + kg8) * 16, !((b.pad >> j) & 1));
+        cp_async16(stage + b.dst + j * THREADS * 16, t.b + (uint64_t)(b.src[j] + kg8) * 16,
+                   !((b.pad >> j) & 1));
     uint8_t *sa = stage + BN * PARTS * 128;
 #pragma unroll
     for (int j = 0; j < a_chunks<MT, THREADS>::n; j++)
@@ -223,7 +225,10 @@ template <int N> static __device__ __forceinline__ void wgmma_n(float *d, const 
     else if constexpr (N == 96) wgmma_m64n96k16(d, a, desc);
     else if constexpr (N == 128) wgmma_m64n128k16(d, a, desc);
     else if constexpr (N == 192) wgmma_m64n192k16(d, a, desc);
-    else wgmma_m64n256k16(d, a, desc);
+    else {
+        static_assert(N == 256, "a wgmma width without a wrapper (cuda_wgmma.cuh)");
+        wgmma_m64n256k16(d, a, desc);
+    }
 }
 
 // wgmma: the warpgroup's 64 x BN product over one stage, of which the MMAs cover the first N
@@ -244,7 +249,8 @@ static __device__ __forceinline__ void issue_stage_wgmma(const uint8_t *stage, i
 #pragma unroll
     for (int s = 0; s < 4; s++)
 #pragma unroll
-        for (int part = 0; part < PARTS; part++) wgmma_n<N>(acc, a[s], wgmma_desc_sw128(sb + part * BN * 128 + s * 32));
+        for (int part = 0; part < PARTS; part++)
+            wgmma_n<N>(acc, a[s], wgmma_desc_sw128(sb + part * BN * 128 + s * 32));
     wgmma_commit();
     wgmma_fence_operands<BN / 2>(acc);
 }
@@ -360,26 +366,29 @@ static __device__ __forceinline__ void epilogue(const cuda_plan_view &p, const c
         return;
     }
     // FC1: a thread keeps one pair of rows for every column it visits; the loop is specialised
-    // for the activation (one loop over every activation's path was 362 SASS instructions per column)
+    // for the activation (one loop over every activation's path was 362 SASS instructions a column)
     constexpr int PAIRS = ROWS / 2;
     static_assert(THREADS % PAIRS == 0, "a thread's pair is the same in every column");
     const int pair = threadIdx.x % PAIRS, mt = pair / 8, g = pair % 8;
     const int64_t mtile = t.mt0 + mt;
     if (mtile >= t.mtiles) return;
     const float sa = p.w4a4 ? 1.0f / p.a1_global[e] : 1.0f;
-    const fc1_pair k = fc1_pair_of(p, e, mtile, g, __fmul_rn(sa, p.w1_global[e]), __fmul_rn(sa, p.w1_global_half2[e]));
+    const fc1_pair k =
+        fc1_pair_of(p, e, mtile, g, __fmul_rn(sa, p.w1_global[e]), __fmul_rn(sa, p.w1_global_half2[e]));
     const float *v = epi + mt * 16 + g;
-    const int64_t u_row_bytes = p.k2p * (c.hidden_dtype == FP4MOE_DTYPE_F32 ? 4 : 2);
+    const int64_t u_row_bytes = cuda_u_row_bytes(p, c);
     uint8_t *u = reinterpret_cast<uint8_t *>(ws.u) + row0 * u_row_bytes;
+#define FC1_COLUMNS(ACT) fc1_columns<BN, ROWS, THREADS, PAIRS, ACT>(p, c, k, v, u, u_row_bytes, slot_of, xs_of)
     switch (p.activation) {
-    case FP4MOE_ACT_SWIGLU: fc1_columns<BN, ROWS, THREADS, PAIRS, FP4MOE_ACT_SWIGLU>(p, c, k, v, u, u_row_bytes, slot_of, xs_of); break;
-    case FP4MOE_ACT_GEGLU: fc1_columns<BN, ROWS, THREADS, PAIRS, FP4MOE_ACT_GEGLU>(p, c, k, v, u, u_row_bytes, slot_of, xs_of); break;
-    case FP4MOE_ACT_GEGLU_TANH: fc1_columns<BN, ROWS, THREADS, PAIRS, FP4MOE_ACT_GEGLU_TANH>(p, c, k, v, u, u_row_bytes, slot_of, xs_of); break;
-    case FP4MOE_ACT_RELU2: fc1_columns<BN, ROWS, THREADS, PAIRS, FP4MOE_ACT_RELU2>(p, c, k, v, u, u_row_bytes, slot_of, xs_of); break;
-    case FP4MOE_ACT_SILU: fc1_columns<BN, ROWS, THREADS, PAIRS, FP4MOE_ACT_SILU>(p, c, k, v, u, u_row_bytes, slot_of, xs_of); break;
-    case FP4MOE_ACT_GELU: fc1_columns<BN, ROWS, THREADS, PAIRS, FP4MOE_ACT_GELU>(p, c, k, v, u, u_row_bytes, slot_of, xs_of); break;
-    default: fc1_columns<BN, ROWS, THREADS, PAIRS, FP4MOE_ACT_IDENTITY>(p, c, k, v, u, u_row_bytes, slot_of, xs_of); break;
+    case FP4MOE_ACT_SWIGLU: FC1_COLUMNS(FP4MOE_ACT_SWIGLU); break;
+    case FP4MOE_ACT_GEGLU: FC1_COLUMNS(FP4MOE_ACT_GEGLU); break;
+    case FP4MOE_ACT_GEGLU_TANH: FC1_COLUMNS(FP4MOE_ACT_GEGLU_TANH); break;
+    case FP4MOE_ACT_RELU2: FC1_COLUMNS(FP4MOE_ACT_RELU2); break;
+    case FP4MOE_ACT_SILU: FC1_COLUMNS(FP4MOE_ACT_SILU); break;
+    case FP4MOE_ACT_GELU: FC1_COLUMNS(FP4MOE_ACT_GELU); break;
+    default: FC1_COLUMNS(FP4MOE_ACT_IDENTITY); break;
     }
+#undef FC1_COLUMNS
 }
 
 template <int BN, int PARTS, int FC2, int WG>
@@ -405,7 +414,8 @@ grouped_gemm_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws)
         const int r = tid;
         slot = ws.perm[row0 + r];
         slot_of[r] = slot;
-        xs_of[r] = slot < 0 ? 0.0f : FC2 ? ws.u_scale[row0 + r] : ws.x_scale[c.x_per_slot ? slot : slot / p.top_k];
+        const int64_t x_row = c.x_per_slot ? slot : slot / p.top_k;
+        xs_of[r] = slot < 0 ? 0.0f : FC2 ? ws.u_scale[row0 + r] : ws.x_scale[x_row];
         const int64_t row = FC2 ? row0 + r : c.x_per_slot ? slot : slot / p.top_k;
         // (in 16-byte units: the workspace's B rows stay far below 64 GB)
         b_row[r] = slot < 0 ? B_PAD : (uint32_t)(row * PARTS * kp / 8);

@@ -80,7 +80,8 @@ typedef struct cuda_workspace {
     void *xh;            // [C*k or C][k1p/4 units][8 * parts bytes]: FC1 B rows (store_b_unit)
     int32_t *x_amax;     // [C*k or C] (float bits, atomicMax)
     float *x_scale;      // [C*k or C]
-    float *u;            // [C*k][k2p] FC2 inputs (FP32; the prefill path stores the hidden dtype)
+    float *u;            // FC2 inputs: decode [C*k][k2p] FP32; prefill [tile rows][k2p] in the
+                         // hidden dtype (cuda_u_row_bytes; the region is sized for FP32)
     void *uh;            // [C*k][k2p/4 units][8 * parts bytes]: FC2 B rows
     float *u_scale;      // [C*k]
     float *y;            // [C*k][h] FC2 outputs
@@ -107,6 +108,14 @@ typedef struct cuda_call_view {
                            // lo is 0 for every FP16, BF16, E4M3 or NVFP4 value at any row scale,
                            // so one part carries all that two did; the prefill path does the same)
 } cuda_call_view;
+
+// Bytes of one prefill FC2 input row (ws.u): FC1's epilogue stores it in the hidden dtype, exactly
+// (the values are rounded to it, or are E4M3 values, which FP16 and BF16 hold).
+static __device__ __forceinline__ int64_t cuda_u_row_bytes(const cuda_plan_view &p,
+                                                           const cuda_call_view &c)
+{
+    return p.k2p * (c.hidden_dtype == FP4MOE_DTYPE_F32 ? 4 : 2);
+}
 
 // ------------------------------------------------------------------ number formats (device)
 static __device__ __forceinline__ float load_as_f32(const void *p, int dtype, int64_t i)

@@ -81,6 +81,7 @@ prefill_layout_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws, int
     for (int e = e_begin; e < e_end; e++) {
         const int n = total[e], padded = (n + tile_tokens - 1) / tile_tokens * tile_tokens;
         for (int r = row; r < row + padded; r += tile_tokens) ws.tile_list[r / tile_tokens] = make_int2(e, r);
+        // (the padding ends the expert's last tile: the GEMMs multiply a tile's filled quarters)
         for (int r = row + n; r < row + padded; r++) ws.perm[r] = -1;
         // block b's slots of expert e start after those of blocks 0..b-1
         int first = row;
@@ -211,8 +212,8 @@ static __device__ __forceinline__ void unpack8(uint4 w, bool bf16, float v[8])
 #pragma unroll
     for (int j = 0; j < 4; j++) {
         const uint32_t lo = words[j] & 0xffffu, hi = words[j] >> 16;
-        v[2 * j] = bf16 ? __uint_as_float(lo << 16) : __half2float(__ushort_as_half((unsigned short)lo));
-        v[2 * j + 1] = bf16 ? __uint_as_float(hi << 16) : __half2float(__ushort_as_half((unsigned short)hi));
+        v[2 * j] = bf16 ? __uint_as_float(lo << 16) : __half2float(__ushort_as_half((uint16_t)lo));
+        v[2 * j + 1] = bf16 ? __uint_as_float(hi << 16) : __half2float(__ushort_as_half((uint16_t)hi));
     }
 }
 
@@ -225,7 +226,8 @@ prefill_fc1_input16_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws
 {
     wait_for_previous_kernel();
     const int64_t row = blockIdx.x;
-    const uint4 *src = reinterpret_cast<const uint4 *>(static_cast<const uint16_t *>(c.hidden) + (c.t0 + row) * p.h);
+    const uint16_t *hidden = static_cast<const uint16_t *>(c.hidden) + (c.t0 + row) * p.h;
+    const uint4 *src = reinterpret_cast<const uint4 *>(hidden);
     const int chunks = (int)(p.h / 8), out_chunks = (int)(p.k1p / 8);
     const bool bf16 = c.hidden_dtype == FP4MOE_DTYPE_BF16;
     uint4 w[FC1_INPUT16_CHUNKS];
@@ -249,7 +251,8 @@ prefill_fc1_input16_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws
         unpack8(w[j], bf16, v);
         uint32_t o[4];
 #pragma unroll
-        for (int k = 0; k < 4; k++) o[k] = pack_half2(__float2half_rn(v[2 * k] * inverse), __float2half_rn(v[2 * k + 1] * inverse));
+        for (int k = 0; k < 4; k++)
+            o[k] = pack_half2(__float2half_rn(v[2 * k] * inverse), __float2half_rn(v[2 * k + 1] * inverse));
         dst[i] = make_uint4(o[0], o[1], o[2], o[3]);
     }
     allow_next_kernel();
@@ -293,7 +296,7 @@ prefill_fc2_input_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws, 
     const int32_t slot = ws.perm[row];
     if (slot < 0) return; // padding: never stored, so never read
     const int dtype = c.hidden_dtype; // of u (fc1_columns, cuda_grouped_gemm.cu)
-    const void *u = reinterpret_cast<const uint8_t *>(ws.u) + row * p.k2p * (dtype == FP4MOE_DTYPE_F32 ? 4 : 2);
+    const void *u = reinterpret_cast<const uint8_t *>(ws.u) + row * cuda_u_row_bytes(p, c);
     const int64_t blocks = p.k2p / 16, live = p.inter / 16;
     const float a2 = p.w4a4 ? p.a2_global[ws.slot_local[slot]] : 1.0f;
     float amax = 0.0f, v[16];
@@ -331,12 +334,12 @@ extern "C" cudaError_t cuda_launch_prefill(const cuda_plan_view *p, const cuda_c
     if (err == cudaSuccess)
         err = launch_dependent(prefill_place_kernel, dim3((unsigned)perm_blocks), dim3(PERM_THREADS),
                                hist_bytes, stream, *p, *c, *ws);
-    // (the 16-byte kernel needs 16-byte aligned rows of at most 8 * ROW_THREADS * FC1_INPUT16_CHUNKS values)
+    // (the 16-byte kernel: 16-byte aligned rows of at most 8 * ROW_THREADS * FC1_INPUT16_CHUNKS values)
     const bool input16 = !c->x_per_slot && c->parts == 1 && p->h % 8 == 0 &&
                          p->k1p <= 8 * ROW_THREADS * FC1_INPUT16_CHUNKS && (uintptr_t)c->hidden % 16 == 0;
     if (err == cudaSuccess)
-        err = launch_dependent(input16 ? prefill_fc1_input16_kernel : prefill_fc1_input_kernel, dim3((unsigned)x_rows),
-                               dim3(ROW_THREADS), 0, stream, *p, *c, *ws);
+        err = launch_dependent(input16 ? prefill_fc1_input16_kernel : prefill_fc1_input_kernel,
+                               dim3((unsigned)x_rows), dim3(ROW_THREADS), 0, stream, *p, *c, *ws);
     if (err == cudaSuccess)
         err = cuda_launch_grouped_gemm(p, c, ws, 0, tile_tokens, max_tiles, warpgroups, stream);
     if (err == cudaSuccess)

@@ -59,8 +59,8 @@ static __device__ __forceinline__ void fence_proxy_async_shared()
 
 // wgmma m64nNk16 (FP16 in, FP32 sums): d holds the lane's N/2 accumulators (the first N/2 of a
 // wider tile's: the layouts nest, so a partly filled token tile multiplies only its filled
-// columns), a the A fragment, desc B's descriptor. One function per N, generated (the operand
-// lists differ only in length).
+// columns), a the A fragment, desc B's descriptor. One function per N, written out (the operand
+// lists differ only in length, which inline PTX cannot take as a parameter).
 static __device__ __forceinline__ void wgmma_m64n16k16(float *d, const uint32_t a[4], uint64_t desc)
 {
 #if defined(FP4MOE_WGMMA)
