@@ -414,8 +414,9 @@ grouped_gemm_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws)
         const int r = tid;
         slot = ws.perm[row0 + r];
         slot_of[r] = slot;
-        const int64_t x_row = c.x_per_slot ? slot : slot / p.top_k;
-        xs_of[r] = slot < 0 ? 0.0f : FC2 ? ws.u_scale[row0 + r] : ws.x_scale[x_row];
+        xs_of[r] = slot < 0 ? 0.0f
+                   : FC2    ? ws.u_scale[row0 + r]
+                            : ws.x_scale[c.x_per_slot ? slot : slot / p.top_k];
         const int64_t row = FC2 ? row0 + r : c.x_per_slot ? slot : slot / p.top_k;
         // (in 16-byte units: the workspace's B rows stay far below 64 GB)
         b_row[r] = slot < 0 ? B_PAD : (uint32_t)(row * PARTS * kp / 8);
