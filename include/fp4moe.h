@@ -162,6 +162,9 @@ fp4moe_status fp4moe_synchronize(fp4moe_context *ctx, void *stream);
 /* ------------------------------------------------------------------------------------------ */
 /* Layer configuration                                                                        */
 /* ------------------------------------------------------------------------------------------ */
+/* fp4moe_config.decode_threshold: the split that follows the experts and top-k (see there). */
+#define FP4MOE_DECODE_THRESHOLD_AUTO (-1)
+
 typedef struct fp4moe_config {
     int64_t num_experts;       /* E, global */
     int32_t top_k;             /* k, 1 <= k <= min(E, 32) */
@@ -195,7 +198,10 @@ typedef struct fp4moe_config {
      * a' = e4m3_satfinite(a * s) / s. Only with W4A16. */
     int32_t fc2_input_fp8;
 
-    int64_t decode_threshold; /* T <= this takes the decode path (GPU). Default 128 */
+    /* T <= this takes the decode path (GPU). Default FP4MOE_DECODE_THRESHOLD_AUTO: while
+     * T * top_k <= 5 * num_experts, i.e. at most 5 (token, slot) rows per expert on average,
+     * where the H100 measurements cross over (docs/PERF.md, "Decode/prefill crossover") */
+    int64_t decode_threshold;
     int64_t max_tokens;       /* largest T a forward call will see. Default 16384 */
 } fp4moe_config;
 

@@ -119,11 +119,17 @@ static void config_errors(env *v, const ref_layer *L)
     BAD_CONFIG("precision 7", c.precision = (fp4moe_precision)7);
     BAD_CONFIG("gate_up_order 5", c.gate_up_order = (fp4moe_gate_up_order)5);
     BAD_CONFIG("max_tokens 0", c.max_tokens = 0);
+    BAD_CONFIG("decode_threshold -2", c.decode_threshold = -2);
     BAD_CONFIG("swiglu_limit NaN", c.swiglu_limit = NAN);
 #undef BAD_CONFIG
     expect(v, fp4moe_config_validate(v->ctx, NULL), BAD, "config_validate(NULL)");
     c = base;
     expect(v, fp4moe_config_validate(v->ctx, &c), FP4MOE_SUCCESS, "valid config");
+    c.decode_threshold = FP4MOE_DECODE_THRESHOLD_AUTO;
+    expect(v, fp4moe_config_validate(v->ctx, &c), FP4MOE_SUCCESS, "decode_threshold auto");
+    c.decode_threshold = 0;
+    expect(v, fp4moe_config_validate(v->ctx, &c), FP4MOE_SUCCESS, "decode_threshold 0");
+    c = base;
     CHECK(&v->st, fp4moe_last_error(v->ctx)[0] == '\0', "success leaves a message: %s",
           fp4moe_last_error(v->ctx));
 }

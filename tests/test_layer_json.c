@@ -137,7 +137,7 @@ static void test_round_trip(testing_rng *rng)
         if (trial == 3) cfg.routed_scaling_factor = 3.40282347e38f;
         cfg.local_expert_offset = testing_int(rng, 0, 1000);
         cfg.local_num_experts = testing_int(rng, 0, 1000);
-        cfg.decode_threshold = testing_int(rng, 0, 1000);
+        cfg.decode_threshold = testing_int(rng, -1, 1000); /* -1: auto */
         cfg.max_tokens = testing_int(rng, 1, 1 << 20);
         char *text = layer_config_to_json(&cfg);
         CHECK(&state, text != NULL, "to_json trial %d", trial);

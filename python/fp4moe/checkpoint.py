@@ -259,7 +259,7 @@ class Checkpoint:
                        "fp4moe_checkpoint_find_layer")
         return index.value
 
-    def plan(self, layer, *, precision="w4a16", max_tokens=16384, decode_threshold=128,
+    def plan(self, layer, *, precision="w4a16", max_tokens=16384, decode_threshold=-1,
              local_expert_offset=0, local_num_experts=0, gate_up_order="gate_up", top_k=0):
         """A plan for the MoE layer numbered `layer` (fp4moe_checkpoint_plan_create)."""
         o = CheckpointPlanOptionsStruct()

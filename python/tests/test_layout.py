@@ -56,10 +56,10 @@ def test_config_init_defaults_land_on_the_mirrored_fields():
     assert s.swiglu_alpha == 1.0 and s.swiglu_beta == 0.0 and s.swiglu_limit == float("inf")
     assert s.n_group == 1 and s.topk_group == 1 and s.norm_topk_prob == 1
     assert s.routed_scaling_factor == 1.0
-    assert s.decode_threshold == 128 and s.max_tokens == 16384
+    assert s.decode_threshold == -1 and s.max_tokens == 16384  # -1: FP4MOE_DECODE_THRESHOLD_AUTO
     raw = _lib.ConfigStruct()
     _lib.lib().fp4moe_config_init(ctypes.byref(raw))
-    assert raw.max_tokens == 16384 and raw.decode_threshold == 128 and raw.n_group == 1
+    assert raw.max_tokens == 16384 and raw.decode_threshold == -1 and raw.n_group == 1
 
 
 def test_forward_args_and_context_options_init():

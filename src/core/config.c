@@ -25,10 +25,10 @@ void fp4moe_config_init(fp4moe_config *cfg)
     cfg->norm_topk_prob = 1;
     cfg->routed_scaling_factor = 1.0f;
     cfg->precision = FP4MOE_PRECISION_W4A16;
-    /* the CUDA decode path (warp-per-tile GEMVs) beats the grouped GEMMs up to 128 tokens on the
-     * H100 (qwen3, nemotron, deepseek-v3; docs/PERF.md "crossover"); the peers (TensorRT-LLM's
-     * plugin, FlashInfer) split at 16 */
-    cfg->decode_threshold = 128;
+    /* the CUDA decode path (warp-per-tile GEMVs) beats the grouped GEMMs up to ~5 (token, slot)
+     * rows per expert on the H100 (qwen3 T = 80-96, deepseek-v3 T = 128-192; docs/PERF.md
+     * "crossover"); the peers (TensorRT-LLM's plugin, FlashInfer) split at 16 tokens */
+    cfg->decode_threshold = FP4MOE_DECODE_THRESHOLD_AUTO;
     cfg->max_tokens = 16384;
 }
 
@@ -129,8 +129,8 @@ fp4moe_status plan_normalise_config(fp4moe_context *ctx, const fp4moe_config *in
         return fp4moe_fail(ctx, bad, "fc2_input_fp8 = %d must be 0 or 1", c.fc2_input_fp8);
     if (c.fc2_input_fp8 && c.precision != FP4MOE_PRECISION_W4A16)
         return fp4moe_fail(ctx, bad, "fc2_input_fp8 goes with precision w4a16 only");
-    if (c.decode_threshold < 0 || c.decode_threshold > MAX_TOKENS_LIMIT)
-        return fp4moe_fail(ctx, bad, "decode_threshold = %lld must be in [0, 2^31]",
+    if (c.decode_threshold < FP4MOE_DECODE_THRESHOLD_AUTO || c.decode_threshold > MAX_TOKENS_LIMIT)
+        return fp4moe_fail(ctx, bad, "decode_threshold = %lld must be in [0, 2^31] or -1 (auto)",
                            (long long)c.decode_threshold);
     if (c.max_tokens < 1 || c.max_tokens > MAX_TOKENS_LIMIT)
         return fp4moe_fail(ctx, bad, "max_tokens = %lld must be in [1, 2^31]",

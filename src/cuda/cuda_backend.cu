@@ -117,7 +117,10 @@ static fp4moe_status cuda_prepare(fp4moe_plan *plan)
     if (st == NULL) return fp4moe_fail(plan->ctx, FP4MOE_ERROR_OUT_OF_MEMORY, "cuda backend state");
     plan->backend_state = st;
     st->device = plan->ctx->cuda_device;
-    st->threshold = plan->cfg.decode_threshold;
+    // FP4MOE_DECODE_THRESHOLD_AUTO: decode while a call has at most 5 (token, slot) rows per
+    // expert on average (T * k <= 5 * E), where the two paths cross over on the H100
+    st->threshold = plan->cfg.decode_threshold >= 0 ? plan->cfg.decode_threshold
+                                                    : 5 * plan->cfg.num_experts / plan->cfg.top_k;
     cudaError_t err = cudaSetDevice(st->device);
     if (err == cudaSuccess)
         err = cudaDeviceGetAttribute(&st->sm_count, cudaDevAttrMultiProcessorCount, st->device);

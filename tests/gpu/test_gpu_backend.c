@@ -547,20 +547,26 @@ static int build_cases(gpu_case *cases)
         g.skip_finalize = 1;
         cases[n++] = g;
     }
-    /* the library's default split (decode path up to 128 tokens): T = 48 on the fused front,
-     * 128 (the largest decode call) and 129 (the smallest prefill call) */
+    /* a split at 128 tokens: T = 48 on the fused front, 128 (the largest decode call) and 129
+     * (the smallest prefill call); then the library's default (auto) split, which for E = 64,
+     * k = 8 decodes up to T * k = 5 * E, T = 40 */
     {
         fp4moe_config c = base_config(64, 8, 512, 256);
+        c.decode_threshold = 128;
+        gpu_case g = make("bf16 split 128 T=48", c, 48);
+        g.hidden_dtype = g.output_dtype = g.logits_dtype = FP4MOE_DTYPE_BF16;
+        cases[n++] = g;
+        cases[n++] = make("split 128 T=128", c, 128);
+        g = make("bf16 split 128 T=129 (prefill)", c, 129);
+        g.hidden_dtype = g.output_dtype = g.logits_dtype = FP4MOE_DTYPE_BF16;
+        cases[n++] = g;
         fp4moe_config d;
         fp4moe_config_init(&d);
         c.decode_threshold = d.decode_threshold;
-        gpu_case g = make("bf16 default split T=48", c, 48);
+        g = make("bf16 auto split T=40 (decode)", c, 40);
         g.hidden_dtype = g.output_dtype = g.logits_dtype = FP4MOE_DTYPE_BF16;
         cases[n++] = g;
-        cases[n++] = make("default split T=128", c, 128);
-        g = make("bf16 default split T=129 (prefill)", c, 129);
-        g.hidden_dtype = g.output_dtype = g.logits_dtype = FP4MOE_DTYPE_BF16;
-        cases[n++] = g;
+        cases[n++] = make("auto split T=41 (prefill)", c, 41);
     }
 
     return n;
