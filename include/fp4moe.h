@@ -199,8 +199,9 @@ typedef struct fp4moe_config {
     int32_t fc2_input_fp8;
 
     /* T <= this takes the decode path (GPU). Default FP4MOE_DECODE_THRESHOLD_AUTO: while
-     * T * top_k <= 5 * num_experts, i.e. at most 5 (token, slot) rows per expert on average,
-     * where the H100 measurements cross over (docs/PERF.md, "Decode/prefill crossover") */
+     * T * top_k <= 5.5 * num_experts with FP16/BF16 hidden states (at most 5.5 (token, slot)
+     * rows per expert on average), <= 10 * num_experts with FP32 ones, where the H100
+     * measurements cross over (docs/PERF.md, "Decode/prefill crossover") */
     int64_t decode_threshold;
     int64_t max_tokens;       /* largest T a forward call will see. Default 16384 */
 } fp4moe_config;

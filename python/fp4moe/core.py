@@ -137,7 +137,7 @@ class Config:
     local_num_experts: int = 0
     precision: object = "w4a16"
     fc2_input_fp8: bool = False
-    decode_threshold: int = -1  # auto: the decode path while T * top_k <= 5 * num_experts
+    decode_threshold: int = -1  # auto: decode while T * top_k <= 5.5 * E (16-bit), 10 * E (FP32)
     max_tokens: int = 16384
 
     def __post_init__(self):

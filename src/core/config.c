@@ -25,9 +25,10 @@ void fp4moe_config_init(fp4moe_config *cfg)
     cfg->norm_topk_prob = 1;
     cfg->routed_scaling_factor = 1.0f;
     cfg->precision = FP4MOE_PRECISION_W4A16;
-    /* the CUDA decode path (warp-per-tile GEMVs) beats the grouped GEMMs up to ~5 (token, slot)
-     * rows per expert on the H100 (qwen3 T = 80-96, deepseek-v3 T = 128-192; docs/PERF.md
-     * "crossover"); the peers (TensorRT-LLM's plugin, FlashInfer) split at 16 tokens */
+    /* the CUDA decode path (warp-per-tile GEMVs) beats the grouped GEMMs up to ~5.5 (token,
+     * slot) rows per expert on the H100 with 16-bit hidden states, ~10 with FP32 ones (resolved
+     * by the CUDA backend per call; docs/PERF.md "crossover"); the peers (TensorRT-LLM's plugin,
+     * FlashInfer) split at 16 tokens */
     cfg->decode_threshold = FP4MOE_DECODE_THRESHOLD_AUTO;
     cfg->max_tokens = 16384;
 }

@@ -16,7 +16,8 @@ typedef struct cuda_state {
     int sm_count;
     int route_warps;
     size_t route_smem;
-    int64_t threshold; // calls with more tokens take the prefill path
+    // calls with more tokens take the prefill path: [0] 16-bit hidden states, [1] FP32 ones
+    int64_t threshold[2];
     void *arrays[MAX_DEVICE_ARRAYS];
     int num_arrays;
     cuda_plan_view view;
@@ -117,10 +118,13 @@ static fp4moe_status cuda_prepare(fp4moe_plan *plan)
     if (st == NULL) return fp4moe_fail(plan->ctx, FP4MOE_ERROR_OUT_OF_MEMORY, "cuda backend state");
     plan->backend_state = st;
     st->device = plan->ctx->cuda_device;
-    // FP4MOE_DECODE_THRESHOLD_AUTO: decode while a call has at most 5 (token, slot) rows per
-    // expert on average (T * k <= 5 * E), where the two paths cross over on the H100
-    st->threshold = plan->cfg.decode_threshold >= 0 ? plan->cfg.decode_threshold
-                                                    : 5 * plan->cfg.num_experts / plan->cfg.top_k;
+    // FP4MOE_DECODE_THRESHOLD_AUTO: decode while a call has at most 5.5 (token, slot) rows per
+    // expert on average (T * k <= 5.5 * E) with 16-bit hidden states, 10 with FP32 ones (whose
+    // prefill GEMMs multiply two FP16 parts), where the two paths cross over on the H100
+    // (docs/PERF.md, "Decode/prefill crossover, session 10")
+    const int64_t experts = plan->cfg.num_experts, k = plan->cfg.top_k, th = plan->cfg.decode_threshold;
+    st->threshold[0] = th >= 0 ? th : 11 * experts / (2 * k);
+    st->threshold[1] = th >= 0 ? th : 10 * experts / k;
     cudaError_t err = cudaSetDevice(st->device);
     if (err == cudaSuccess)
         err = cudaDeviceGetAttribute(&st->sm_count, cudaDevAttrMultiProcessorCount, st->device);
@@ -289,11 +293,14 @@ static size_t layout(const cuda_plan_view *v, int64_t threshold, int64_t num_tok
     return total;
 }
 
+// (a call's hidden dtype picks its threshold: the size covers either path's layout)
 static size_t cuda_workspace_size(const fp4moe_plan *plan, int64_t num_tokens)
 {
     size_t off[WS_REGIONS];
     const cuda_state *st = (const cuda_state *)plan->backend_state;
-    return layout(&st->view, st->threshold, num_tokens, off);
+    const size_t a = layout(&st->view, st->threshold[0], num_tokens, off);
+    const size_t b = layout(&st->view, st->threshold[1], num_tokens, off);
+    return a > b ? a : b;
 }
 
 static cuda_workspace carve(const cuda_plan_view *v, int64_t threshold, int64_t num_tokens,
@@ -345,7 +352,8 @@ static fp4moe_status cuda_forward(fp4moe_plan *plan, const forward_call *call, v
     cudaError_t err = use_device(st->device);
     if (err != cudaSuccess) return cuda_fail(plan, err, "cudaSetDevice");
     const int64_t t_total = call->num_tokens;
-    const cuda_workspace ws = carve(v, st->threshold, t_total, workspace);
+    const int64_t threshold = st->threshold[call->hidden_dtype == FP4MOE_DTYPE_F32];
+    const cuda_workspace ws = carve(v, threshold, t_total, workspace);
 
     cuda_route_source src;
     memset(&src, 0, sizeof src);
@@ -357,7 +365,7 @@ static fp4moe_status cuda_forward(fp4moe_plan *plan, const forward_call *call, v
     src.ids_out = call->topk_ids_out;
     src.weights_out = call->topk_weights_out;
 
-    const int prefill = t_total > st->threshold;
+    const int prefill = t_total > threshold;
     const int fused = !prefill && t_total <= CUDA_FUSED_FRONT_MAX_TOKENS && t_total <= CUDA_TOKEN_CHUNK;
     if (!fused) {
         err = cuda_launch_route(v, t_total, &src, &ws, st->route_warps, st->route_smem, stream);

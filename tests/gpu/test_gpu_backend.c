@@ -549,7 +549,8 @@ static int build_cases(gpu_case *cases)
     }
     /* a split at 128 tokens: T = 48 on the fused front, 128 (the largest decode call) and 129
      * (the smallest prefill call); then the library's default (auto) split, which for E = 64,
-     * k = 8 decodes up to T * k = 5 * E, T = 40 */
+     * k = 8 decodes up to T * k = 5.5 * E (T = 44) with BF16 hidden states and 10 * E (T = 80)
+     * with FP32 ones */
     {
         fp4moe_config c = base_config(64, 8, 512, 256);
         c.decode_threshold = 128;
@@ -563,10 +564,14 @@ static int build_cases(gpu_case *cases)
         fp4moe_config d;
         fp4moe_config_init(&d);
         c.decode_threshold = d.decode_threshold;
-        g = make("bf16 auto split T=40 (decode)", c, 40);
+        g = make("bf16 auto split T=44 (decode)", c, 44);
         g.hidden_dtype = g.output_dtype = g.logits_dtype = FP4MOE_DTYPE_BF16;
         cases[n++] = g;
-        cases[n++] = make("auto split T=41 (prefill)", c, 41);
+        g = make("bf16 auto split T=45 (prefill)", c, 45);
+        g.hidden_dtype = g.output_dtype = g.logits_dtype = FP4MOE_DTYPE_BF16;
+        cases[n++] = g;
+        cases[n++] = make("auto split T=80 (decode)", c, 80);
+        cases[n++] = make("auto split T=81 (prefill)", c, 81);
     }
 
     return n;
