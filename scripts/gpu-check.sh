@@ -84,7 +84,7 @@ if [ $SANITIZE = 1 ]; then
   # memcheck, racecheck, initcheck, synccheck on every 5th GPU test case; a tool's errors make
   # the test exit 3.
   rc=0
-  for tool in memcheck racecheck initcheck synccheck; do
+  for tool in ${SANITIZE_TOOLS:-memcheck racecheck initcheck synccheck}; do
     FP4MOE_GPU_QUICK=1 timeout 130 compute-sanitizer --tool "$tool" --error-exitcode 3 \
       "./$BUILD/test_gpu_backend" > "$OUT/sanitizer-$tool.log" 2>&1
     r=$?
@@ -141,9 +141,10 @@ if [ $PROFILE = 1 ]; then
       ncu --clock-control none --cache-control none --metrics gpu__time_duration.sum \
         -k "regex:front_kernel|fc1_kernel|fc2_|finalize_kernel" \
         --launch-skip 60 --launch-count 10 \
-        "./$BUILD/fp4moe" bench --backend cuda --preset "$p" --tokens "$t" 2>&1 \
-        | grep -E "^  [a-z_0-9]+\(|gpu__time_duration" | paste - - \
-        | awk '{print $1, $(NF-1), $NF}' | tee -a "$OUT/profile.log"
+        "./$BUILD/fp4moe" bench --backend cuda --dtype "${GPU_CHECK_DTYPE:-f32}" --preset "$p" --tokens "$t" 2>&1 \
+        | grep -E "^  (void )?[a-z_0-9]+(<[^>]*>)?\(|gpu__time_duration" | paste - - \
+        | sed -E 's/^ *(void )?([a-z_0-9]+(<[^>]*>)?).*gpu__time_duration.sum +([a-z]+) +([0-9.,]+).*$/\2 \4 \5/' \
+        | tee -a "$OUT/profile.log"
     done
   done
   exit 0
