@@ -262,7 +262,7 @@ template <int PARTS, int WT>
 __global__ void __launch_bounds__(WT ? CUDA_WT_WARPS * 32 : CUDA_GEMV_WARPS * 32, WT ? WT_MIN_BLOCKS : FC1_MIN_BLOCKS)
 fc1_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws)
 {
-    constexpr int WARPS = WT ? CUDA_WT_WARPS : CUDA_GEMV_WARPS, D = WT ? WT_DEPTH : FC1_DEPTH;
+    constexpr int WARPS = WT ? CUDA_WT_WARPS : CUDA_GEMV_WARPS, D = WT ? WT : FC1_DEPTH; // WT: the ring's depth
     __shared__ float red[WT ? 4 : CUDA_GEMV_WARPS * 32 * 4];
     __shared__ uint4 rings[WARPS][D * GEMV_STAGE_UNITS];
     wait_for_previous_kernel();
@@ -361,7 +361,7 @@ template <int PARTS, int WT>
 __global__ void __launch_bounds__(WT ? CUDA_WT_WARPS * 32 : CUDA_GEMV_WARPS * 32, WT ? WT_MIN_BLOCKS : FC2_MIN_BLOCKS)
 fc2_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws)
 {
-    constexpr int WARPS = WT ? CUDA_WT_WARPS : CUDA_GEMV_WARPS, D = WT ? WT_DEPTH : FC2_DEPTH;
+    constexpr int WARPS = WT ? CUDA_WT_WARPS : CUDA_GEMV_WARPS, D = WT ? WT : FC2_DEPTH;
     __shared__ float red[WT ? 4 : CUDA_GEMV_WARPS * 32 * 4];
     __shared__ uint4 rings[WARPS][D * GEMV_STAGE_UNITS];
     // The touched experts and their slot ranges come from the front kernel, which finished
@@ -486,8 +486,10 @@ static cudaError_t launch_experts(const cuda_plan_view *p, const cuda_call_view 
     // a block per tile, or CUDA_WT_WARPS tiles (warps) per block
     const dim3 threads(wt ? CUDA_WT_WARPS * 32 : CUDA_GEMV_WARPS * 32);
     const int64_t per_block = wt ? CUDA_WT_WARPS : 1;
-    void (*fc1)(cuda_plan_view, cuda_call_view, cuda_workspace) = wt ? fc1_kernel<PARTS, 1> : fc1_kernel<PARTS, 0>;
-    void (*fc2)(cuda_plan_view, cuda_call_view, cuda_workspace) = wt ? fc2_kernel<PARTS, 1> : fc2_kernel<PARTS, 0>;
+    void (*fc1)(cuda_plan_view, cuda_call_view, cuda_workspace) =
+        !wt ? fc1_kernel<PARTS, 0> : p->fc1_wt_depth == 13 ? fc1_kernel<PARTS, 13> : fc1_kernel<PARTS, WT_DEPTH>;
+    void (*fc2)(cuda_plan_view, cuda_call_view, cuda_workspace) =
+        !wt ? fc2_kernel<PARTS, 0> : p->fc2_wt_depth == 13 ? fc2_kernel<PARTS, 13> : fc2_kernel<PARTS, WT_DEPTH>;
     // (p->stop_after: a measurement knob that leaves the later kernels out; outputs undefined)
     const int stop = p->stop_after > 0 ? p->stop_after : 5;
     cudaError_t err = cudaSuccess;
