@@ -487,9 +487,9 @@ static cudaError_t launch_experts(const cuda_plan_view *p, const cuda_call_view 
     const dim3 threads(wt ? CUDA_WT_WARPS * 32 : CUDA_GEMV_WARPS * 32);
     const int64_t per_block = wt ? CUDA_WT_WARPS : 1;
     void (*fc1)(cuda_plan_view, cuda_call_view, cuda_workspace) =
-        !wt ? fc1_kernel<PARTS, 0> : p->fc1_wt_depth == 4 ? fc1_kernel<PARTS, 4> : p->fc1_wt_depth == 6 ? fc1_kernel<PARTS, 6> : fc1_kernel<PARTS, WT_DEPTH>;
+        !wt ? fc1_kernel<PARTS, 0> : p->fc1_wt_depth == 2 ? fc1_kernel<PARTS, 2> : p->fc1_wt_depth == 4 ? fc1_kernel<PARTS, 4> : p->fc1_wt_depth == 3 ? fc1_kernel<PARTS, 3> : fc1_kernel<PARTS, WT_DEPTH>;
     void (*fc2)(cuda_plan_view, cuda_call_view, cuda_workspace) =
-        !wt ? fc2_kernel<PARTS, 0> : p->fc2_wt_depth == 4 ? fc2_kernel<PARTS, 4> : p->fc2_wt_depth == 6 ? fc2_kernel<PARTS, 6> : fc2_kernel<PARTS, WT_DEPTH>;
+        !wt ? fc2_kernel<PARTS, 0> : p->fc2_wt_depth == 2 ? fc2_kernel<PARTS, 2> : p->fc2_wt_depth == 4 ? fc2_kernel<PARTS, 4> : p->fc2_wt_depth == 3 ? fc2_kernel<PARTS, 3> : fc2_kernel<PARTS, WT_DEPTH>;
     // (p->stop_after: a measurement knob that leaves the later kernels out; outputs undefined)
     const int stop = p->stop_after > 0 ? p->stop_after : 5;
     cudaError_t err = cudaSuccess;
