@@ -173,9 +173,6 @@ static fp4moe_status cuda_prepare(fp4moe_plan *plan)
     // FP4MOE_CUDA_GEMM_ROWS=256 asks for 256 (not with 256-token tiles: too many accumulators)
     // FP4MOE_CUDA_STOP_AFTER=1..4: the decode path launches only its first n kernels (front,
     // FC1, FC2 inputs, FC2): the in-graph cost of each step, by difference; outputs undefined
-    const char *d1 = getenv("FP4MOE_CUDA_FC1_WT_DEPTH"), *d2 = getenv("FP4MOE_CUDA_FC2_WT_DEPTH");
-    v->fc1_wt_depth = d1 != NULL ? atoi(d1) : 8;
-    v->fc2_wt_depth = d2 != NULL ? atoi(d2) : 8;
     const char *stop = getenv("FP4MOE_CUDA_STOP_AFTER");
     v->stop_after = stop != NULL ? atoi(stop) : 0;
     const char *rows = getenv("FP4MOE_CUDA_GEMM_ROWS");

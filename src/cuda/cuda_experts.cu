@@ -42,11 +42,13 @@
 #define FC2_MIN_BLOCKS 4
 #endif
 // The warp-per-tile kernels (chunks of 2-4 tokens or more, launch_experts): a warp streams a
-// whole tile's K through a deeper ring (its groups' copies no longer split over 8 warps, the
+// whole tile's K through its own ring (its groups' copies no longer split over 8 warps, the
 // per-block setup, cross-warp sum and barrier gone); 4-warp blocks spread over the SMs; 6 per SM
-// (80 registers: at 8 the FP32 FC1 spilled 28 bytes).
+// (80 registers: at 8 the FP32 FC1 spilled 28 bytes). 4 stages (3 groups in flight per warp,
+// ~41 KB per SM): fewer bytes in flight stream faster here, 8 stages were 2-8% slower, 13 up
+// to 10% slower, 2 up to 8% slower at T = 2 (docs/PERF.md, decode v7).
 #ifndef WT_DEPTH
-#define WT_DEPTH 8
+#define WT_DEPTH 4
 #endif
 #ifndef WT_MIN_BLOCKS
 #define WT_MIN_BLOCKS 6
@@ -262,7 +264,7 @@ template <int PARTS, int WT>
 __global__ void __launch_bounds__(WT ? CUDA_WT_WARPS * 32 : CUDA_GEMV_WARPS * 32, WT ? WT_MIN_BLOCKS : FC1_MIN_BLOCKS)
 fc1_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws)
 {
-    constexpr int WARPS = WT ? CUDA_WT_WARPS : CUDA_GEMV_WARPS, D = WT ? WT : FC1_DEPTH; // WT: the ring's depth
+    constexpr int WARPS = WT ? CUDA_WT_WARPS : CUDA_GEMV_WARPS, D = WT ? WT_DEPTH : FC1_DEPTH;
     __shared__ float red[WT ? 4 : CUDA_GEMV_WARPS * 32 * 4];
     __shared__ uint4 rings[WARPS][D * GEMV_STAGE_UNITS];
     wait_for_previous_kernel();
@@ -361,7 +363,7 @@ template <int PARTS, int WT>
 __global__ void __launch_bounds__(WT ? CUDA_WT_WARPS * 32 : CUDA_GEMV_WARPS * 32, WT ? WT_MIN_BLOCKS : FC2_MIN_BLOCKS)
 fc2_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws)
 {
-    constexpr int WARPS = WT ? CUDA_WT_WARPS : CUDA_GEMV_WARPS, D = WT ? WT : FC2_DEPTH;
+    constexpr int WARPS = WT ? CUDA_WT_WARPS : CUDA_GEMV_WARPS, D = WT ? WT_DEPTH : FC2_DEPTH;
     __shared__ float red[WT ? 4 : CUDA_GEMV_WARPS * 32 * 4];
     __shared__ uint4 rings[WARPS][D * GEMV_STAGE_UNITS];
     // The touched experts and their slot ranges come from the front kernel, which finished
@@ -486,10 +488,8 @@ static cudaError_t launch_experts(const cuda_plan_view *p, const cuda_call_view 
     // a block per tile, or CUDA_WT_WARPS tiles (warps) per block
     const dim3 threads(wt ? CUDA_WT_WARPS * 32 : CUDA_GEMV_WARPS * 32);
     const int64_t per_block = wt ? CUDA_WT_WARPS : 1;
-    void (*fc1)(cuda_plan_view, cuda_call_view, cuda_workspace) =
-        !wt ? fc1_kernel<PARTS, 0> : p->fc1_wt_depth == 2 ? fc1_kernel<PARTS, 2> : p->fc1_wt_depth == 4 ? fc1_kernel<PARTS, 4> : p->fc1_wt_depth == 3 ? fc1_kernel<PARTS, 3> : fc1_kernel<PARTS, WT_DEPTH>;
-    void (*fc2)(cuda_plan_view, cuda_call_view, cuda_workspace) =
-        !wt ? fc2_kernel<PARTS, 0> : p->fc2_wt_depth == 2 ? fc2_kernel<PARTS, 2> : p->fc2_wt_depth == 4 ? fc2_kernel<PARTS, 4> : p->fc2_wt_depth == 3 ? fc2_kernel<PARTS, 3> : fc2_kernel<PARTS, WT_DEPTH>;
+    void (*fc1)(cuda_plan_view, cuda_call_view, cuda_workspace) = wt ? fc1_kernel<PARTS, 1> : fc1_kernel<PARTS, 0>;
+    void (*fc2)(cuda_plan_view, cuda_call_view, cuda_workspace) = wt ? fc2_kernel<PARTS, 1> : fc2_kernel<PARTS, 0>;
     // (p->stop_after: a measurement knob that leaves the later kernels out; outputs undefined)
     const int stop = p->stop_after > 0 ? p->stop_after : 5;
     cudaError_t err = cudaSuccess;

@@ -62,7 +62,6 @@ typedef struct cuda_plan_view {
     int gemm_rows;   // host side: weight rows per wgmma GEMM block (128 or 256)
     int tile_tokens; // host side: tokens per prefill GEMM tile, 0 = chosen per call
     int decode_warp_tile; // decode GEMVs one warp per tile: 1 always, 0 never, -1 by T and H (launch_experts)
-    int fc1_wt_depth, fc2_wt_depth; // measurement: warp-per-tile ring depths (8 or 13)
     int stop_after;       // measurement only (FP4MOE_CUDA_STOP_AFTER): decode kernels launched, 0 = all 5
 } cuda_plan_view;
 
