@@ -171,12 +171,12 @@ static fp4moe_status cuda_prepare(fp4moe_plan *plan)
     v->decode_warp_tile = warp_tile == NULL ? -1 : strcmp(warp_tile, "1") == 0 ? 1 : strcmp(warp_tile, "0") == 0 ? 0 : -1;
     // wgmma blocks of 128 weight rows (256 measured 1-8% slower on the H100, docs/PERF.md);
     // FP4MOE_CUDA_GEMM_ROWS=256 asks for 256 (not with 256-token tiles: too many accumulators)
+    const char *rows = getenv("FP4MOE_CUDA_GEMM_ROWS");
+    v->gemm_rows = rows != NULL && strcmp(rows, "256") == 0 && v->tile_tokens != 256 ? 256 : 128;
     // FP4MOE_CUDA_STOP_AFTER=1..4: the decode path launches only its first n kernels (front,
     // FC1, FC2 inputs, FC2): the in-graph cost of each step, by difference; outputs undefined
     const char *stop = getenv("FP4MOE_CUDA_STOP_AFTER");
     v->stop_after = stop != NULL ? atoi(stop) : 0;
-    const char *rows = getenv("FP4MOE_CUDA_GEMM_ROWS");
-    v->gemm_rows = rows != NULL && strcmp(rows, "256") == 0 && v->tile_tokens != 256 ? 256 : 128;
 
     // Routing scratch: as many warps per block as fit (the front block has 16 warps).
     const size_t per_warp = cuda_route_smem_bytes(e, 1);
