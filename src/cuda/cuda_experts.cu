@@ -53,6 +53,13 @@
 #ifndef WT_MIN_BLOCKS
 #define WT_MIN_BLOCKS 6
 #endif
+// (with one B part, FC1 and FC2 may ask for more blocks: -DFC1_WT_BLOCKS_1PART=8)
+#ifndef FC1_WT_BLOCKS_1PART
+#define FC1_WT_BLOCKS_1PART WT_MIN_BLOCKS
+#endif
+#ifndef FC2_WT_BLOCKS_1PART
+#define FC2_WT_BLOCKS_1PART WT_MIN_BLOCKS
+#endif
 
 // Copies 16 bytes to shared memory (address `to`) when `on`, with no branch: every lane runs the
 // same instruction stream.
@@ -261,7 +268,8 @@ static __device__ __forceinline__ void fc1_pass_store(const cuda_plan_view &p, c
 // per (touched expert, tile) over the whole K, CUDA_WT_WARPS warps per block. Blocks (warps)
 // past the touched experts exit at once.
 template <int PARTS, int WT>
-__global__ void __launch_bounds__(WT ? CUDA_WT_WARPS * 32 : CUDA_GEMV_WARPS * 32, WT ? WT_MIN_BLOCKS : FC1_MIN_BLOCKS)
+__global__ void __launch_bounds__(WT ? CUDA_WT_WARPS * 32 : CUDA_GEMV_WARPS * 32,
+                                  WT ? (PARTS == 1 ? FC1_WT_BLOCKS_1PART : WT_MIN_BLOCKS) : FC1_MIN_BLOCKS)
 fc1_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws)
 {
     constexpr int WARPS = WT ? CUDA_WT_WARPS : CUDA_GEMV_WARPS, D = WT ? WT_DEPTH : FC1_DEPTH;
@@ -360,7 +368,8 @@ static __device__ __forceinline__ void fc2_pass_store(const cuda_plan_view &p, c
 
 // Blocks or (WT) warps per (touched expert, tile) as fc1_kernel.
 template <int PARTS, int WT>
-__global__ void __launch_bounds__(WT ? CUDA_WT_WARPS * 32 : CUDA_GEMV_WARPS * 32, WT ? WT_MIN_BLOCKS : FC2_MIN_BLOCKS)
+__global__ void __launch_bounds__(WT ? CUDA_WT_WARPS * 32 : CUDA_GEMV_WARPS * 32,
+                                  WT ? (PARTS == 1 ? FC2_WT_BLOCKS_1PART : WT_MIN_BLOCKS) : FC2_MIN_BLOCKS)
 fc2_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws)
 {
     constexpr int WARPS = WT ? CUDA_WT_WARPS : CUDA_GEMV_WARPS, D = WT ? WT_DEPTH : FC2_DEPTH;
