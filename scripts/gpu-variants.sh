@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Compile-time variants side by side on the GPU machine in one call: each VARIANT is a set of
-# nvcc flags (e.g. "-DWT_DEPTH=3"); every variant is built into its own folder (the fp4moe tool
-# only), then `fp4moe bench` runs on each in turn, VAR_ROUNDS rounds, and a table of the
-# median-of-rounds times (ms) is printed last. Logs in $OUT.
+# nvcc flags (e.g. "-DWT_DEPTH=3", or "base" for none), optionally followed by "@" and
+# environment settings the library reads, comma-separated ("base@FP4MOE_CUDA_DECODE_WARP_TILE=0");
+# every variant is built into its own folder (the fp4moe tool only), then `fp4moe bench` runs on
+# each in turn, VAR_ROUNDS rounds, and a table of the median-of-rounds times (ms) is printed
+# last. Logs in $OUT.
 #   VARIANTS="base|-DFC2_WT_BLOCKS_1PART=8|..." VAR_PRESETS=... VAR_TOKENS=1,4,16 VAR_DTYPES=bf16
 set -u -o pipefail
 cd "$(dirname "$0")/.."
@@ -12,7 +14,7 @@ mkdir -p "$OUT"
 IFS='|' read -r -a variants <<< "${VARIANTS:-base}"
 i=0
 for v in "${variants[@]}"; do
-  flags=$v; [ "$v" = base ] && flags=
+  flags=${v%%@*}; [ "$flags" = base ] && flags=
   ( cmake -S . -B build-var$i -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90a "${extra[@]}" \
       -DCMAKE_C_FLAGS=-Wno-error=maybe-uninitialized -DCMAKE_CUDA_FLAGS="$flags" > "$OUT/build$i.log" 2>&1 \
     && cmake --build build-var$i -j8 --target fp4moe_cli fp4moe >> "$OUT/build$i.log" 2>&1 \
@@ -24,7 +26,8 @@ P="--backend cuda --preset ${VAR_PRESETS:-qwen3-30b-a3b,nemotron3-nano-30b-a3b,d
 for dtype in ${VAR_DTYPES:-bf16}; do
   for round in $(seq 1 ${VAR_ROUNDS:-2}); do
     for j in $(seq 0 $((i - 1))); do
-      build-var$j/fp4moe bench $P --dtype $dtype 2>&1 \
+      v=${variants[$j]}; settings=; [[ "$v" == *@* ]] && settings=$(echo "${v#*@}" | tr ',' ' ')
+      env $settings build-var$j/fp4moe bench $P --dtype $dtype 2>&1 \
         | awk -v tag="$j $dtype r$round" '$2 ~ /^[0-9]+$/ {print tag, $1, $2, $3, $7}' >> "$OUT/bench.txt"
     done
   done

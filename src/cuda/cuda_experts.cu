@@ -33,13 +33,13 @@
 #define FC1_DEPTH 3
 #endif
 #ifndef FC1_MIN_BLOCKS
-#define FC1_MIN_BLOCKS 4
+#define FC1_MIN_BLOCKS 8
 #endif
 #ifndef FC2_DEPTH
 #define FC2_DEPTH 3
 #endif
 #ifndef FC2_MIN_BLOCKS
-#define FC2_MIN_BLOCKS 4
+#define FC2_MIN_BLOCKS 8
 #endif
 // The warp-per-tile kernels (chunks of 2-4 tokens or more, launch_experts): a warp streams a
 // whole tile's K through its own ring (its groups' copies no longer split over 8 warps, the

@@ -29,7 +29,7 @@ extern "C" {
 #define CUDA_TILE_ROWS 16
 #define CUDA_SLOTS_PER_PASS 8 /* the N of one MMA */
 #ifndef CUDA_GEMV_WARPS
-#define CUDA_GEMV_WARPS 8     /* a block splits K of one tile over its warps */
+#define CUDA_GEMV_WARPS 4     /* a block splits K of one tile over its warps */
 #endif
 #define CUDA_WT_WARPS 4       /* warp-per-tile decode kernels: warps (tiles) per block */
 // Tokens per pass of the expert kernels (bounds the per-slot workspace).
