@@ -163,9 +163,8 @@ static fp4moe_status cuda_prepare(fp4moe_plan *plan)
         const int t = atoi(tile);
         if (t == 64 || t == 128 || (t == 256 && v->wgmma)) v->tile_tokens = t;
     }
-    // The decode GEMVs run one warp per tile from 2 tokens up (from 4 when H > 4096; at T = 8 and
-    // 16 up to 25% faster than a block per tile, at T = 1 equal or up to 13% slower: docs/PERF.md,
-    // decode v6); FP4MOE_CUDA_DECODE_WARP_TILE=0 or 1 fixes the choice for every T
+    // The decode GEMVs run one warp per tile from 2 tokens up (from 9 when H > 4096: docs/PERF.md,
+    // decode v6 and v8); FP4MOE_CUDA_DECODE_WARP_TILE=0 or 1 fixes the choice for every T
     // (measurements, tests), any other value leaves it to the token count.
     const char *warp_tile = getenv("FP4MOE_CUDA_DECODE_WARP_TILE");
     v->decode_warp_tile = warp_tile == NULL ? -1 : strcmp(warp_tile, "1") == 0 ? 1 : strcmp(warp_tile, "0") == 0 ? 0 : -1;

@@ -1,7 +1,7 @@
 // The experts of a token chunk on the GPU, as tensor-core GEMVs: a block owns one 16-row tile
 // of one touched expert and runs it against up to 8 (token, slot) pairs of that expert per
-// mma.sync.m16n8k16 (weights as the M operand, "swap A/B"), its 8 warps splitting K; so each
-// touched expert's weights are read from memory once per pass of 8 slots. From 2 tokens (4 when
+// mma.sync.m16n8k16 (weights as the M operand, "swap A/B"), its 4 warps splitting K; so each
+// touched expert's weights are read from memory once per pass of 8 slots. From 2 tokens (9 when
 // H > 4096) a warp owns a whole tile over all of K instead (launch_experts, "warp-per-tile").
 //
 // Decoding: an E2M1 nibble pair is placed in a half2 with the magnitude bits at 11..9 and the
@@ -26,9 +26,11 @@
 #define GEMV_STAGE_UNITS (GEMV_STAGE_BYTES / 16)
 
 // Stages of a warp's ring (D - 1 K groups in flight) and blocks per SM the registers allow
-// (overridable for measurements: -DFC1_DEPTH=4 -DFC1_MIN_BLOCKS=3, FC2_* alike). H100: 3 stages
-// beat 2, 4 and 6 (the ring's shared memory is taken from the L1 that serves the B fragments),
-// and 4 blocks beat 3 with the next group's B fragments loaded ahead (docs/PERF.md, decode v4).
+// (overridable for measurements: -DFC1_DEPTH=4 -DFC1_MIN_BLOCKS=3, FC2_* alike, and
+// -DCUDA_GEMV_WARPS). H100: 3 stages beat 2, 4 and 6 (the ring's shared memory is taken from the
+// L1 that serves the B fragments; decode v4), and 8 blocks of 4 warps beat 4 of 8 (4-11% faster
+// at T = 1: a T = 1 call's 768-1024 tiles of qwen3 fit one wave of 1056 blocks instead of two of
+// 528; 2 warps x 16 blocks and 4 stages were no faster; docs/PERF.md, decode v8).
 #ifndef FC1_DEPTH
 #define FC1_DEPTH 3
 #endif
@@ -42,7 +44,7 @@
 #define FC2_MIN_BLOCKS 8
 #endif
 // The warp-per-tile kernels (chunks of 2-4 tokens or more, launch_experts): a warp streams a
-// whole tile's K through its own ring (its groups' copies no longer split over 8 warps, the
+// whole tile's K through its own ring (its groups' copies no longer split over the warps, the
 // per-block setup, cross-warp sum and barrier gone); 4-warp blocks spread over the SMs; 6 per SM
 // (80 registers: at 8 the FP32 FC1 spilled 28 bytes). 4 stages (3 groups in flight per warp,
 // ~41 KB per SM): fewer bytes in flight stream faster here, 8 stages were 2-8% slower, 13 up
@@ -52,13 +54,6 @@
 #endif
 #ifndef WT_MIN_BLOCKS
 #define WT_MIN_BLOCKS 6
-#endif
-// (with one B part, FC1 and FC2 may ask for more blocks: -DFC1_WT_BLOCKS_1PART=8)
-#ifndef FC1_WT_BLOCKS_1PART
-#define FC1_WT_BLOCKS_1PART WT_MIN_BLOCKS
-#endif
-#ifndef FC2_WT_BLOCKS_1PART
-#define FC2_WT_BLOCKS_1PART WT_MIN_BLOCKS
 #endif
 
 // Copies 16 bytes to shared memory (address `to`) when `on`, with no branch: every lane runs the
@@ -268,8 +263,7 @@ static __device__ __forceinline__ void fc1_pass_store(const cuda_plan_view &p, c
 // per (touched expert, tile) over the whole K, CUDA_WT_WARPS warps per block. Blocks (warps)
 // past the touched experts exit at once.
 template <int PARTS, int WT>
-__global__ void __launch_bounds__(WT ? CUDA_WT_WARPS * 32 : CUDA_GEMV_WARPS * 32,
-                                  WT ? (PARTS == 1 ? FC1_WT_BLOCKS_1PART : WT_MIN_BLOCKS) : FC1_MIN_BLOCKS)
+__global__ void __launch_bounds__(WT ? CUDA_WT_WARPS * 32 : CUDA_GEMV_WARPS * 32, WT ? WT_MIN_BLOCKS : FC1_MIN_BLOCKS)
 fc1_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws)
 {
     constexpr int WARPS = WT ? CUDA_WT_WARPS : CUDA_GEMV_WARPS, D = WT ? WT_DEPTH : FC1_DEPTH;
@@ -368,8 +362,7 @@ static __device__ __forceinline__ void fc2_pass_store(const cuda_plan_view &p, c
 
 // Blocks or (WT) warps per (touched expert, tile) as fc1_kernel.
 template <int PARTS, int WT>
-__global__ void __launch_bounds__(WT ? CUDA_WT_WARPS * 32 : CUDA_GEMV_WARPS * 32,
-                                  WT ? (PARTS == 1 ? FC2_WT_BLOCKS_1PART : WT_MIN_BLOCKS) : FC2_MIN_BLOCKS)
+__global__ void __launch_bounds__(WT ? CUDA_WT_WARPS * 32 : CUDA_GEMV_WARPS * 32, WT ? WT_MIN_BLOCKS : FC2_MIN_BLOCKS)
 fc2_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws)
 {
     constexpr int WARPS = WT ? CUDA_WT_WARPS : CUDA_GEMV_WARPS, D = WT ? WT_DEPTH : FC2_DEPTH;
@@ -490,10 +483,11 @@ static cudaError_t launch_experts(const cuda_plan_view *p, const cuda_call_view 
     const int64_t slots = (c->t1 - c->t0) * p->top_k;
     const int64_t most_touched = slots < p->e_loc ? slots : p->e_loc;
     const int64_t fc1_items = most_touched * (p->n1 / CUDA_TILE_ROWS), fc2_items = most_touched * (p->h / CUDA_TILE_ROWS);
-    // a warp per tile from 2 tokens up, but from 4 when H > 4096 (deepseek-v3's 448-group FC1
-    // rows: at T = 2-3 the block-per-tile kernels were 0-9% faster; docs/PERF.md, decode v6)
+    // a warp per tile from 2 tokens up, but from 9 when H > 4096 (deepseek-v3's 448-group FC1
+    // rows: at T = 2, 4 and 8 the block-per-tile kernels were 5, 6.5 and 2% faster, at T = 16
+    // 0.3-4% slower; the crossover between 8 and 16 was not measured; docs/PERF.md, decode v8)
     const int64_t tokens = c->t1 - c->t0;
-    const int wt = p->decode_warp_tile >= 0 ? p->decode_warp_tile : tokens >= 4 || (tokens >= 2 && p->h <= 4096);
+    const int wt = p->decode_warp_tile >= 0 ? p->decode_warp_tile : tokens >= (p->h > 4096 ? 9 : 2);
     // a block per tile, or CUDA_WT_WARPS tiles (warps) per block
     const dim3 threads(wt ? CUDA_WT_WARPS * 32 : CUDA_GEMV_WARPS * 32);
     const int64_t per_block = wt ? CUDA_WT_WARPS : 1;
