@@ -52,15 +52,10 @@ fi
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv \
   | tee "$OUT/device.txt"
 echo "== configure + build"
-# (warnings that other files may raise mid-edit must not stop the GPU check: not -Werror on
-# maybe-uninitialized, which depends on the host compiler's version)
-cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90a "${extra[@]}" \
-  -DCMAKE_C_FLAGS=-Wno-error=maybe-uninitialized -DCMAKE_CUDA_FLAGS="${GPU_CHECK_CUDA_FLAGS:-}" \
-  > "$OUT/build.log" 2>&1 \
-  && cmake --build "$BUILD" -j16 --target $([ $EP_ONLY = 1 ] && echo test_ep_nccl ep_nccl_bench || \
-       { [ $LARGE_ONLY = 1 ] && echo test_large_sizes; } || \
-       echo fp4moe_cli fp4moe test_gpu_backend test_ep_nccl test_large_sizes) \
-       >> "$OUT/build.log" 2>&1
+targets="fp4moe_cli fp4moe test_gpu_backend test_ep_nccl test_large_sizes"
+[ $EP_ONLY = 1 ] && targets="test_ep_nccl ep_nccl_bench"
+[ $LARGE_ONLY = 1 ] && targets=test_large_sizes
+gpu_build . "$BUILD" "$OUT/build.log" 16 "${GPU_CHECK_CUDA_FLAGS:-}" $targets
 if [ $? -ne 0 ]; then
   tail -40 "$OUT/build.log"
   exit 1

@@ -15,9 +15,7 @@ IFS='|' read -r -a variants <<< "${VARIANTS:-base}"
 i=0
 for v in "${variants[@]}"; do
   flags=${v%%@*}; [ "$flags" = base ] && flags=
-  ( cmake -S . -B build-var$i -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90a "${extra[@]}" \
-      -DCMAKE_C_FLAGS=-Wno-error=maybe-uninitialized -DCMAKE_CUDA_FLAGS="$flags" > "$OUT/build$i.log" 2>&1 \
-    && cmake --build build-var$i -j8 --target fp4moe_cli fp4moe >> "$OUT/build$i.log" 2>&1 \
+  ( gpu_build . build-var$i "$OUT/build$i.log" 8 "$flags" fp4moe_cli fp4moe \
     || echo "variant $i ($v): build failed" ) &
   i=$((i + 1))
 done

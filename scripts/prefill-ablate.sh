@@ -17,9 +17,7 @@ for v in $VARIANTS; do
   rm -rf "$d" && mkdir -p "$d"
   tar --exclude='./build*' --exclude=./.git --exclude=./out -cf - . | tar -xf - -C "$d"
   python3 scripts/prefill_ablate_patch.py "$v" "$d/src/cuda/cuda_grouped_gemm.cu" || exit 1
-  (cmake -S "$d" -B "$d/build" -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90a "${extra[@]}" \
-     -DCMAKE_C_FLAGS=-Wno-error=maybe-uninitialized > "/tmp/abl/build-$v.log" 2>&1 \
-   && cmake --build "$d/build" -j4 --target fp4moe_cli >> "/tmp/abl/build-$v.log" 2>&1 \
+  (gpu_build "$d" "$d/build" "/tmp/abl/build-$v.log" 4 "" fp4moe_cli \
    || { echo "build $v failed"; tail -20 "/tmp/abl/build-$v.log"; }) &
 done
 wait
