@@ -43,12 +43,12 @@
 #ifndef FC2_MIN_BLOCKS
 #define FC2_MIN_BLOCKS 8
 #endif
-// The warp-per-tile kernels (chunks of 2-4 tokens or more, launch_experts): a warp streams a
-// whole tile's K through its own ring (its groups' copies no longer split over the warps, the
-// per-block setup, cross-warp sum and barrier gone); 4-warp blocks spread over the SMs; 6 per SM
-// (80 registers: at 8 the FP32 FC1 spilled 28 bytes). 4 stages (3 groups in flight per warp,
-// ~41 KB per SM): fewer bytes in flight stream faster here, 8 stages were 2-8% slower, 13 up
-// to 10% slower, 2 up to 8% slower at T = 2 (docs/PERF.md, decode v7).
+// The warp-per-tile kernels (chunks of 2 tokens or more, 9 when H > 4096: launch_experts): a
+// warp streams a whole tile's K through its own ring (its groups' copies no longer split over the
+// warps, the per-block setup, cross-warp sum and barrier gone); 4-warp blocks spread over the
+// SMs; 6 per SM (80 registers: at 8 the FP32 FC1 spilled 28 bytes). 4 stages (3 groups in
+// flight per warp, ~41 KB per SM): fewer bytes in flight stream faster here, 8 stages were 2-8%
+// slower, 13 up to 10% slower, 2 up to 8% slower at T = 2 (docs/PERF.md, decode v7).
 #ifndef WT_DEPTH
 #define WT_DEPTH 4
 #endif
