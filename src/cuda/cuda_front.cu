@@ -9,14 +9,24 @@
 
 
 // ------------------------------------------------------------------ ranking (as route.c)
+// The warp's largest key. sm_80+: two 32-bit warp reductions (the high words, then the low
+// words of the keys whose high word is the largest) instead of five 64-bit shuffle steps; the
+// keys are unique, so the result is the same key.
 static __device__ __forceinline__ uint64_t warp_max_key(uint64_t key)
 {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    const unsigned hi = (unsigned)(key >> 32), lo = (unsigned)key;
+    const unsigned max_hi = __reduce_max_sync(FULL_MASK, hi);
+    const unsigned max_lo = __reduce_max_sync(FULL_MASK, hi == max_hi ? lo : 0u);
+    return (uint64_t)max_hi << 32 | max_lo;
+#else
 #pragma unroll
     for (int offset = 16; offset > 0; offset >>= 1) {
         const uint64_t other = __shfl_xor_sync(FULL_MASK, key, offset);
         key = other > key ? other : key;
     }
     return key;
+#endif
 }
 
 // Top `count` of key[0, n) by a scan of shared memory per pick (any n): lane j < count gets
