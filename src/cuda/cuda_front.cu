@@ -98,6 +98,13 @@ static __device__ float group_score(const float *b, int base, int size, int lane
         if (c > first) second = first, first = c;
         else if (c > second) second = c;
     }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    // the warp's best, then the best of the rest (each lane offers its second where its first
+    // is the warp's best: keys are unique)
+    const uint64_t best = warp_max_key(first);
+    second = warp_max_key(first == best ? second : first);
+    first = best;
+#else
 #pragma unroll
     for (int offset = 16; offset > 0; offset >>= 1) {
         const uint64_t f = __shfl_xor_sync(FULL_MASK, first, offset);
@@ -106,6 +113,7 @@ static __device__ float group_score(const float *b, int base, int size, int lane
         first = f > first ? f : first;
         second = lo > hi_second ? lo : hi_second;
     }
+#endif
     const float top = b[rank_key_index(first) - base];
     return size == 1 ? top : top + b[rank_key_index(second) - base];
 }
