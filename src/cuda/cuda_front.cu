@@ -10,8 +10,8 @@
 
 // ------------------------------------------------------------------ ranking (as route.c)
 // The warp's largest key. sm_80+: two 32-bit warp reductions (the high words, then the low
-// words of the keys whose high word is the largest) instead of five 64-bit shuffle steps; the
-// keys are unique, so the result is the same key.
+// words of the keys whose high word is the largest) instead of five 64-bit shuffle steps; exact
+// for any keys.
 static __device__ __forceinline__ uint64_t warp_max_key(uint64_t key)
 {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
@@ -416,7 +416,7 @@ static __device__ void build_slot_lists(const cuda_plan_view &p, const cuda_call
 // chunk's slots. Inside an expert the slots come in ascending order. Why so: this code runs
 // once per call, and code that runs once is fetched from L2 into the SM's instruction cache as
 // it goes (~20 cycles per instruction: docs/PERF.md, decode v9), so few distinct instructions
-// (a rolled loop) beat build_slot_lists' barriers and atomics (1.2-2.8 us at T = 1).
+// (a rolled loop) beat build_slot_lists' barriers and atomics (1.8-3.6 us at T = 1: decode v8).
 static __device__ void build_slot_lists_warp(const cuda_plan_view &p, const cuda_call_view &c,
                                              const cuda_workspace &ws, const int32_t *chunk_ids,
                                              int32_t *chunk_slots, int lane)
