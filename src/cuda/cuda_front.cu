@@ -8,6 +8,12 @@
 #include "cuda_rank_key.h"
 
 
+// A loop of the routing warp kept rolled: this code runs once per call, and such code is
+// fetched into the SM's instruction cache as it goes (~20 cycles per instruction, 3-4x its
+// warm time: docs/PERF.md, decode v9), so a loop body fetched once and run n/32 times beats
+// the compiler's default unrolling by 4 (same operations in the same order: same results).
+#define RUN_ONCE_LOOP _Pragma("unroll 1")
+
 // ------------------------------------------------------------------ ranking (as route.c)
 // The warp's largest key. sm_80+: two 32-bit warp reductions (the high words, then the low
 // words of the keys whose high word is the largest) instead of five 64-bit shuffle steps; exact
@@ -34,11 +40,14 @@ static __device__ __forceinline__ uint64_t warp_max_key(uint64_t key)
 static __device__ int warp_select_scan(const float *key, const float *tiers, int n, int count,
                                        float *taken, int lane)
 {
+    RUN_ONCE_LOOP
     for (int i = lane; i < n; i += 32) taken[i] = 0.0f;
     __syncwarp();
     int mine = -1;
+    RUN_ONCE_LOOP
     for (int j = 0; j < count; j++) {
         uint64_t best = 0;
+        RUN_ONCE_LOOP
         for (int i = lane; i < n; i += 32) {
             const uint64_t c = taken[i] != 0.0f ? 0 : rank_key(key[i], i, tiers ? (int)tiers[i] : 0);
             best = c > best ? c : best;
@@ -64,6 +73,7 @@ static __device__ int warp_select_regs(const float *key, const float *tiers, int
         keys[i] = e < n ? rank_key(key[e], e, tiers ? (int)tiers[e] : 0) : 0;
     }
     int mine = -1;
+    RUN_ONCE_LOOP
     for (int j = 0; j < count; j++) {
         uint64_t best = keys[0];
 #pragma unroll
@@ -93,6 +103,7 @@ static __device__ int warp_select(const float *key, const float *tiers, int n, i
 static __device__ float group_score(const float *b, int base, int size, int lane)
 {
     uint64_t first = 0, second = 0;
+    RUN_ONCE_LOOP
     for (int i = lane; i < size; i += 32) {
         const uint64_t c = rank_key(b[i], base + i, 0);
         if (c > first) second = first, first = c;
@@ -141,6 +152,7 @@ static __device__ __forceinline__ float comp_result(const compensated &acc)
 static __device__ float warp_sum_of_k(float mine, int k)
 {
     compensated acc = {0.0f, 0.0f};
+    RUN_ONCE_LOOP
     for (int j = 0; j < k; j++) comp_add(acc, __shfl_sync(FULL_MASK, mine, j));
     return comp_result(acc);
 }
@@ -193,6 +205,7 @@ static __device__ void route_token_warp(const cuda_plan_view &p, const cuda_rout
     if (method == FP4MOE_ROUTING_SOFTMAX_TOPK || method == FP4MOE_ROUTING_RENORMALIZE_NAIVE) {
         float max_value = -INFINITY;
         bool nan_here = false;
+        RUN_ONCE_LOOP
         for (int e = lane; e < n; e += 32) {
             const float v = bias ? logit[e] + bias[e] : logit[e];
             key[e] = v;
@@ -205,6 +218,7 @@ static __device__ void route_token_warp(const cuda_plan_view &p, const cuda_rout
         // Compensated partial sums per lane, combined pairwise: within an ulp of route.c's
         // sequential compensated sum (documented in docs/DESIGN.md).
         compensated acc = {0.0f, 0.0f};
+        RUN_ONCE_LOOP
         for (int e = lane; e < n; e += 32) {
             if (isnan(key[e])) continue;
             key[e] = expf(key[e] - max_value);
@@ -222,6 +236,7 @@ static __device__ void route_token_warp(const cuda_plan_view &p, const cuda_rout
         }
         const float denominator = comp_result(acc);
         __syncwarp();
+        RUN_ONCE_LOOP
         for (int e = lane; e < n; e += 32) key[e] = key[e] / denominator;
         __syncwarp();
         id = warp_select(key, NULL, n, k, taken, lane);
@@ -231,6 +246,7 @@ static __device__ void route_token_warp(const cuda_plan_view &p, const cuda_rout
             w = w / sum;
         }
     } else if (method == FP4MOE_ROUTING_RENORMALIZE) {
+        RUN_ONCE_LOOP
         for (int e = lane; e < n; e += 32) key[e] = bias ? logit[e] + bias[e] : logit[e];
         __syncwarp();
         id = warp_select(key, NULL, n, k, taken, lane);
@@ -239,6 +255,7 @@ static __device__ void route_token_warp(const cuda_plan_view &p, const cuda_rout
         const float sum = warp_sum_of_k(w, k);
         w = w / sum;
     } else if (method == FP4MOE_ROUTING_DEEPSEEK_V3 || method == FP4MOE_ROUTING_MINIMAX2) {
+        RUN_ONCE_LOOP
         for (int e = lane; e < n; e += 32)
             key[e] = bias ? sigmoid_dev(logit[e]) + bias[e] : sigmoid_dev(logit[e]);
         __syncwarp();
@@ -249,6 +266,7 @@ static __device__ void route_token_warp(const cuda_plan_view &p, const cuda_rout
             const int keep = p.topk_group > 0 ? p.topk_group : n_group;
             if (keep < n_group) {
                 float *score = grp;
+                RUN_ONCE_LOOP
                 for (int g = 0; g < n_group; g++) {
                     const float v = group_score(key + g * group_size, g * group_size, group_size, lane);
                     if (lane == 0) score[g] = v;
@@ -262,6 +280,7 @@ static __device__ void route_token_warp(const cuda_plan_view &p, const cuda_rout
                 __syncwarp();
                 if (lane < keep) kept[g_sel] = 1.0f;
                 __syncwarp();
+                RUN_ONCE_LOOP
                 for (int e = lane; e < n; e += 32) tier[e] = kept[e / group_size];
                 __syncwarp();
                 tiers = tier;
@@ -277,6 +296,7 @@ static __device__ void route_token_warp(const cuda_plan_view &p, const cuda_rout
     } else {
         const bool on_sigmoid =
             method == FP4MOE_ROUTING_SIGMOID || method == FP4MOE_ROUTING_SIGMOID_RENORM;
+        RUN_ONCE_LOOP
         for (int e = lane; e < n; e += 32) key[e] = on_sigmoid ? sigmoid_dev(logit[e]) : logit[e];
         __syncwarp();
         id = warp_select(key, NULL, n, k, taken, lane);
