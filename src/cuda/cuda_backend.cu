@@ -164,10 +164,17 @@ static fp4moe_status cuda_prepare(fp4moe_plan *plan)
         if (t == 64 || t == 128 || (t == 256 && v->wgmma)) v->tile_tokens = t;
     }
     // The decode GEMVs run one warp per tile from 2 tokens up (from 9 when H > 4096: docs/PERF.md,
-    // decode v6 and v8); FP4MOE_CUDA_DECODE_WARP_TILE=0 or 1 fixes the choice for every T
-    // (measurements, tests), any other value leaves it to the token count.
+    // decode v6 and v8); FP4MOE_CUDA_DECODE_WARP_TILE=0 or 1 fixes the choice of both for every T,
+    // =fc1 or =fc2 gives that GEMV alone a warp per tile (measurements, tests); any other value
+    // leaves it to the token count.
     const char *warp_tile = getenv("FP4MOE_CUDA_DECODE_WARP_TILE");
-    v->decode_warp_tile = warp_tile == NULL ? -1 : strcmp(warp_tile, "1") == 0 ? 1 : strcmp(warp_tile, "0") == 0 ? 0 : -1;
+    v->decode_warp_tile = -1;
+    if (warp_tile != NULL) {
+        if (strcmp(warp_tile, "0") == 0) v->decode_warp_tile = 0;
+        else if (strcmp(warp_tile, "1") == 0) v->decode_warp_tile = CUDA_WT_FC1 | CUDA_WT_FC2;
+        else if (strcmp(warp_tile, "fc1") == 0) v->decode_warp_tile = CUDA_WT_FC1;
+        else if (strcmp(warp_tile, "fc2") == 0) v->decode_warp_tile = CUDA_WT_FC2;
+    }
     // wgmma blocks of 128 weight rows (256 measured 1-8% slower on the H100, docs/PERF.md);
     // FP4MOE_CUDA_GEMM_ROWS=256 asks for 256 (not with 256-token tiles: too many accumulators)
     const char *rows = getenv("FP4MOE_CUDA_GEMM_ROWS");

@@ -483,27 +483,32 @@ static cudaError_t launch_experts(const cuda_plan_view *p, const cuda_call_view 
     const int64_t slots = (c->t1 - c->t0) * p->top_k;
     const int64_t most_touched = slots < p->e_loc ? slots : p->e_loc;
     const int64_t fc1_items = most_touched * (p->n1 / CUDA_TILE_ROWS), fc2_items = most_touched * (p->h / CUDA_TILE_ROWS);
-    // a warp per tile from 2 tokens up, but from 9 when H > 4096 (deepseek-v3's 448-group FC1
-    // rows: at T = 2, 4 and 8 the block-per-tile kernels were 5, 6.5 and 2% faster, at T = 16
-    // 0.3-4% slower; the crossover between 8 and 16 was not measured; docs/PERF.md, decode v8)
+    // FC1 a warp per tile at 2-4 tokens when H <= 4096 and from 32 tokens, a block per tile
+    // otherwise (deepseek-v3's 448-group rows, and 8-16 tokens, ran faster by blocks: 2-7%); FC2
+    // a warp per tile from 2 tokens up, and at 1 token when H > 4096 (deepseek-v3's 3584 FC2
+    // tiles fill the GPU by warps): docs/PERF.md, decode v10.
     const int64_t tokens = c->t1 - c->t0;
-    const int wt = p->decode_warp_tile >= 0 ? p->decode_warp_tile : tokens >= (p->h > 4096 ? 9 : 2);
+    const bool fc1_by_warps = (p->h <= 4096 && tokens >= 2 && tokens <= 4) || tokens >= 32;
+    const int wt = p->decode_warp_tile >= 0 ? p->decode_warp_tile
+                   : (fc1_by_warps ? CUDA_WT_FC1 : 0) | (tokens >= 2 || p->h > 4096 ? CUDA_WT_FC2 : 0);
+    const int wt1 = (wt & CUDA_WT_FC1) != 0, wt2 = (wt & CUDA_WT_FC2) != 0;
     // a block per tile, or CUDA_WT_WARPS tiles (warps) per block
-    const dim3 threads(wt ? CUDA_WT_WARPS * 32 : CUDA_GEMV_WARPS * 32);
-    const int64_t per_block = wt ? CUDA_WT_WARPS : 1;
-    void (*fc1)(cuda_plan_view, cuda_call_view, cuda_workspace) = wt ? fc1_kernel<PARTS, 1> : fc1_kernel<PARTS, 0>;
-    void (*fc2)(cuda_plan_view, cuda_call_view, cuda_workspace) = wt ? fc2_kernel<PARTS, 1> : fc2_kernel<PARTS, 0>;
+    const dim3 threads1(wt1 ? CUDA_WT_WARPS * 32 : CUDA_GEMV_WARPS * 32);
+    const dim3 threads2(wt2 ? CUDA_WT_WARPS * 32 : CUDA_GEMV_WARPS * 32);
+    const int64_t per_block1 = wt1 ? CUDA_WT_WARPS : 1, per_block2 = wt2 ? CUDA_WT_WARPS : 1;
+    void (*fc1)(cuda_plan_view, cuda_call_view, cuda_workspace) = wt1 ? fc1_kernel<PARTS, 1> : fc1_kernel<PARTS, 0>;
+    void (*fc2)(cuda_plan_view, cuda_call_view, cuda_workspace) = wt2 ? fc2_kernel<PARTS, 1> : fc2_kernel<PARTS, 0>;
     // (p->stop_after: a measurement knob that leaves the later kernels out; outputs undefined)
     const int stop = p->stop_after > 0 ? p->stop_after : 5;
     cudaError_t err = cudaSuccess;
     if (stop >= 2)
-        err = launch_dependent(fc1, dim3((unsigned)((fc1_items + per_block - 1) / per_block)), threads, 0, stream,
-                               *p, *c, *ws);
+        err = launch_dependent(fc1, dim3((unsigned)((fc1_items + per_block1 - 1) / per_block1)), threads1, 0,
+                               stream, *p, *c, *ws);
     if (err == cudaSuccess && stop >= 3)
         err = launch_dependent(fc2_input_kernel<PARTS>, dim3((unsigned)slots), dim3(256), 0, stream, *p, *c, *ws);
     if (err == cudaSuccess && stop >= 4)
-        err = launch_dependent(fc2, dim3((unsigned)((fc2_items + per_block - 1) / per_block)), threads, 0, stream,
-                               *p, *c, *ws);
+        err = launch_dependent(fc2, dim3((unsigned)((fc2_items + per_block2 - 1) / per_block2)), threads2, 0,
+                               stream, *p, *c, *ws);
     if (err == cudaSuccess && stop >= 5) err = cuda_launch_finalize(p, c, ws, stream);
     return err;
 }
