@@ -163,8 +163,8 @@ static fp4moe_status cuda_prepare(fp4moe_plan *plan)
         const int t = atoi(tile);
         if (t == 64 || t == 128 || (t == 256 && v->wgmma)) v->tile_tokens = t;
     }
-    // The decode GEMVs run one warp per tile from 2 tokens up (from 9 when H > 4096: docs/PERF.md,
-    // decode v6 and v8); FP4MOE_CUDA_DECODE_WARP_TILE=0 or 1 fixes the choice of both for every T,
+    // The decode GEMVs run a block or a warp per tile, chosen per GEMV by T and H (launch_experts,
+    // docs/PERF.md decode v10); FP4MOE_CUDA_DECODE_WARP_TILE=0 or 1 fixes the choice of both for every T,
     // =fc1 or =fc2 gives that GEMV alone a warp per tile (measurements, tests); any other value
     // leaves it to the token count.
     const char *warp_tile = getenv("FP4MOE_CUDA_DECODE_WARP_TILE");

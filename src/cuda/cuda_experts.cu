@@ -43,7 +43,7 @@
 #ifndef FC2_MIN_BLOCKS
 #define FC2_MIN_BLOCKS 8
 #endif
-// The warp-per-tile kernels (chunks of 2 tokens or more, 9 when H > 4096: launch_experts): a
+// The warp-per-tile kernels (chosen per GEMV by the chunk's tokens and H: launch_experts): a
 // warp streams a whole tile's K through its own ring (its groups' copies no longer split over the
 // warps, the per-block setup, cross-warp sum and barrier gone); 4-warp blocks spread over the
 // SMs; 6 per SM (80 registers: at 8 the FP32 FC1 spilled 28 bytes). 4 stages (3 groups in
@@ -484,9 +484,11 @@ static cudaError_t launch_experts(const cuda_plan_view *p, const cuda_call_view 
     const int64_t most_touched = slots < p->e_loc ? slots : p->e_loc;
     const int64_t fc1_items = most_touched * (p->n1 / CUDA_TILE_ROWS), fc2_items = most_touched * (p->h / CUDA_TILE_ROWS);
     // FC1 a warp per tile at 2-4 tokens when H <= 4096 and from 32 tokens, a block per tile
-    // otherwise (deepseek-v3's 448-group rows, and 8-16 tokens, ran faster by blocks: 2-7%); FC2
-    // a warp per tile from 2 tokens up, and at 1 token when H > 4096 (deepseek-v3's 3584 FC2
-    // tiles fill the GPU by warps): docs/PERF.md, decode v10.
+    // otherwise (deepseek-v3's 448-group rows ran 6-11% faster by blocks at 2-4 tokens, every
+    // model 3.5-7% at 8 tokens and 2% at 16; from 32 the two are within 1%); FC2 a warp per
+    // tile from 2 tokens up, and at 1 token when H > 4096 (deepseek-v3's 3584 FC2 tiles fill the
+    // GPU by warps). Measured at 1, 2, 4, 8, 16, 32, 64 and 128 tokens (docs/PERF.md, decode
+    // v10); the tokens between take the rule of the measured points around them.
     const int64_t tokens = c->t1 - c->t0;
     const bool fc1_by_warps = (p->h <= 4096 && tokens >= 2 && tokens <= 4) || tokens >= 32;
     const int wt = p->decode_warp_tile >= 0 ? p->decode_warp_tile
