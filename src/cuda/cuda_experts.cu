@@ -1,8 +1,8 @@
 // The experts of a token chunk on the GPU, as tensor-core GEMVs: a block owns one 16-row tile
 // of one touched expert and runs it against up to 8 (token, slot) pairs of that expert per
 // mma.sync.m16n8k16 (weights as the M operand, "swap A/B"), its 4 warps splitting K; so each
-// touched expert's weights are read from memory once per pass of 8 slots. From 2 tokens (9 when
-// H > 4096) a warp owns a whole tile over all of K instead (launch_experts, "warp-per-tile").
+// touched expert's weights are read from memory once per pass of 8 slots. Or a warp owns a whole
+// tile over all of K ("warp-per-tile"), chosen per GEMV by the token count and H (launch_experts).
 //
 // Decoding: an E2M1 nibble pair is placed in a half2 with the magnitude bits at 11..9 and the
 // sign at 15, which is the value times 2^-14 exactly (0.5 lands on the FP16 subnormal 2^-15):

@@ -456,7 +456,7 @@ static __device__ void build_slot_lists_warp(const cuda_plan_view &p, const cuda
     const bool first = valid && (same & below_me) == 0;
     const unsigned firsts = __ballot_sync(FULL_MASK, first), valids = __ballot_sync(FULL_MASK, valid);
     int slots_below = 0, touched_below = 0;
-#pragma unroll 1
+    RUN_ONCE_LOOP
     for (int j = 0; j < slots; j++) {
         const int other = __shfl_sync(FULL_MASK, mine, j);
         const bool lower = other >= 0 && other < mine;
