@@ -175,6 +175,12 @@ static fp4moe_status cuda_prepare(fp4moe_plan *plan)
         else if (strcmp(warp_tile, "fc1") == 0) v->decode_warp_tile = CUDA_WT_FC1;
         else if (strcmp(warp_tile, "fc2") == 0) v->decode_warp_tile = CUDA_WT_FC2;
     }
+    // FP4MOE_CUDA_DECODE_TOKEN_FINALIZE=0|1: one-token chunks run FC2 and the finalize as one
+    // kernel (1) or two (0); unset or any other value: automatic (launch_experts)
+    const char *token_finalize = getenv("FP4MOE_CUDA_DECODE_TOKEN_FINALIZE");
+    v->token_finalize = token_finalize == NULL ? -1
+                        : strcmp(token_finalize, "0") == 0 ? 0
+                        : strcmp(token_finalize, "1") == 0 ? 1 : -1;
     // wgmma blocks of 128 weight rows (256 measured 1-8% slower on the H100, docs/PERF.md);
     // FP4MOE_CUDA_GEMM_ROWS=256 asks for 256 (not with 256-token tiles: too many accumulators)
     const char *rows = getenv("FP4MOE_CUDA_GEMM_ROWS");

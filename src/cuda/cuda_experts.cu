@@ -408,6 +408,75 @@ fc2_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws)
     cp_async_wait<0>(); // (a touched expert has a slot, so the ring was run; this keeps it so)
 }
 
+// ------------------------------------------------------------------ FC2 + finalize, one token
+// A one-token chunk with finalize on: a block per 16-row output tile, a warp per slot of the
+// token (warp w takes slots w, w + warps, ...), each the warp-per-tile product of its expert's
+// tile with the FC2 epilogue of fc2_pass_store; the block then sums the slots in slot order as
+// finalize_kernel does. The same operations in the same order as fc2_kernel<PARTS, 1> followed
+// by finalize_kernel, one dependent kernel fewer (each costs 2-4 us in the chain at T = 1:
+// docs/PERF.md decode v10), and no FP32 (slot, row) round trip through memory.
+#define FC2_TOKEN_MAX_WARPS 8
+template <int PARTS>
+__global__ void __launch_bounds__(FC2_TOKEN_MAX_WARPS * 32, WT_MIN_BLOCKS * CUDA_WT_WARPS / FC2_TOKEN_MAX_WARPS)
+fc2_token_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws)
+{
+    constexpr int D = WT_DEPTH;
+    __shared__ uint4 rings[FC2_TOKEN_MAX_WARPS][D * GEMV_STAGE_UNITS];
+    __shared__ float vals[CUDA_MAX_TOP_K][CUDA_TILE_ROWS];
+    const int64_t tile = blockIdx.x, k = p.top_k, h = p.h;
+    const int groups = (int)(p.k2p / CUDA_KGROUP);
+    const int warps = (int)(blockDim.x / 32), warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4;
+    // The slots' local experts come from the front kernel, which finished before FC1 passed its
+    // wait: the first slot's weights are requested before waiting for FC1 and the FC2 inputs.
+    int local = warp < k ? __ldcg(ws.slot_local + warp) : -1;
+    if (local >= 0) {
+        ring_cursor first = ring_cursor_at<1>(p.w2_codes + (local * (h / CUDA_TILE_ROWS) + tile) * groups * 512,
+                                              p.w2_scales + (local * (h / CUDA_TILE_ROWS) + tile) * groups * 64,
+                                              groups, 0, lane);
+        ring_start<D, 1>(first, rings[warp], lane);
+    }
+    wait_for_previous_kernel();
+    for (int j = warp; j < k; j += warps) {
+        if (j != warp) local = ws.slot_local[j];
+        if (local < 0) continue;
+        const int64_t e = local;
+        const uint8_t *codes = p.w2_codes + (e * (h / CUDA_TILE_ROWS) + tile) * groups * 512;
+        const uint8_t *scales = p.w2_scales + (e * (h / CUDA_TILE_ROWS) + tile) * groups * 64;
+        const uint8_t *b_row = reinterpret_cast<const uint8_t *>(ws.uh) + (int64_t)j * (p.k2p / 4) * 8 * PARTS;
+        float acc[4];
+        warp_tile_product<D, PARTS>(rings[warp], j == warp, codes, scales, groups, b_row, acc);
+        float sc = 1.0f;
+        if (p.w4a4) sc = 1.0f / p.a2_global[e];
+        else if (p.fp8_down) sc = 1.0f / p.fp8_scale[e];
+        const float scale = __fmul_rn(sc, p.w2_global[e]);
+        if (lane % 4 == 0) { // column 0: the token's slot (fc2_pass_store with one slot)
+            const float us = ws.u_scale[j];
+            for (int r = 0; r < 2; r++) {
+                const int64_t n = tile * CUDA_TILE_ROWS + g + 8 * r;
+                float v = __fmul_rn(__fmul_rn(acc[2 * r], us), scale);
+                if (p.b2) v = __fadd_rn(v, p.b2[e * h + n]);
+                vals[j][g + 8 * r] = v;
+            }
+        }
+    }
+    allow_next_kernel();
+    __syncthreads();
+    if (threadIdx.x >= CUDA_TILE_ROWS) return;
+    // finalize_kernel's sum for this tile's rows: slot order, no FMA contraction
+    const int64_t t = c.t0, n = tile * CUDA_TILE_ROWS + threadIdx.x;
+    float sum = 0.0f;
+    bool any = false;
+    for (int64_t j = 0; j < k; j++) {
+        if (ws.slot_local[j] < 0) continue;
+        const float w = p.on_input ? 1.0f : ws.weights[t * k + j];
+        const float term = __fmul_rn(w, vals[j][threadIdx.x]);
+        sum = any ? __fadd_rn(sum, term) : term;
+        any = true;
+    }
+    if (c.per_token_scale) sum = __fmul_rn(c.per_token_scale[t], sum);
+    store_from_f32(c.output, c.output_dtype, t * h + n, sum);
+}
+
 // ------------------------------------------------------------------ finalize
 // One thread per (token, 4 columns; H is a multiple of 16): the weighted sum over the token's
 // local slots in slot order, as cpu_experts.c's finalize_token (no contraction into FMAs), or the
@@ -508,6 +577,15 @@ static cudaError_t launch_experts(const cuda_plan_view *p, const cuda_call_view 
                                stream, *p, *c, *ws);
     if (err == cudaSuccess && stop >= 3)
         err = launch_dependent(fc2_input_kernel<PARTS>, dim3((unsigned)slots), dim3(256), 0, stream, *p, *c, *ws);
+    // One token with finalize on: FC2 and the finalize in one kernel (fc2_token_kernel)
+    const bool token_finalize = tokens == 1 && c->finalize && (p->token_finalize >= 0 ? p->token_finalize == 1 : true);
+    if (token_finalize) {
+        const int warps = p->top_k < FC2_TOKEN_MAX_WARPS ? p->top_k : FC2_TOKEN_MAX_WARPS;
+        if (err == cudaSuccess && stop >= 4)
+            err = launch_dependent(fc2_token_kernel<PARTS>, dim3((unsigned)(p->h / CUDA_TILE_ROWS)), dim3(warps * 32),
+                                   0, stream, *p, *c, *ws);
+        return err;
+    }
     if (err == cudaSuccess && stop >= 4)
         err = launch_dependent(fc2, dim3((unsigned)((fc2_items + per_block2 - 1) / per_block2)), threads2, 0,
                                stream, *p, *c, *ws);

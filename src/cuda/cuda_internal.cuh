@@ -34,6 +34,7 @@ extern "C" {
 #define CUDA_WT_WARPS 4       /* warp-per-tile decode kernels: warps (tiles) per block */
 #define CUDA_WT_FC1 1         /* decode_warp_tile bits: FC1 a warp per tile */
 #define CUDA_WT_FC2 2         /* FC2 a warp per tile */
+#define CUDA_MAX_TOP_K 32     /* the API's bound on k */
 // Tokens per pass of the expert kernels (bounds the per-slot workspace).
 #define CUDA_TOKEN_CHUNK 256
 // Routing and planning run in one block when the call has at most this many tokens.
@@ -66,6 +67,7 @@ typedef struct cuda_plan_view {
     int gemm_rows;   // host side: weight rows per wgmma GEMM block (128 or 256)
     int tile_tokens; // host side: tokens per prefill GEMM tile, 0 = chosen per call
     int decode_warp_tile; // decode GEMVs one warp per tile: CUDA_WT_* bits, -1 by T and H (launch_experts)
+    int token_finalize;   // one-token chunks: FC2 and finalize in one kernel, 1 / 0, -1 automatic (launch_experts)
     int stop_after;       // measurement only (FP4MOE_CUDA_STOP_AFTER): decode kernels launched, 0 = all 5
 } cuda_plan_view;
 
