@@ -577,8 +577,14 @@ static cudaError_t launch_experts(const cuda_plan_view *p, const cuda_call_view 
                                stream, *p, *c, *ws);
     if (err == cudaSuccess && stop >= 3)
         err = launch_dependent(fc2_input_kernel<PARTS>, dim3((unsigned)slots), dim3(256), 0, stream, *p, *c, *ws);
-    // One token with finalize on: FC2 and the finalize in one kernel (fc2_token_kernel)
-    const bool token_finalize = tokens == 1 && c->finalize && (p->token_finalize >= 0 ? p->token_finalize == 1 : true);
+    // One token with finalize on: FC2 and the finalize in one kernel (fc2_token_kernel, a warp
+    // per slot over the whole K) when FC2 runs a warp per tile at T = 1 anyway (H > 4096) or a
+    // warp's K is short (at most 16 groups): deepseek-v3 0.102 -> 0.098 ms, qwen3 0.029 ->
+    // 0.028; nemotron's 29 groups per warp were slower by warps (0.035 -> 0.036 ms; docs/PERF.md
+    // decode v11)
+    const bool token_finalize = tokens == 1 && c->finalize &&
+                                (p->token_finalize >= 0 ? p->token_finalize == 1
+                                                        : p->h > 4096 || p->k2p / CUDA_KGROUP <= 16);
     if (token_finalize) {
         const int warps = p->top_k < FC2_TOKEN_MAX_WARPS ? p->top_k : FC2_TOKEN_MAX_WARPS;
         if (err == cudaSuccess && stop >= 4)
