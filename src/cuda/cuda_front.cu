@@ -370,6 +370,20 @@ static __device__ __forceinline__ int32_t slot_local_of(const int32_t *chunk_slo
 // chunk_ids / chunk_slots (nullable): shared copies of the chunk's ids (written by this block's
 // routing) and of the slots' local experts, read instead of their global rows (each global
 // write-then-read cost a round trip of a T = 1 call).
+// Slot s's local expert, or -1 when its expert is not local, recorded in ws.slot_local (and in
+// chunk_slots when given). Ids outside [0, E) (fp4moe_forward_routed cannot check them without
+// a sync) fall outside the local range too and contribute nothing.
+static __device__ __forceinline__ int record_slot_local(const cuda_plan_view &p, const cuda_call_view &c,
+                                                        const cuda_workspace &ws, const int32_t *chunk_ids,
+                                                        int32_t *chunk_slots, int64_t s)
+{
+    const int64_t local = (int64_t)slot_id(chunk_ids, ws, c, p.top_k, s) - p.e0;
+    const int32_t mine = local >= 0 && local < p.e_loc ? (int32_t)local : -1;
+    ws.slot_local[s] = mine;
+    if (chunk_slots) chunk_slots[s] = mine;
+    return mine;
+}
+
 static __device__ void build_slot_lists(const cuda_plan_view &p, const cuda_call_view &c,
                                         const cuda_workspace &ws, const int32_t *chunk_ids,
                                         int32_t *chunk_slots)
@@ -382,13 +396,8 @@ static __device__ void build_slot_lists(const cuda_plan_view &p, const cuda_call
     for (int e = tid; e < e_loc; e += nthreads) counts[e] = 0;
     __syncthreads();
     for (int64_t s = tid; s < slots; s += nthreads) {
-        // ids outside [0, E) (fp4moe_forward_routed cannot check them without a sync) fall
-        // outside the local range too and contribute nothing.
-        const int64_t local = (int64_t)slot_id(chunk_ids, ws, c, k, s) - p.e0;
-        const bool valid = local >= 0 && local < p.e_loc;
-        ws.slot_local[s] = valid ? (int32_t)local : -1;
-        if (chunk_slots) chunk_slots[s] = valid ? (int32_t)local : -1;
-        if (valid) atomicAdd(&counts[local], 1);
+        const int local = record_slot_local(p, c, ws, chunk_ids, chunk_slots, s);
+        if (local >= 0) atomicAdd(&counts[local], 1);
     }
     __syncthreads();
     // Each thread owns a contiguous run of experts.
@@ -443,13 +452,7 @@ static __device__ void build_slot_lists_warp(const cuda_plan_view &p, const cuda
 {
     const int64_t k = p.top_k;
     const int slots = (int)((c.t1 - c.t0) * k);
-    int mine = -1;
-    if (lane < slots) {
-        const int64_t local = (int64_t)slot_id(chunk_ids, ws, c, k, lane) - p.e0;
-        mine = local >= 0 && local < p.e_loc ? (int)local : -1;
-        ws.slot_local[lane] = mine;
-        if (chunk_slots) chunk_slots[lane] = mine;
-    }
+    const int mine = lane < slots ? record_slot_local(p, c, ws, chunk_ids, chunk_slots, lane) : -1;
     const bool valid = mine >= 0;
     const unsigned below_me = (1u << lane) - 1u;
     const unsigned same = __match_any_sync(FULL_MASK, mine);
