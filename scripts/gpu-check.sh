@@ -163,18 +163,20 @@ FP4MOE_GPU_FILTER=${GPU_TEST_FILTER:-} bash scripts/gpu-tests.sh "./$BUILD/test_
 tests_rc=$?
 grep -E "check failed|passed" "$OUT/gpu-tests.log" | tail -25
 
-# The cases again under one setting of the library (KNOB=value), cases matching FILTER, each
-# shard bounded by TIMEOUT seconds.
-tests_under() { # KNOB=value FILTER LOG TITLE TIMEOUT
+# The cases again under settings of the library ("KNOB=value KNOB2=value"), cases matching
+# FILTER, each shard bounded by TIMEOUT seconds.
+tests_under() { # "KNOB=value ..." FILTER LOG TITLE TIMEOUT
   echo "== GPU tests, $4 ($1)"
-  env "$1" FP4MOE_GPU_FILTER="$2" GPU_TEST_TIMEOUT="$5" bash scripts/gpu-tests.sh \
+  env $1 FP4MOE_GPU_FILTER="$2" GPU_TEST_TIMEOUT="$5" bash scripts/gpu-tests.sh \
     "./$BUILD/test_gpu_backend" "$OUT/$3" || tests_rc=1
   grep -E "check failed|passed|timed out" "$OUT/$3" | tail -8
 }
-# the decode GEMVs run a warp per tile from 2 tokens up: the decode cases again with either
-# GEMV kind at every T
-tests_under FP4MOE_CUDA_DECODE_WARP_TILE=0 '!prefill' gpu-tests-warp-tile0.log "decode cases, block per tile" 200
-tests_under FP4MOE_CUDA_DECODE_WARP_TILE=1 '!prefill' gpu-tests-warp-tile1.log "decode cases, warp per tile" 200
+# the decode GEMVs run a block or a warp per tile by T and H, and one-token chunks FC2 and the
+# finalize as one kernel or two by H and K: the decode cases again with every kernel of one kind
+tests_under "FP4MOE_CUDA_DECODE_WARP_TILE=0 FP4MOE_CUDA_DECODE_TOKEN_FINALIZE=0" '!prefill' gpu-tests-warp-tile0.log \
+  "decode cases, block per tile, finalize kernel at T = 1" 200
+tests_under "FP4MOE_CUDA_DECODE_WARP_TILE=1 FP4MOE_CUDA_DECODE_TOKEN_FINALIZE=1" '!prefill' gpu-tests-warp-tile1.log \
+  "decode cases, warp per tile, FC2 + finalize kernel at T = 1" 200
 tests_under FP4MOE_CUDA_MMA_SYNC=1 prefill gpu-tests-mma.log "prefill cases on the mma.sync kernels (GPUs without wgmma)" \
   "${GPU_TEST_TIMEOUT:-540}"
 tests_under FP4MOE_CUDA_GEMM_ROWS=256 prefill gpu-tests-rows256.log "prefill cases on the 256-row wgmma kernels" \
