@@ -120,7 +120,7 @@ if [ $PROFILE = 3 ]; then
 fi
 if [ $PROFILE = 2 ]; then
   # where the warps of each kernel wait (Nsight Compute source counters), first preset/T given
-  for k in front_kernel fc1_kernel fc2_kernel finalize_kernel; do
+  for k in front_kernel fc1_kernel fc2_kernel fc2_token_kernel finalize_kernel; do
     echo "=== $k"
     ncu -k "regex:$k" --launch-skip 5 --launch-count 1 --section SourceCounters \
       --section WarpStateStats --section SpeedOfLight "./$BUILD/fp4moe" bench --backend cuda \

@@ -416,8 +416,10 @@ fc2_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws)
 // by finalize_kernel, one dependent kernel fewer (each costs 2-4 us in the chain at T = 1:
 // docs/PERF.md decode v10), and no FP32 (slot, row) round trip through memory.
 #define FC2_TOKEN_MAX_WARPS 8
+// (as many warps per SM as the warp-per-tile kernels, at least one block)
+#define FC2_TOKEN_MIN_BLOCKS (WT_MIN_BLOCKS * CUDA_WT_WARPS >= 2 * FC2_TOKEN_MAX_WARPS ? WT_MIN_BLOCKS * CUDA_WT_WARPS / FC2_TOKEN_MAX_WARPS : 1)
 template <int PARTS>
-__global__ void __launch_bounds__(FC2_TOKEN_MAX_WARPS * 32, WT_MIN_BLOCKS * CUDA_WT_WARPS / FC2_TOKEN_MAX_WARPS)
+__global__ void __launch_bounds__(FC2_TOKEN_MAX_WARPS * 32, FC2_TOKEN_MIN_BLOCKS)
 fc2_token_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws)
 {
     constexpr int D = WT_DEPTH;
@@ -582,9 +584,13 @@ static cudaError_t launch_experts(const cuda_plan_view *p, const cuda_call_view 
     // warp's K is short (at most 16 groups): deepseek-v3 0.102 -> 0.098 ms, qwen3 0.029 ->
     // 0.028; nemotron's 29 groups per warp were slower by warps (0.035 -> 0.036 ms; docs/PERF.md
     // decode v11)
-    const bool token_finalize = tokens == 1 && c->finalize &&
-                                (p->token_finalize >= 0 ? p->token_finalize == 1
-                                                        : p->h > 4096 || p->k2p / CUDA_KGROUP <= 16);
+    // (automatic: not when FP4MOE_CUDA_DECODE_WARP_TILE asks FC2 for a block per tile). With
+    // p->stop_after = 4 the one kernel includes the finalize.
+    const bool token_finalize =
+        tokens == 1 && c->finalize &&
+        (p->token_finalize >= 0 ? p->token_finalize == 1
+                                : (p->decode_warp_tile < 0 || (p->decode_warp_tile & CUDA_WT_FC2)) &&
+                                      (p->h > 4096 || p->k2p / CUDA_KGROUP <= 16));
     if (token_finalize) {
         const int warps = p->top_k < FC2_TOKEN_MAX_WARPS ? p->top_k : FC2_TOKEN_MAX_WARPS;
         if (err == cudaSuccess && stop >= 4)

@@ -362,14 +362,6 @@ static __device__ __forceinline__ int32_t slot_local_of(const int32_t *chunk_slo
     return chunk_slots ? chunk_slots[s] : ws.slot_local[s];
 }
 
-// Groups the chunk's slots by local expert: touched experts in ascending order, each with its
-// range of entries (slots in any order: every slot's result is computed independently, so the
-// order inside an expert changes nothing). The per-expert counts live in shared memory when
-// they fit (each global round trip of the counts cost ~1 us of a T = 1 call).
-#define FRONT_SMEM_COUNTS 1024
-// chunk_ids / chunk_slots (nullable): shared copies of the chunk's ids (written by this block's
-// routing) and of the slots' local experts, read instead of their global rows (each global
-// write-then-read cost a round trip of a T = 1 call).
 // Slot s's local expert, or -1 when its expert is not local, recorded in ws.slot_local (and in
 // chunk_slots when given). Ids outside [0, E) (fp4moe_forward_routed cannot check them without
 // a sync) fall outside the local range too and contribute nothing.
@@ -384,6 +376,14 @@ static __device__ __forceinline__ int record_slot_local(const cuda_plan_view &p,
     return mine;
 }
 
+// Groups the chunk's slots by local expert: touched experts in ascending order, each with its
+// range of entries (slots in any order: every slot's result is computed independently, so the
+// order inside an expert changes nothing). The per-expert counts live in shared memory when
+// they fit (each global round trip of the counts cost ~1 us of a T = 1 call).
+#define FRONT_SMEM_COUNTS 1024
+// chunk_ids / chunk_slots (nullable): shared copies of the chunk's ids (written by this block's
+// routing) and of the slots' local experts, read instead of their global rows (each global
+// write-then-read cost a round trip of a T = 1 call).
 static __device__ void build_slot_lists(const cuda_plan_view &p, const cuda_call_view &c,
                                         const cuda_workspace &ws, const int32_t *chunk_ids,
                                         int32_t *chunk_slots)

@@ -68,7 +68,7 @@ typedef struct cuda_plan_view {
     int tile_tokens; // host side: tokens per prefill GEMM tile, 0 = chosen per call
     int decode_warp_tile; // decode GEMVs one warp per tile: CUDA_WT_* bits, -1 by T and H (launch_experts)
     int token_finalize;   // one-token chunks: FC2 and finalize in one kernel, 1 / 0, -1 automatic (launch_experts)
-    int stop_after;       // measurement only (FP4MOE_CUDA_STOP_AFTER): decode kernels launched, 0 = all 5
+    int stop_after;       // measurement only (FP4MOE_CUDA_STOP_AFTER): decode kernels launched, 0 = all (4 = through FC2, with the finalize when one kernel does both)
 } cuda_plan_view;
 
 // Workspace of one call. Routing results cover every token; the rest is per token chunk.

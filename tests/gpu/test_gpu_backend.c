@@ -15,7 +15,7 @@
 #include "ref/ref_moe.h"
 #include "testing.h"
 
-#define MAX_CASES 96
+#define MAX_CASES 128
 
 typedef struct gpu_case {
     const char *name;
@@ -572,6 +572,43 @@ static int build_cases(gpu_case *cases)
         cases[n++] = g;
         cases[n++] = make("auto split T=80 (decode)", c, 80);
         cases[n++] = make("auto split T=81 (prefill)", c, 81);
+    }
+    /* one-token chunks, where FC2 and the finalize may run as one kernel (fc2_token_kernel):
+     * more slots than its 8 warps, non-local slots, every input to its epilogue and sum, H above
+     * 4096, a one-token last chunk (t0 > 0), and the paths that keep two kernels */
+    {
+        fp4moe_config c = base_config(64, 12, 512, 256);
+        cases[n++] = make("one token: k=12 (slots > warps)", c, 1);
+        c = base_config(32, 4, 512, 256);
+        c.local_expert_offset = 8, c.local_num_experts = 12;
+        gpu_case g = make("one token: local experts 8..19 of 32 + per_token_scale", c, 1);
+        g.per_token_scale = 1;
+        cases[n++] = g;
+        c = base_config(32, 1, 512, 256);
+        c.routing = FP4MOE_ROUTING_LLAMA4;
+        cases[n++] = make("one token: llama4 (on input)", c, 1);
+        c = base_config(32, 4, 512, 256);
+        g = make("one token: b1/b2 biases, bf16 in/out", c, 1);
+        g.gen.biases = 1;
+        g.hidden_dtype = g.output_dtype = g.logits_dtype = FP4MOE_DTYPE_BF16;
+        cases[n++] = g;
+        c.fc2_input_fp8 = 1;
+        cases[n++] = make("one token: FP8 down input", c, 1);
+        c.fc2_input_fp8 = 0;
+        g = make("one token: routed, f16 in/out", c, 1);
+        g.routed = 1;
+        g.hidden_dtype = g.output_dtype = FP4MOE_DTYPE_F16;
+        cases[n++] = g;
+        g = make("one token: finalize off (two kernels)", c, 1);
+        g.skip_finalize = 1;
+        cases[n++] = g;
+        c = base_config(16, 8, 4608, 256);
+        g = make("one token: H=4608 (> 4096)", c, 1);
+        g.hidden_dtype = g.output_dtype = FP4MOE_DTYPE_BF16;
+        cases[n++] = g;
+        c = base_config(64, 8, 512, 256);
+        c.decode_threshold = 512;
+        cases[n++] = make("one token: T=257 on the decode path (last chunk t0 = 256)", c, 257);
     }
 
     return n;
