@@ -104,6 +104,16 @@ typedef struct fc1_pair {
     bool has_bias;
 } fc1_pair;
 
+// FC2's output scale of expert e: the weights' global scale over the scale its inputs were
+// quantised with (W4A4's a2, FP8 down's static scale), as the CPU applies them.
+static __device__ __forceinline__ float fc2_expert_scale(const cuda_plan_view &p, int64_t e)
+{
+    float sc = 1.0f;
+    if (p.w4a4) sc = 1.0f / p.a2_global[e];
+    else if (p.fp8_down) sc = 1.0f / p.fp8_scale[e];
+    return __fmul_rn(sc, p.w2_global[e]);
+}
+
 // Expert e's pair (g, g + 8) of 16-row tile `tile`. scale_low / scale_high: the global scale
 // (times the W4A4 input scale) of the rows below / from `inter` (the gate and up halves).
 static __device__ __forceinline__ fc1_pair fc1_pair_of(const cuda_plan_view &p, int64_t e, int64_t tile, int g,

@@ -338,6 +338,15 @@ __global__ void fc2_input_kernel(cuda_plan_view p, cuda_call_view c, cuda_worksp
 }
 
 // ------------------------------------------------------------------ FC2
+// FC2's output (slot, row n) of expert e from the tile product acc (block scales applied): the
+// input row's scale us, the expert's scale (fc2_expert_scale), the bias; no FMA contraction.
+static __device__ __forceinline__ float fc2_value(const cuda_plan_view &p, int64_t e, int64_t n, float acc, float us,
+                                                  float scale)
+{
+    const float v = __fmul_rn(__fmul_rn(acc, us), scale);
+    return p.b2 ? __fadd_rn(v, p.b2[e * p.h + n]) : v;
+}
+
 // The results of one pass (as fc1_pass_store): the (slot, row) outputs, row scale, global scale
 // and bias applied.
 static __device__ __forceinline__ void fc2_pass_store(const cuda_plan_view &p, const cuda_workspace &ws,
@@ -353,9 +362,7 @@ static __device__ __forceinline__ void fc2_pass_store(const cuda_plan_view &p, c
         const float us = ws.u_scale[slot];
         for (int r = 0; r < 2; r++) {
             const int64_t n = tile * CUDA_TILE_ROWS + g + 8 * r;
-            float v = __fmul_rn(__fmul_rn(acc[2 * r + j], us), scale);
-            if (p.b2) v = __fadd_rn(v, p.b2[e * h + n]);
-            ws.y[slot * h + n] = v;
+            ws.y[slot * h + n] = fc2_value(p, e, n, acc[2 * r + j], us, scale);
         }
     }
 }
@@ -391,10 +398,7 @@ fc2_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws)
         ring_start<D, CUDA_GEMV_WARPS>(first, rings[warp], lane);
     }
     wait_for_previous_kernel();
-    float sc = 1.0f;
-    if (p.w4a4) sc = 1.0f / p.a2_global[e];
-    else if (p.fp8_down) sc = 1.0f / p.fp8_scale[e];
-    const float scale = __fmul_rn(sc, p.w2_global[e]);
+    const float scale = fc2_expert_scale(p, e);
     for (int pos = begin; pos < end; pos += CUDA_SLOTS_PER_PASS) {
         const int nslots = min(CUDA_SLOTS_PER_PASS, end - pos);
         const uint8_t *b_row = reinterpret_cast<const uint8_t *>(ws.uh) +
@@ -447,18 +451,11 @@ fc2_token_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws)
         const uint8_t *b_row = reinterpret_cast<const uint8_t *>(ws.uh) + (int64_t)j * (p.k2p / 4) * 8 * PARTS;
         float acc[4];
         warp_tile_product<D, PARTS>(rings[warp], j == warp, codes, scales, groups, b_row, acc);
-        float sc = 1.0f;
-        if (p.w4a4) sc = 1.0f / p.a2_global[e];
-        else if (p.fp8_down) sc = 1.0f / p.fp8_scale[e];
-        const float scale = __fmul_rn(sc, p.w2_global[e]);
+        const float scale = fc2_expert_scale(p, e);
         if (lane % 4 == 0) { // column 0: the token's slot (fc2_pass_store with one slot)
             const float us = ws.u_scale[j];
-            for (int r = 0; r < 2; r++) {
-                const int64_t n = tile * CUDA_TILE_ROWS + g + 8 * r;
-                float v = __fmul_rn(__fmul_rn(acc[2 * r], us), scale);
-                if (p.b2) v = __fadd_rn(v, p.b2[e * h + n]);
-                vals[j][g + 8 * r] = v;
-            }
+            for (int r = 0; r < 2; r++)
+                vals[j][g + 8 * r] = fc2_value(p, e, tile * CUDA_TILE_ROWS + g + 8 * r, acc[2 * r], us, scale);
         }
     }
     allow_next_kernel();

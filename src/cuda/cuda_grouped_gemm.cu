@@ -330,10 +330,7 @@ static __device__ __forceinline__ void epilogue(const cuda_plan_view &p, const c
                                                 const int32_t *slot_of, const float *xs_of)
 {
     if (FC2) {
-        float sc = 1.0f;
-        if (p.w4a4) sc = 1.0f / p.a2_global[e];
-        else if (p.fp8_down) sc = 1.0f / p.fp8_scale[e];
-        const float scale = __fmul_rn(sc, p.w2_global[e]);
+        const float scale = fc2_expert_scale(p, e);
         // four consecutive output rows n per column (H is a multiple of 16): one 16-byte store
         // of the (token, slot) row. A thread keeps its four rows (and their bias) in every column.
         constexpr int QUADS = ROWS / 4;
