@@ -32,18 +32,5 @@ if [ "${HASH_SANITIZE:-0}" = 1 ]; then
       "$(grep -E 'passed' "$OUT/sanitizer-$tool.log" | tail -1)"
   done
 fi
-python3 - "$OUT/tests-A.log" "$OUT/tests-B.log" <<'PY'
-import re, sys
-def hashes(path):
-    d = {}
-    for line in open(path):
-        m = re.match(r"\s+#(\d+) (.*?)\s+T=(\d+)\s.* out ([0-9a-f]+)", line)
-        if m: d[int(m.group(1))] = (m.group(2), m.group(3), m.group(4))
-    return d
-a, b = hashes(sys.argv[1]), hashes(sys.argv[2])
-common = sorted(set(a) & set(b))
-diff = [i for i in common if a[i][2] != b[i][2]]
-for i in diff: print(f"  differs: #{i:03d} {a[i][0]} T={a[i][1]}")
-print(f"output hashes: {len(common)} compared, {len(diff)} differ")
-PY
+bash scripts/compare-hashes.sh "$OUT/tests-A.log" "$OUT/tests-B.log"
 exit $rc
