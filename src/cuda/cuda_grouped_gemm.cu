@@ -46,11 +46,18 @@ template <int BN, int PARTS, int WG> struct gemm_shape {
     static constexpr int min_blocks = WG == 4 || BN == 256 ? 1 : 2;
 };
 
-static __device__ __forceinline__ void cp_async16(void *smem, const void *gmem, bool valid)
+// cp.async of the 16 bytes at base + off16 * 16 (the address formed in one mad.wide: ptxas
+// otherwise re-associated it into three instructions), optionally only where p holds.
+static __device__ __forceinline__ void cp_async16(uint32_t smem, const void *base, uint32_t off16)
 {
-    const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(s), "l"(gmem),
-                 "r"(valid ? 16 : 0));
+    asm volatile("{\n.reg .u64 a;\nmad.wide.u32 a, %2, 16, %1;\ncp.async.cg.shared.global [%0], [a], 16;\n}"
+                 ::"r"(smem), "l"(base), "r"(off16));
+}
+static __device__ __forceinline__ void cp_async16_if(uint32_t smem, const void *base, uint32_t off16, uint32_t p)
+{
+    asm volatile("{\n.reg .u64 a;\n.reg .pred p;\nsetp.ne.u32 p, %3, 0;\nmad.wide.u32 a, %2, 16, %1;\n"
+                 "@p cp.async.cg.shared.global [%0], [a], 16;\n}"
+                 ::"r"(smem), "l"(base), "r"(off16), "r"(p));
 }
 static __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
 template <int N> static __device__ __forceinline__ void cp_async_wait()
@@ -82,78 +89,65 @@ typedef struct gemm_tile {
 
 #define B_PAD 0xffffffffu
 
-// The B chunks (16 bytes) a thread copies each stage: chunk i = threadIdx.x + j * THREADS is
-// chunk i % 8 of staged row i / 8 (part i / 8 / BN of column i / 8 % BN). Its place in the stage
-// is the same every stage (and, as THREADS is a multiple of 64, j * THREADS * 16 bytes after the
-// thread's first), its source advances by 128 bytes per K group: planned once per tile.
-template <int BN, int PARTS, int THREADS> struct b_chunks {
-    static constexpr int n = BN * PARTS * 8 / THREADS;
-    static_assert(n * THREADS == BN * PARTS * 8 && THREADS % 64 == 0, "B chunks per thread");
-    uint32_t src[n]; // 16-byte units from t.b (0 for a padding column: never read)
-    uint32_t pad;    // bit j: chunk j is a padding column's (zero-filled)
-    int dst;
+// The 16-byte chunks a thread copies each stage, planned once per tile as 16-byte offsets from
+// the stage's K group in each source (B rows, A codes, A scales), so that one IMAD.WIDE forms a
+// chunk's address (the per-stage instruction count is what limits these kernels: docs/PERF.md).
+// B chunk j = threadIdx.x + j * THREADS is chunk j % 8 of staged row j / 8 (part / BN, column %
+// BN), stored at chunk ch ^ (row & 7) (128-byte swizzle); a padding column copies the tile's
+// first row instead (its accumulators are never stored, and no predicate is needed). A: the
+// block's MT tiles' codes (32 chunks each, na per thread), then their scales (4 chunks each, one
+// for each of the first MT * 4 threads: whole warps); a tile past the matrix's end (the last
+// row block) copies the last tile (its rows are never stored).
+template <int BN, int PARTS, int MT, int THREADS> struct stage_copies {
+    static constexpr int nb = BN * PARTS * 8 / THREADS, na = MT * 32 / THREADS;
+    static_assert(nb * THREADS == BN * PARTS * 8 && THREADS % 64 == 0 && BN % (THREADS / 8) == 0,
+                  "B chunks per thread, each part's in the same columns");
+    static_assert(na * THREADS == MT * 32 && MT * 4 % 32 == 0, "A chunks per thread");
+    uint32_t b[nb / PARTS], codes[na], scales; // (part 1's B rows follow part 0's by kp values)
+    uint32_t b_dst;     // of chunk 0 in the stage (chunk j: + j * THREADS * 16)
+    uint32_t scales_on; // whether this thread copies a scale chunk
 };
 
-template <int BN, int PARTS, int THREADS>
-static __device__ __forceinline__ void plan_b_chunks(const gemm_tile &t, b_chunks<BN, PARTS, THREADS> &b)
-{
-    const int ch = threadIdx.x & 7, r0 = threadIdx.x >> 3;
-    b.dst = (r0 * 8 + (ch ^ (r0 & 7))) << 4;
-    b.pad = 0;
-#pragma unroll
-    for (int j = 0; j < b_chunks<BN, PARTS, THREADS>::n; j++) {
-        const int r = r0 + j * (THREADS / 8);
-        const uint32_t row = t.b_row[r % BN];
-        b.src[j] = row == B_PAD ? 0 : row + (uint32_t)((r / BN) * (t.kp / 8) + ch);
-        b.pad |= (row == B_PAD ? 1u : 0u) << j;
-    }
-}
-
-// The A chunks (16 bytes) a thread copies each stage: codes of the block's MT tiles (32 chunks
-// each), then their scales (4 chunks each); source offsets advance by 512 / 64 bytes per K group.
-template <int MT, int THREADS> struct a_chunks {
-    static constexpr int codes = MT * 32, total = MT * 36;
-    static constexpr int n = (total + THREADS - 1) / THREADS;
-    const uint8_t *src[n];
-    int step[n], dst[n];
-    bool ok[n];
-};
-
-template <int MT, int THREADS>
-static __device__ __forceinline__ void plan_a_chunks(const gemm_tile &t, a_chunks<MT, THREADS> &a)
-{
-    typedef a_chunks<MT, THREADS> A;
-#pragma unroll
-    for (int j = 0; j < A::n; j++) {
-        const int i = threadIdx.x + j * THREADS;
-        const int mt = i < A::codes ? i / 32 : (i - A::codes) / 4;
-        a.ok[j] = i < A::total && t.mt0 + mt < t.mtiles;
-        a.dst[j] = i * 16; // the scales follow the codes
-        a.step[j] = i < A::codes ? 512 : 64;
-        a.src[j] = !a.ok[j] ? t.codes
-                   : i < A::codes ? t.codes + (t.mt0 + mt) * (int64_t)t.groups * 512 + (i % 32) * 16
-                                  : t.scales + (t.mt0 + mt) * (int64_t)t.groups * 64 + ((i - A::codes) % 4) * 16;
-    }
-}
-
-// One pipeline stage: PARTS x BN activation rows of 64 values (chunk ch of row r stored at chunk
-// ch ^ (r & 7)), then the block's MT A tiles (codes + scales) of K group kg.
 template <int BN, int PARTS, int MT, int THREADS>
-static __device__ __forceinline__ void load_stage(uint8_t *stage, const gemm_tile &t,
-                                                  const a_chunks<MT, THREADS> &a,
-                                                  const b_chunks<BN, PARTS, THREADS> &b, int kg)
+static __device__ __forceinline__ void plan_copies(const gemm_tile &t, stage_copies<BN, PARTS, MT, THREADS> &c)
 {
-    // (32-bit offsets and no selects: this runs every stage in the MMA warps)
-    const uint32_t kg8 = (uint32_t)kg * 8;
+    typedef stage_copies<BN, PARTS, MT, THREADS> C;
+    const int ch = threadIdx.x & 7, r0 = threadIdx.x >> 3;
+    c.b_dst = (uint32_t)((r0 * 8 + (ch ^ (r0 & 7))) << 4);
+    const uint32_t first = t.b_row[0] == B_PAD ? 0u : t.b_row[0];
 #pragma unroll
-    for (int j = 0; j < b_chunks<BN, PARTS, THREADS>::n; j++)
-        cp_async16(stage + b.dst + j * THREADS * 16, t.b + (uint64_t)(b.src[j] + kg8) * 16,
-                   !((b.pad >> j) & 1));
-    uint8_t *sa = stage + BN * PARTS * 128;
+    for (int j = 0; j < C::nb / PARTS; j++) {
+        const uint32_t row = t.b_row[r0 + j * (THREADS / 8)];
+        c.b[j] = (row == B_PAD ? first : row) + (uint32_t)ch;
+    }
+    const int64_t last = t.mtiles - 1;
 #pragma unroll
-    for (int j = 0; j < a_chunks<MT, THREADS>::n; j++)
-        if (threadIdx.x + j * THREADS < a_chunks<MT, THREADS>::total)
-            cp_async16(sa + a.dst[j], a.src[j] + kg * a.step[j], a.ok[j]);
+    for (int j = 0; j < C::na; j++) {
+        const int i = threadIdx.x + j * THREADS;
+        const int64_t mt = min(t.mt0 + i / 32, last);
+        c.codes[j] = (uint32_t)(mt * t.groups * 32 + i % 32);
+    }
+    const int64_t mt = min(t.mt0 + (int)(threadIdx.x % (MT * 4)) / 4, last);
+    c.scales = (uint32_t)(mt * t.groups * 4 + threadIdx.x % 4);
+    c.scales_on = threadIdx.x < MT * 4;
+}
+
+// One pipeline stage at shared address `stage`: PARTS x BN activation rows of 64 values, then
+// the block's MT A tiles (codes + scales) of K group kg.
+template <int BN, int PARTS, int MT, int THREADS>
+static __device__ __forceinline__ void load_stage(uint32_t stage, const gemm_tile &t,
+                                                  const stage_copies<BN, PARTS, MT, THREADS> &c, int kg)
+{
+    typedef stage_copies<BN, PARTS, MT, THREADS> C;
+    const uint8_t *b = t.b + (uint32_t)kg * 128u, *codes = t.codes + (uint32_t)kg * 512u;
+#pragma unroll
+    for (int j = 0; j < C::nb; j++)
+        cp_async16(stage + c.b_dst + j * THREADS * 16, j < C::nb / PARTS ? b : b + t.kp * 2,
+                   c.b[j % (C::nb / PARTS)]);
+    const uint32_t sa = stage + BN * PARTS * 128 + threadIdx.x * 16;
+#pragma unroll
+    for (int j = 0; j < C::na; j++) cp_async16(sa + j * THREADS * 16, codes, c.codes[j]);
+    cp_async16_if(sa + MT * 512, t.scales + (uint32_t)kg * 64u, c.scales, c.scales_on);
 }
 
 // The A fragment of 16-row tile mt (of the block's 8) for k step s of a stage, block scales
@@ -170,27 +164,29 @@ static __device__ __forceinline__ void decode_a(const uint32_t words[4], uint2 s
     a[3] = hmul2_bits(decode_pair(words[s], 3), s_g8);
 }
 
-// The lane's code words and scales of A tile mt (of the block's MT) from a stage's A part.
+// The lane's code words and scales of A tile mt (of the block's MT) from a stage's A part (shared
+// address: the main loop keeps no generic pointer to the pipeline).
 template <int MT>
-static __device__ __forceinline__ void load_a(const uint8_t *stage_a, int mt, int lane, uint32_t words[4],
-                                              uint2 *sc)
+static __device__ __forceinline__ void load_a(uint32_t stage_a, int mt, int lane, uint32_t words[4], uint2 *sc)
 {
-    const uint4 w = reinterpret_cast<const uint4 *>(stage_a)[mt * 32 + lane];
-    words[0] = w.x, words[1] = w.y, words[2] = w.z, words[3] = w.w;
-    *sc = reinterpret_cast<const uint2 *>(stage_a + MT * 512)[mt * 8 + lane / 4];
+    asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(words[0]), "=r"(words[1]), "=r"(words[2]), "=r"(words[3])
+                 : "r"(stage_a + (mt * 32 + lane) * 16));
+    asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];"
+                 : "=r"(sc->x), "=r"(sc->y)
+                 : "r"(stage_a + MT * 512 + (mt * 8 + lane / 4) * 8));
 }
 
 // mma.sync: the warp's 64 x BN/2 product over one stage (4 k steps of 16).
 template <int BN, int PARTS>
-static __device__ __forceinline__ void compute_stage_mma(const uint8_t *stage, int wm, int wn, int lane,
+static __device__ __forceinline__ void compute_stage_mma(uint32_t sb, int wm, int wn, int lane,
                                                          float (*acc)[BN / 16][4])
 {
     constexpr int NT = BN / 16; // n8 tiles per warp
     uint32_t words[4][4];
     uint2 sc[4];
 #pragma unroll
-    for (int mt = 0; mt < 4; mt++) load_a<8>(stage + BN * PARTS * 128, wm * 4 + mt, lane, words[mt], &sc[mt]);
-    const unsigned sb = (unsigned)__cvta_generic_to_shared(stage);
+    for (int mt = 0; mt < 4; mt++) load_a<8>(sb + BN * PARTS * 128, wm * 4 + mt, lane, words[mt], &sc[mt]);
 #pragma unroll
     for (int s = 0; s < 4; s++) {
         uint32_t a[4][4];
@@ -235,32 +231,44 @@ template <int N> static __device__ __forceinline__ void wgmma_n(float *d, const 
 // columns (see mma_loop); warp w of the block owns 16-row tile w (of MT) and decodes only that one
 // into a[] (untouched until these MMAs complete).
 template <int N, int BN, int PARTS, int MT>
-static __device__ __forceinline__ void issue_stage_wgmma(const uint8_t *stage, int mt, int lane, float *acc,
+static __device__ __forceinline__ void issue_stage_wgmma(uint32_t sb, int mt, int lane, float *acc,
                                                          uint32_t (&a)[4][4])
 {
     uint32_t words[4];
     uint2 sc;
-    load_a<MT>(stage + BN * PARTS * 128, mt, lane, words, &sc);
+    load_a<MT>(sb + BN * PARTS * 128, mt, lane, words, &sc);
 #pragma unroll
     for (int s = 0; s < 4; s++) decode_a(words, sc, s, a[s]);
-    const uint32_t sb = (uint32_t)__cvta_generic_to_shared(stage);
+    const uint32_t lo = sb >> 4; // the MMAs' operands at fixed offsets from the stage's descriptor
     wgmma_fence_operands<BN / 2>(acc);
     wgmma_fence();
 #pragma unroll
     for (int s = 0; s < 4; s++)
 #pragma unroll
         for (int part = 0; part < PARTS; part++)
-            wgmma_n<N>(acc, a[s], wgmma_desc_sw128(sb + part * BN * 128 + s * 32));
+            wgmma_n<N>(acc, a[s], wgmma_desc_sw128(lo + (part * BN * 128 + s * 32) / 16));
     wgmma_commit();
     wgmma_fence_operands<BN / 2>(acc);
 }
 
+// Where the main loop stands: the shared-memory offsets (within the pipeline) of the stage
+// computed next and of the stage refilled next, advanced without a division.
+typedef struct pipe_pos {
+    uint32_t comp, load;
+} pipe_pos;
+template <int BN, int PARTS, int WG> static __device__ __forceinline__ uint32_t next_slot(uint32_t off)
+{
+    typedef gemm_shape<BN, PARTS, WG> S;
+    off += S::stage_bytes;
+    return off == (uint32_t)S::pipe_bytes ? 0u : off;
+}
+
 // Stage kg of the main loop: wait for its copies, refill the slot ahead, multiply.
 template <int N, int BN, int PARTS, int WG, int THREADS>
-static __device__ __forceinline__ void run_stage(uint8_t *smem, const gemm_tile &t,
-                                                 const a_chunks<gemm_shape<BN, PARTS, WG>::mt, THREADS> &ac,
-                                                 const b_chunks<BN, PARTS, THREADS> &bc, int kg,
-                                                 int warp, int lane, float *acc, uint32_t (&a)[4][4])
+static __device__ __forceinline__ void run_stage(uint32_t sbase, const gemm_tile &t,
+                                                 const stage_copies<BN, PARTS, gemm_shape<BN, PARTS, WG>::mt, THREADS> &cp,
+                                                 int kg, pipe_pos &pos, int warp, int lane,
+                                                 float *acc, uint32_t (&a)[4][4])
 {
     typedef gemm_shape<BN, PARTS, WG> S;
     cp_async_wait<S::ahead - 1>();
@@ -270,16 +278,18 @@ static __device__ __forceinline__ void run_stage(uint8_t *smem, const gemm_tile 
     // warpgroup waited for it after issuing kg - 1, before this barrier).
     __syncthreads();
     const int next = kg + S::ahead;
-    if (next < t.groups)
-        load_stage<BN, PARTS, S::mt, THREADS>(smem + (unsigned)next % S::stages * S::stage_bytes, t, ac, bc, next);
+    if (next < t.groups) load_stage<BN, PARTS, S::mt, THREADS>(sbase + pos.load, t, cp, next);
     cp_async_commit();
-    const uint8_t *stage = smem + (unsigned)kg % S::stages * S::stage_bytes;
+    const uint32_t comp = pos.comp;
+    pos.load = next_slot<BN, PARTS, WG>(pos.load);
+    pos.comp = next_slot<BN, PARTS, WG>(pos.comp);
     if constexpr (WG != 0) {
         // a was last read by stage kg - 2's MMAs: complete
-        issue_stage_wgmma<N, BN, PARTS, S::mt>(stage, warp, lane, acc, a);
+        issue_stage_wgmma<N, BN, PARTS, S::mt>(sbase + comp, warp, lane, acc, a);
         wgmma_wait<1>(); // stage kg - 1's MMAs are done, kg's may run on
     } else {
-        compute_stage_mma<BN, PARTS>(stage, warp / 2, warp % 2, lane, reinterpret_cast<float (*)[BN / 16][4]>(acc));
+        compute_stage_mma<BN, PARTS>(sbase + comp, warp / 2, warp % 2, lane,
+                                     reinterpret_cast<float (*)[BN / 16][4]>(acc));
     }
 }
 
@@ -289,17 +299,19 @@ static __device__ __forceinline__ void run_stage(uint8_t *smem, const gemm_tile 
 // is decoded into the other. Each call names its set at compile time and the loop has no exit
 // between the two: otherwise ptxas serialises every MMA (warning C7513).
 template <int N, int BN, int PARTS, int WG, int THREADS>
-static __device__ __forceinline__ void mma_loop(uint8_t *smem, const gemm_tile &t,
-                                                const a_chunks<gemm_shape<BN, PARTS, WG>::mt, THREADS> &ac,
-                                                const b_chunks<BN, PARTS, THREADS> &bc, int warp, int lane, float *acc)
+static __device__ __forceinline__ void mma_loop(uint32_t sbase, const gemm_tile &t,
+                                                const stage_copies<BN, PARTS, gemm_shape<BN, PARTS, WG>::mt, THREADS> &cp,
+                                                int warp, int lane, float *acc)
 {
+    typedef gemm_shape<BN, PARTS, WG> S;
     uint32_t a_even[4][4], a_odd[4][4];
+    pipe_pos pos = {0u, (uint32_t)(S::ahead * S::stage_bytes)};
     int kg = 0;
     for (; kg + 1 < t.groups; kg += 2) {
-        run_stage<N, BN, PARTS, WG, THREADS>(smem, t, ac, bc, kg, warp, lane, acc, a_even);
-        run_stage<N, BN, PARTS, WG, THREADS>(smem, t, ac, bc, kg + 1, warp, lane, acc, a_odd);
+        run_stage<N, BN, PARTS, WG, THREADS>(sbase, t, cp, kg, pos, warp, lane, acc, a_even);
+        run_stage<N, BN, PARTS, WG, THREADS>(sbase, t, cp, kg + 1, pos, warp, lane, acc, a_odd);
     }
-    if (kg < t.groups) run_stage<N, BN, PARTS, WG, THREADS>(smem, t, ac, bc, kg, warp, lane, acc, a_even);
+    if (kg < t.groups) run_stage<N, BN, PARTS, WG, THREADS>(sbase, t, cp, kg, pos, warp, lane, acc, a_even);
     if (WG) wgmma_wait_all();
 }
 
@@ -431,10 +443,9 @@ grouped_gemm_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws)
     t.mt0 = (int64_t)blockIdx.x * S::mt;
     t.b = reinterpret_cast<const uint8_t *>(FC2 ? ws.ub : ws.xb);
     t.b_row = b_row;
-    a_chunks<S::mt, THREADS> ac;
-    plan_a_chunks<S::mt, THREADS>(t, ac);
-    b_chunks<BN, PARTS, THREADS> bc;
-    plan_b_chunks<BN, PARTS, THREADS>(t, bc);
+    stage_copies<BN, PARTS, S::mt, THREADS> cp;
+    plan_copies<BN, PARTS, S::mt, THREADS>(t, cp);
+    const uint32_t sbase = (uint32_t)__cvta_generic_to_shared(smem);
 
     // accumulators: mma.sync [4 tiles][BN/16 n8 tiles][4]; wgmma [BN/8 n8 tiles][4]
     constexpr int ACC = WG ? BN / 2 : BN;
@@ -444,7 +455,7 @@ grouped_gemm_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws)
     wgmma_fence_operands<ACC>(acc);
 
     for (int s = 0; s < S::ahead; s++) {
-        if (s < t.groups) load_stage<BN, PARTS, S::mt, THREADS>(smem + s * S::stage_bytes, t, ac, bc, s);
+        if (s < t.groups) load_stage<BN, PARTS, S::mt, THREADS>(sbase + s * S::stage_bytes, t, cp, s);
         cp_async_commit();
     }
     const int warp = tid / 32, lane = tid % 32;
@@ -452,13 +463,13 @@ grouped_gemm_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws)
         // one whole loop per width (a branch between the MMAs of a stage made ptxas serialise
         // them); not with FP32 hidden states (PARTS = 2), whose loops then spilled registers
         switch (nq) {
-        case 1: mma_loop<BN / 4, BN, PARTS, WG, THREADS>(smem, t, ac, bc, warp, lane, acc); break;
-        case 2: mma_loop<BN / 2, BN, PARTS, WG, THREADS>(smem, t, ac, bc, warp, lane, acc); break;
-        case 3: mma_loop<3 * BN / 4, BN, PARTS, WG, THREADS>(smem, t, ac, bc, warp, lane, acc); break;
-        default: mma_loop<BN, BN, PARTS, WG, THREADS>(smem, t, ac, bc, warp, lane, acc); break;
+        case 1: mma_loop<BN / 4, BN, PARTS, WG, THREADS>(sbase, t, cp, warp, lane, acc); break;
+        case 2: mma_loop<BN / 2, BN, PARTS, WG, THREADS>(sbase, t, cp, warp, lane, acc); break;
+        case 3: mma_loop<3 * BN / 4, BN, PARTS, WG, THREADS>(sbase, t, cp, warp, lane, acc); break;
+        default: mma_loop<BN, BN, PARTS, WG, THREADS>(sbase, t, cp, warp, lane, acc); break;
         }
     } else {
-        mma_loop<BN, BN, PARTS, WG, THREADS>(smem, t, ac, bc, warp, lane, acc);
+        mma_loop<BN, BN, PARTS, WG, THREADS>(sbase, t, cp, warp, lane, acc);
     }
     wgmma_fence_operands<ACC>(acc);
     cp_async_wait<0>();

@@ -12,11 +12,12 @@
 #define FP4MOE_WGMMA 1
 #endif
 
-// Shared-memory matrix descriptor: start address, stride between 8-row groups 1024 bytes,
+// Shared-memory matrix descriptor: start address field `lo` (shared address / 16: below 2^14,
+// so offsets added to it in 32 bits never carry), stride between 8-row groups 1024 bytes,
 // 128-byte swizzle (PTX ISA "Matrix Descriptor Format"; the leading offset is unused here).
-static __device__ __forceinline__ uint64_t wgmma_desc_sw128(uint32_t smem_addr)
+static __device__ __forceinline__ uint64_t wgmma_desc_sw128(uint32_t lo)
 {
-    return (uint64_t)((smem_addr & 0x3ffffu) >> 4) | ((uint64_t)(1024 >> 4) << 32) | (1ull << 62);
+    return (uint64_t)lo | ((uint64_t)(1024 >> 4) << 32) | (1ull << 62);
 }
 
 // Keeps the compiler from moving, copying or defining accumulator registers around the
