@@ -47,12 +47,19 @@ template <int BN, int PARTS, int WG> struct gemm_shape {
 };
 
 // cp.async of the 16 bytes at base + off16 * 16 (the address formed in one mad.wide: ptxas
-// otherwise re-associated it into three instructions), optionally only where p holds.
+// otherwise re-associated it into three instructions); zero_fill: write 16 zero bytes, read nothing.
 static __device__ __forceinline__ void cp_async16(uint32_t smem, const void *base, uint32_t off16)
 {
     asm volatile("{\n.reg .u64 a;\nmad.wide.u32 a, %2, 16, %1;\ncp.async.cg.shared.global [%0], [a], 16;\n}"
                  ::"r"(smem), "l"(base), "r"(off16));
 }
+// ... reading only `bytes` of them (16 or 0) and zero-filling the rest
+static __device__ __forceinline__ void cp_async16_n(uint32_t smem, const void *base, uint32_t off16, uint32_t bytes)
+{
+    asm volatile("{\n.reg .u64 a;\nmad.wide.u32 a, %2, 16, %1;\ncp.async.cg.shared.global [%0], [a], 16, %3;\n}"
+                 ::"r"(smem), "l"(base), "r"(off16), "r"(bytes));
+}
+// ... only where p holds (p: nonzero)
 static __device__ __forceinline__ void cp_async16_if(uint32_t smem, const void *base, uint32_t off16, uint32_t p)
 {
     asm volatile("{\n.reg .u64 a;\n.reg .pred p;\nsetp.ne.u32 p, %3, 0;\nmad.wide.u32 a, %2, 16, %1;\n"
@@ -93,8 +100,8 @@ typedef struct gemm_tile {
 // the stage's K group in each source (B rows, A codes, A scales), so that one IMAD.WIDE forms a
 // chunk's address (the per-stage instruction count is what limits these kernels: docs/PERF.md).
 // B chunk j = threadIdx.x + j * THREADS is chunk j % 8 of staged row j / 8 (part / BN, column %
-// BN), stored at chunk ch ^ (row & 7) (128-byte swizzle); a padding column copies the tile's
-// first row instead (its accumulators are never stored, and no predicate is needed). A: the
+// BN), stored at chunk ch ^ (row & 7) (128-byte swizzle); a padding column's chunks are zero-filled
+// (no read: reading any real row instead cost up to 1.5x at 8 rows per expert). A: the
 // block's MT tiles' codes (32 chunks each, na per thread), then their scales (4 chunks each, one
 // for each of the first MT * 4 threads: whole warps); a tile past the matrix's end (the last
 // row block) copies the last tile (its rows are never stored).
@@ -104,6 +111,7 @@ template <int BN, int PARTS, int MT, int THREADS> struct stage_copies {
                   "B chunks per thread, each part's in the same columns");
     static_assert(na * THREADS == MT * 32 && MT * 4 % 32 == 0, "A chunks per thread");
     uint32_t b[nb / PARTS], codes[na], scales; // (part 1's B rows follow part 0's by kp values)
+    uint32_t b_bytes[nb / PARTS]; // 16, or 0 for a padding column's chunk
     uint32_t b_dst;     // of chunk 0 in the stage (chunk j: + j * THREADS * 16)
     uint32_t scales_on; // whether this thread copies a scale chunk
 };
@@ -114,11 +122,11 @@ static __device__ __forceinline__ void plan_copies(const gemm_tile &t, stage_cop
     typedef stage_copies<BN, PARTS, MT, THREADS> C;
     const int ch = threadIdx.x & 7, r0 = threadIdx.x >> 3;
     c.b_dst = (uint32_t)((r0 * 8 + (ch ^ (r0 & 7))) << 4);
-    const uint32_t first = t.b_row[0] == B_PAD ? 0u : t.b_row[0];
 #pragma unroll
     for (int j = 0; j < C::nb / PARTS; j++) {
         const uint32_t row = t.b_row[r0 + j * (THREADS / 8)];
-        c.b[j] = (row == B_PAD ? first : row) + (uint32_t)ch;
+        c.b[j] = (row == B_PAD ? 0u : row) + (uint32_t)ch;
+        c.b_bytes[j] = row == B_PAD ? 0u : 16u;
     }
     const int64_t last = t.mtiles - 1;
 #pragma unroll
@@ -142,8 +150,8 @@ static __device__ __forceinline__ void load_stage(uint32_t stage, const gemm_til
     const uint8_t *b = t.b + (uint32_t)kg * 128u, *codes = t.codes + (uint32_t)kg * 512u;
 #pragma unroll
     for (int j = 0; j < C::nb; j++)
-        cp_async16(stage + c.b_dst + j * THREADS * 16, j < C::nb / PARTS ? b : b + t.kp * 2,
-                   c.b[j % (C::nb / PARTS)]);
+        cp_async16_n(stage + c.b_dst + j * THREADS * 16, j < C::nb / PARTS ? b : b + t.kp * 2,
+                     c.b[j % (C::nb / PARTS)], c.b_bytes[j % (C::nb / PARTS)]);
     const uint32_t sa = stage + BN * PARTS * 128 + threadIdx.x * 16;
 #pragma unroll
     for (int j = 0; j < C::na; j++) cp_async16(sa + j * THREADS * 16, codes, c.codes[j]);
