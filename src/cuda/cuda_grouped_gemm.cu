@@ -46,14 +46,14 @@ template <int BN, int PARTS, int WG> struct gemm_shape {
     static constexpr int min_blocks = WG == 4 || BN == 256 ? 1 : 2;
 };
 
-// cp.async of the 16 bytes at base + off16 * 16 (the address formed in one mad.wide: ptxas
-// otherwise re-associated it into three instructions); zero_fill: write 16 zero bytes, read nothing.
+// cp.async of the 16 bytes at base + off16 * 16 (the address formed by one mad.wide: from C, ptxas
+// re-associated it into three instructions).
 static __device__ __forceinline__ void cp_async16(uint32_t smem, const void *base, uint32_t off16)
 {
     asm volatile("{\n.reg .u64 a;\nmad.wide.u32 a, %2, 16, %1;\ncp.async.cg.shared.global [%0], [a], 16;\n}"
                  ::"r"(smem), "l"(base), "r"(off16));
 }
-// ... reading only `bytes` of them (16 or 0) and zero-filling the rest
+// ... reading `bytes` of them (16, or 0: 16 zero bytes written, nothing read)
 static __device__ __forceinline__ void cp_async16_n(uint32_t smem, const void *base, uint32_t off16, uint32_t bytes)
 {
     asm volatile("{\n.reg .u64 a;\nmad.wide.u32 a, %2, 16, %1;\ncp.async.cg.shared.global [%0], [a], 16, %3;\n}"
@@ -97,8 +97,9 @@ typedef struct gemm_tile {
 #define B_PAD 0xffffffffu
 
 // The 16-byte chunks a thread copies each stage, planned once per tile as 16-byte offsets from
-// the stage's K group in each source (B rows, A codes, A scales), so that one IMAD.WIDE forms a
-// chunk's address (the per-stage instruction count is what limits these kernels: docs/PERF.md).
+// the stage's K group in each source (B rows, A codes, A scales), so that a chunk's address costs
+// two instructions and no predicate (these kernels are bound by their per-stage instruction count,
+// docs/PERF.md).
 // B chunk j = threadIdx.x + j * THREADS is chunk j % 8 of staged row j / 8 (part / BN, column %
 // BN), stored at chunk ch ^ (row & 7) (128-byte swizzle); a padding column's chunks are zero-filled
 // (no read: reading any real row instead cost up to 1.5x at 8 rows per expert). A: the
