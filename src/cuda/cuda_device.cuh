@@ -114,6 +114,15 @@ static __device__ __forceinline__ float fc2_expert_scale(const cuda_plan_view &p
     return __fmul_rn(sc, p.w2_global[e]);
 }
 
+// FC1's output scales of expert e: the weights' global scales of the rows below / from `inter`
+// (the gate and up halves) times W4A4's input scale, each product formed in FP32 as the CPU does.
+static __device__ __forceinline__ void fc1_expert_scales(const cuda_plan_view &p, int64_t e, float *low, float *high)
+{
+    const float sa = p.w4a4 ? 1.0f / p.a1_global[e] : 1.0f;
+    *low = __fmul_rn(sa, p.w1_global[e]);
+    *high = __fmul_rn(sa, p.w1_global_half2[e]);
+}
+
 // Expert e's pair (g, g + 8) of 16-row tile `tile`. scale_low / scale_high: the global scale
 // (times the W4A4 input scale) of the rows below / from `inter` (the gate and up halves).
 static __device__ __forceinline__ fc1_pair fc1_pair_of(const cuda_plan_view &p, int64_t e, int64_t tile, int g,

@@ -281,9 +281,8 @@ fc1_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws)
     const int64_t k = p.top_k;
     const uint8_t *codes = p.w1_codes + (e * tiles + tile) * groups * 512;
     const uint8_t *scales = p.w1_scales + (e * tiles + tile) * groups * 64;
-    const float sa = p.w4a4 ? 1.0f / p.a1_global[e] : 1.0f;
-    const float scale_low = __fmul_rn(sa, p.w1_global[e]);
-    const float scale_high = __fmul_rn(sa, p.w1_global_half2[e]);
+    float scale_low, scale_high;
+    fc1_expert_scales(p, e, &scale_low, &scale_high);
     for (int pos = begin; pos < end; pos += CUDA_SLOTS_PER_PASS) {
         const int nslots = min(CUDA_SLOTS_PER_PASS, end - pos);
         const int64_t slot = ws.entries[pos + min(g, nslots - 1)];

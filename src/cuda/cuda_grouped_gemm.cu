@@ -390,9 +390,9 @@ static __device__ __forceinline__ void epilogue(const cuda_plan_view &p, const c
     const int pair = threadIdx.x % PAIRS, mt = pair / 8, g = pair % 8;
     const int64_t mtile = t.mt0 + mt;
     if (mtile >= t.mtiles) return;
-    const float sa = p.w4a4 ? 1.0f / p.a1_global[e] : 1.0f;
-    const fc1_pair k =
-        fc1_pair_of(p, e, mtile, g, __fmul_rn(sa, p.w1_global[e]), __fmul_rn(sa, p.w1_global_half2[e]));
+    float scale_low, scale_high;
+    fc1_expert_scales(p, e, &scale_low, &scale_high);
+    const fc1_pair k = fc1_pair_of(p, e, mtile, g, scale_low, scale_high);
     const float *v = epi + mt * 16 + g;
     const int64_t u_row_bytes = cuda_u_row_bytes(p, c);
     uint8_t *u = reinterpret_cast<uint8_t *>(ws.u) + row0 * u_row_bytes;
