@@ -147,6 +147,18 @@ static fp4moe_status cuda_prepare(fp4moe_plan *plan)
     v->on_input = cfg->apply_router_weight_on_input != 0;
     v->w4a4 = cfg->precision == FP4MOE_PRECISION_W4A4;
     v->fp8_down = cfg->fc2_input_fp8 != 0;
+    // The prefill GEMMs address one expert's repacked matrix and the workspace's B rows (FP16,
+    // two parts, a whole chunk's slots) in 16-byte units held in 32 bits (cuda_grouped_gemm.cu).
+    const double units = 65536.0 * 65536.0 * 16.0;
+    const double rows_max = (double)CUDA_PREFILL_CHUNK * v->top_k + (double)(e_loc + 1) * 256.0;
+    if ((double)n1 * v->k1p / 2 >= units || (double)h * v->k2p / 2 >= units ||
+        rows_max * 4.0 * (double)(v->k1p > v->k2p ? v->k1p : v->k2p) >= units) {
+        cuda_release(plan);
+        return fp4moe_fail(plan->ctx, FP4MOE_ERROR_UNSUPPORTED,
+                           "cuda backend: an expert matrix or the prefill workspace's rows reach 64 GiB "
+                           "(hidden_size %lld, intermediate_size %lld, top_k %lld)",
+                           (long long)h, (long long)inter, (long long)v->top_k);
+    }
     // The prefill GEMMs: wgmma where this build has sm_90a code for the device; the mma.sync
     // kernels otherwise, or when FP4MOE_CUDA_MMA_SYNC=1 asks for them (tests, comparisons).
     err = cuda_gemm_has_wgmma(&v->wgmma);

@@ -4,7 +4,7 @@
 // registers: nibbles placed into FP16 as value * 2^-14, then multiplied by the E4M3 block scale
 // (HMUL2; exact: the product has at most 6 significant bits and is a multiple of 2^-24, so even
 // FP16 subnormals hold it), so an MMA sums a whole K step. Activations are the N operand: rows of
-// the gathered FP16 inputs, copied into shared memory with cp.async (a 3-4 stage pipeline,
+// the gathered FP16 inputs, copied into shared memory with cp.async (a 3-8 stage pipeline,
 // 128-byte-swizzled rows).
 //
 // Two kernels share loads and epilogues: on sm_90a two warpgroups of wgmma (each 64 weight rows
@@ -96,71 +96,74 @@ typedef struct gemm_tile {
 
 #define B_PAD 0xffffffffu
 
-// The 16-byte chunks a thread copies each stage, planned once per tile as 16-byte offsets from
-// the stage's K group in each source (B rows, A codes, A scales), so that a chunk's address costs
-// two instructions and no predicate (these kernels are bound by their per-stage instruction count,
-// docs/PERF.md).
-// B chunk j = threadIdx.x + j * THREADS is chunk j % 8 of staged row j / 8 (part / BN, column %
-// BN), stored at chunk ch ^ (row & 7) (128-byte swizzle); a padding column's chunks are zero-filled
-// (no read: reading any real row instead cost up to 1.5x at 8 rows per expert). A: the
-// block's MT tiles' codes (32 chunks each, na per thread), then their scales (4 chunks each, one
-// for each of the first MT * 4 threads: whole warps); a tile past the matrix's end (the last
-// row block) copies the last tile (its rows are never stored).
+// The 16-byte chunks a thread copies each stage, planned once per tile as offsets (in 16-byte
+// units, 32 bits: one expert's matrix and the workspace's B rows stay below 64 GiB, which
+// cuda_backend.cu checks) from the stage's K group in each source (B rows, A codes, A scales), so
+// that a chunk's address costs two instructions and no condition is evaluated per stage (these
+// kernels are bound by their per-stage instruction count, docs/PERF.md).
+// B: chunk i = threadIdx.x + j * THREADS is chunk i % 8 of staged row i / 8 (part i / 8 / BN,
+// column i / 8 % BN), stored at chunk ch ^ (row & 7) (128-byte swizzle); a padding column's
+// chunks have a planned source size of 0 (zero fill, no read: copying any real row instead cost
+// up to 1.5x at 8 rows per expert). A: the block's MT tiles' codes (32 chunks each, na per
+// thread), then their scales (4 chunks each, one for each of the first MT * 4 threads: whole
+// warps, a loop-invariant branch); a tile past the matrix's end (the last row block) copies the
+// last tile (its rows are never stored).
 template <int BN, int PARTS, int MT, int THREADS> struct stage_copies {
     static constexpr int nb = BN * PARTS * 8 / THREADS, na = MT * 32 / THREADS;
     static_assert(nb * THREADS == BN * PARTS * 8 && THREADS % 64 == 0 && BN % (THREADS / 8) == 0,
                   "B chunks per thread, each part's in the same columns");
-    static_assert(na * THREADS == MT * 32 && MT * 4 % 32 == 0, "A chunks per thread");
+    static_assert(na * THREADS == MT * 32 && MT * 4 % 32 == 0 && MT * 4 <= THREADS,
+                  "A code chunks per thread, scale chunks to whole warps");
     uint32_t b[nb / PARTS], codes[na], scales; // (part 1's B rows follow part 0's by kp values)
-    uint32_t b_bytes[nb / PARTS]; // 16, or 0 for a padding column's chunk
+    uint32_t b_size[nb / PARTS]; // bytes read: 16, or 0 for a padding column's chunk
     uint32_t b_dst;     // of chunk 0 in the stage (chunk j: + j * THREADS * 16)
     uint32_t scales_on; // whether this thread copies a scale chunk
 };
 
 template <int BN, int PARTS, int MT, int THREADS>
-static __device__ __forceinline__ void plan_copies(const gemm_tile &t, stage_copies<BN, PARTS, MT, THREADS> &c)
+static __device__ __forceinline__ void plan_copies(const gemm_tile &t, stage_copies<BN, PARTS, MT, THREADS> &copies)
 {
     typedef stage_copies<BN, PARTS, MT, THREADS> C;
     const int ch = threadIdx.x & 7, r0 = threadIdx.x >> 3;
-    c.b_dst = (uint32_t)((r0 * 8 + (ch ^ (r0 & 7))) << 4);
+    copies.b_dst = (uint32_t)((r0 * 8 + (ch ^ (r0 & 7))) << 4);
 #pragma unroll
     for (int j = 0; j < C::nb / PARTS; j++) {
         const uint32_t row = t.b_row[r0 + j * (THREADS / 8)];
-        c.b[j] = (row == B_PAD ? 0u : row) + (uint32_t)ch;
-        c.b_bytes[j] = row == B_PAD ? 0u : 16u;
+        copies.b[j] = (row == B_PAD ? 0u : row) + (uint32_t)ch;
+        copies.b_size[j] = row == B_PAD ? 0u : 16u;
     }
     const int64_t last = t.mtiles - 1;
 #pragma unroll
     for (int j = 0; j < C::na; j++) {
         const int i = threadIdx.x + j * THREADS;
         const int64_t mt = min(t.mt0 + i / 32, last);
-        c.codes[j] = (uint32_t)(mt * t.groups * 32 + i % 32);
+        copies.codes[j] = (uint32_t)(mt * t.groups * 32 + i % 32);
     }
-    const int64_t mt = min(t.mt0 + (int)(threadIdx.x % (MT * 4)) / 4, last);
-    c.scales = (uint32_t)(mt * t.groups * 4 + threadIdx.x % 4);
-    c.scales_on = threadIdx.x < MT * 4;
+    const int64_t mt = min(t.mt0 + (int)threadIdx.x / 4, last); // (threads past MT * 4 copy none)
+    copies.scales = (uint32_t)(mt * t.groups * 4 + threadIdx.x % 4);
+    copies.scales_on = threadIdx.x < MT * 4;
 }
 
 // One pipeline stage at shared address `stage`: PARTS x BN activation rows of 64 values, then
 // the block's MT A tiles (codes + scales) of K group kg.
 template <int BN, int PARTS, int MT, int THREADS>
 static __device__ __forceinline__ void load_stage(uint32_t stage, const gemm_tile &t,
-                                                  const stage_copies<BN, PARTS, MT, THREADS> &c, int kg)
+                                                  const stage_copies<BN, PARTS, MT, THREADS> &copies, int kg)
 {
     typedef stage_copies<BN, PARTS, MT, THREADS> C;
     const uint8_t *b = t.b + (uint32_t)kg * 128u, *codes = t.codes + (uint32_t)kg * 512u;
 #pragma unroll
     for (int j = 0; j < C::nb; j++)
-        cp_async16_n(stage + c.b_dst + j * THREADS * 16, j < C::nb / PARTS ? b : b + t.kp * 2,
-                     c.b[j % (C::nb / PARTS)], c.b_bytes[j % (C::nb / PARTS)]);
+        cp_async16_n(stage + copies.b_dst + j * THREADS * 16, j < C::nb / PARTS ? b : b + t.kp * 2,
+                     copies.b[j % (C::nb / PARTS)], copies.b_size[j % (C::nb / PARTS)]);
     const uint32_t sa = stage + BN * PARTS * 128 + threadIdx.x * 16;
 #pragma unroll
-    for (int j = 0; j < C::na; j++) cp_async16(sa + j * THREADS * 16, codes, c.codes[j]);
-    cp_async16_if(sa + MT * 512, t.scales + (uint32_t)kg * 64u, c.scales, c.scales_on);
+    for (int j = 0; j < C::na; j++) cp_async16(sa + j * THREADS * 16, codes, copies.codes[j]);
+    cp_async16_if(sa + MT * 512, t.scales + (uint32_t)kg * 64u, copies.scales, copies.scales_on);
 }
 
-// The A fragment of 16-row tile mt (of the block's 8) for k step s of a stage, block scales
-// applied: words are the lane's 16 code bytes, sc its 8 scale bytes.
+// The lane's A fragment of a 16-row tile for k step s of a stage, block scales applied: words
+// are the lane's 16 code bytes, sc its 8 scale bytes.
 static __device__ __forceinline__ void decode_a(const uint32_t words[4], uint2 sc, int s, uint32_t a[4])
 {
     // block scales of rows g (low byte) and g + 8 of k step s, each broadcast to a half2
@@ -174,7 +177,8 @@ static __device__ __forceinline__ void decode_a(const uint32_t words[4], uint2 s
 }
 
 // The lane's code words and scales of A tile mt (of the block's MT) from a stage's A part (shared
-// address: the main loop keeps no generic pointer to the pipeline).
+// address: the main loop keeps no generic pointer to the pipeline). `volatile` is what keeps
+// these loads after the block barrier and the cp.async wait before them (no memory operand).
 template <int MT>
 static __device__ __forceinline__ void load_a(uint32_t stage_a, int mt, int lane, uint32_t words[4], uint2 *sc)
 {
@@ -275,7 +279,7 @@ template <int BN, int PARTS, int WG> static __device__ __forceinline__ uint32_t 
 // Stage kg of the main loop: wait for its copies, refill the slot ahead, multiply.
 template <int N, int BN, int PARTS, int WG, int THREADS>
 static __device__ __forceinline__ void run_stage(uint32_t sbase, const gemm_tile &t,
-                                                 const stage_copies<BN, PARTS, gemm_shape<BN, PARTS, WG>::mt, THREADS> &cp,
+                                                 const stage_copies<BN, PARTS, gemm_shape<BN, PARTS, WG>::mt, THREADS> &copies,
                                                  int kg, pipe_pos &pos, int warp, int lane,
                                                  float *acc, uint32_t (&a)[4][4])
 {
@@ -287,7 +291,7 @@ static __device__ __forceinline__ void run_stage(uint32_t sbase, const gemm_tile
     // warpgroup waited for it after issuing kg - 1, before this barrier).
     __syncthreads();
     const int next = kg + S::ahead;
-    if (next < t.groups) load_stage<BN, PARTS, S::mt, THREADS>(sbase + pos.load, t, cp, next);
+    if (next < t.groups) load_stage<BN, PARTS, S::mt, THREADS>(sbase + pos.load, t, copies, next);
     cp_async_commit();
     const uint32_t comp = pos.comp;
     pos.load = next_slot<BN, PARTS, WG>(pos.load);
@@ -309,7 +313,7 @@ static __device__ __forceinline__ void run_stage(uint32_t sbase, const gemm_tile
 // between the two: otherwise ptxas serialises every MMA (warning C7513).
 template <int N, int BN, int PARTS, int WG, int THREADS>
 static __device__ __forceinline__ void mma_loop(uint32_t sbase, const gemm_tile &t,
-                                                const stage_copies<BN, PARTS, gemm_shape<BN, PARTS, WG>::mt, THREADS> &cp,
+                                                const stage_copies<BN, PARTS, gemm_shape<BN, PARTS, WG>::mt, THREADS> &copies,
                                                 int warp, int lane, float *acc)
 {
     typedef gemm_shape<BN, PARTS, WG> S;
@@ -317,10 +321,10 @@ static __device__ __forceinline__ void mma_loop(uint32_t sbase, const gemm_tile 
     pipe_pos pos = {0u, (uint32_t)(S::ahead * S::stage_bytes)};
     int kg = 0;
     for (; kg + 1 < t.groups; kg += 2) {
-        run_stage<N, BN, PARTS, WG, THREADS>(sbase, t, cp, kg, pos, warp, lane, acc, a_even);
-        run_stage<N, BN, PARTS, WG, THREADS>(sbase, t, cp, kg + 1, pos, warp, lane, acc, a_odd);
+        run_stage<N, BN, PARTS, WG, THREADS>(sbase, t, copies, kg, pos, warp, lane, acc, a_even);
+        run_stage<N, BN, PARTS, WG, THREADS>(sbase, t, copies, kg + 1, pos, warp, lane, acc, a_odd);
     }
-    if (kg < t.groups) run_stage<N, BN, PARTS, WG, THREADS>(sbase, t, cp, kg, pos, warp, lane, acc, a_even);
+    if (kg < t.groups) run_stage<N, BN, PARTS, WG, THREADS>(sbase, t, copies, kg, pos, warp, lane, acc, a_even);
     if (WG) wgmma_wait_all();
 }
 
@@ -452,8 +456,8 @@ grouped_gemm_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws)
     t.mt0 = (int64_t)blockIdx.x * S::mt;
     t.b = reinterpret_cast<const uint8_t *>(FC2 ? ws.ub : ws.xb);
     t.b_row = b_row;
-    stage_copies<BN, PARTS, S::mt, THREADS> cp;
-    plan_copies<BN, PARTS, S::mt, THREADS>(t, cp);
+    stage_copies<BN, PARTS, S::mt, THREADS> copies;
+    plan_copies<BN, PARTS, S::mt, THREADS>(t, copies);
     const uint32_t sbase = (uint32_t)__cvta_generic_to_shared(smem);
 
     // accumulators: mma.sync [4 tiles][BN/16 n8 tiles][4]; wgmma [BN/8 n8 tiles][4]
@@ -464,7 +468,7 @@ grouped_gemm_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws)
     wgmma_fence_operands<ACC>(acc);
 
     for (int s = 0; s < S::ahead; s++) {
-        if (s < t.groups) load_stage<BN, PARTS, S::mt, THREADS>(sbase + s * S::stage_bytes, t, cp, s);
+        if (s < t.groups) load_stage<BN, PARTS, S::mt, THREADS>(sbase + s * S::stage_bytes, t, copies, s);
         cp_async_commit();
     }
     const int warp = tid / 32, lane = tid % 32;
@@ -472,13 +476,13 @@ grouped_gemm_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws)
         // one whole loop per width (a branch between the MMAs of a stage made ptxas serialise
         // them); not with FP32 hidden states (PARTS = 2), whose loops then spilled registers
         switch (nq) {
-        case 1: mma_loop<BN / 4, BN, PARTS, WG, THREADS>(sbase, t, cp, warp, lane, acc); break;
-        case 2: mma_loop<BN / 2, BN, PARTS, WG, THREADS>(sbase, t, cp, warp, lane, acc); break;
-        case 3: mma_loop<3 * BN / 4, BN, PARTS, WG, THREADS>(sbase, t, cp, warp, lane, acc); break;
-        default: mma_loop<BN, BN, PARTS, WG, THREADS>(sbase, t, cp, warp, lane, acc); break;
+        case 1: mma_loop<BN / 4, BN, PARTS, WG, THREADS>(sbase, t, copies, warp, lane, acc); break;
+        case 2: mma_loop<BN / 2, BN, PARTS, WG, THREADS>(sbase, t, copies, warp, lane, acc); break;
+        case 3: mma_loop<3 * BN / 4, BN, PARTS, WG, THREADS>(sbase, t, copies, warp, lane, acc); break;
+        default: mma_loop<BN, BN, PARTS, WG, THREADS>(sbase, t, copies, warp, lane, acc); break;
         }
     } else {
-        mma_loop<BN, BN, PARTS, WG, THREADS>(sbase, t, cp, warp, lane, acc);
+        mma_loop<BN, BN, PARTS, WG, THREADS>(sbase, t, copies, warp, lane, acc);
     }
     wgmma_fence_operands<ACC>(acc);
     cp_async_wait<0>();
