@@ -28,7 +28,7 @@ template <int BN, int PARTS, int WG> struct gemm_shape {
     static constexpr int mt = rows / CUDA_TILE_ROWS; // 16-row A tiles per block
     static constexpr int threads = WG ? WG * 128 : 128;
     static constexpr int b_bytes = BN * PARTS * 128;
-    static constexpr int a_code_bytes = mt * 512, a_bytes = mt * (512 + 64);
+    static constexpr int a_bytes = mt * (512 + 64);
     static constexpr int epi_stride = rows + 4; // floats per tile column in the epilogue (no bank conflicts)
     // B first (1024-byte aligned, as the swizzled wgmma layout needs), then A
     static constexpr int stage_bytes = (b_bytes + a_bytes + 1023) / 1024 * 1024;
