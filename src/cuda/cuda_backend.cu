@@ -193,10 +193,12 @@ static fp4moe_status cuda_prepare(fp4moe_plan *plan)
     v->token_finalize = token_finalize == NULL ? -1
                         : strcmp(token_finalize, "0") == 0 ? 0
                         : strcmp(token_finalize, "1") == 0 ? 1 : -1;
-    // wgmma blocks of 128 weight rows (256 measured 1-8% slower on the H100, docs/PERF.md);
-    // FP4MOE_CUDA_GEMM_ROWS=256 asks for 256 (not with 256-token tiles: too many accumulators)
+    // wgmma blocks of 128 or 256 weight rows, chosen per call (0, cuda_prefill.cu);
+    // FP4MOE_CUDA_GEMM_ROWS=128|256 fixes it (256 not with 256-token tiles: too many accumulators)
     const char *rows = getenv("FP4MOE_CUDA_GEMM_ROWS");
-    v->gemm_rows = rows != NULL && strcmp(rows, "256") == 0 && v->tile_tokens != 256 ? 256 : 128;
+    v->gemm_rows = rows == NULL ? 0
+                   : strcmp(rows, "256") == 0 && v->tile_tokens != 256 ? 256
+                   : strcmp(rows, "128") == 0 ? 128 : 0;
     // FP4MOE_CUDA_STOP_AFTER=1..4: the decode path launches only its first n kernels (front,
     // FC1, FC2 inputs, FC2): the in-graph cost of each step, by difference; outputs undefined
     const char *stop = getenv("FP4MOE_CUDA_STOP_AFTER");

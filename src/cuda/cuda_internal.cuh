@@ -64,7 +64,7 @@ typedef struct cuda_plan_view {
     float routed_scaling_factor;
     int on_input, w4a4, fp8_down;
     int wgmma;       // host side: the prefill GEMMs use the sm_90a warpgroup kernels
-    int gemm_rows;   // host side: weight rows per wgmma GEMM block (128 or 256)
+    int gemm_rows;   // host side: weight rows per wgmma GEMM block (128 or 256; 0: per call)
     int tile_tokens; // host side: tokens per prefill GEMM tile, 0 = chosen per call
     int decode_warp_tile; // decode GEMVs one warp per tile: CUDA_WT_* bits, -1 by T and H (launch_experts)
     int token_finalize;   // one-token chunks: FC2 and finalize in one kernel, 1 / 0, -1 automatic (launch_experts)

@@ -610,6 +610,16 @@ static int build_cases(gpu_case *cases)
         c.decode_threshold = 512;
         cases[n++] = make("one token: T=257 on the decode path (last chunk t0 = 256)", c, 257);
     }
+    /* H >= 4096, 16-bit inputs, >= 128 rows per expert: the prefill GEMMs' 256-row blocks by the
+     * per-call rule (the other cases run them only under FP4MOE_CUDA_GEMM_ROWS=256; last here
+     * so that earlier cases keep their indices for hash comparisons) */
+    {
+        fp4moe_config c = base_config(8, 2, 4096, 192);
+        c.max_tokens = 1024;
+        gpu_case g = make("prefill bf16 H=4096 (256-row blocks by rule)", c, 1000);
+        g.hidden_dtype = g.output_dtype = g.logits_dtype = FP4MOE_DTYPE_BF16;
+        cases[n++] = g;
+    }
 
     return n;
 }
