@@ -324,10 +324,11 @@ extern "C" cudaError_t cuda_launch_prefill(const cuda_plan_view *p, const cuda_c
     const int64_t tokens = c->t1 - c->t0, slots = tokens * p->top_k;
     // 256-row blocks (four warpgroups, one block per SM, half the activation bytes per MMA) where
     // they measured faster: 16-bit inputs in 128-token tiles, at least 128 rows per expert on
-    // average, H >= 4096 (deepseek-v3 T = 4096 / 8192 -1.6 / -0.9%; qwen3, H = 2048, +1-3%;
-    // docs/PERF.md prefill v11)
+    // average (over all num_experts, as the tile rule counts), H >= 4096 (deepseek-v3 T = 4096 /
+    // 8192 -1.8 / -0.8%; qwen3, H = 2048, +1-3%; docs/PERF.md prefill v11)
     const int rows = p->gemm_rows ? p->gemm_rows
-                     : c->parts == 1 && tile_tokens == 128 && p->h >= 4096 && slots >= 128 * p->e_loc ? 256 : 128;
+                     : c->parts == 1 && tile_tokens == 128 && p->h >= 4096 && slots >= 128 * p->num_experts ? 256
+                                                                                                           : 128;
     const int warpgroups = p->wgmma ? rows / 64 : 0;
     const int64_t x_rows = c->x_per_slot ? slots : tokens;
     const int perm_blocks = (int)cuda_prefill_perm_blocks(slots);
