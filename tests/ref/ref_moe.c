@@ -441,6 +441,7 @@ static double dot(const double *a, const float *w, int64_t n)
 typedef struct expert_scratch {
     float *wq1, *wq2;        /* [N1, H], [H, I] */
     double *x, *a, *h, *u, *c, *y;
+    double *u_alt, *c_alt;   /* step 5 again with u's near ties rounded the other way */
     float *xf;               /* FP32 quantiser input */
 } expert_scratch;
 
@@ -472,8 +473,21 @@ static void run_expert(const ref_layer *layer, int64_t le, fp4moe_dtype act_dtyp
     /* step 4: activation, then round to the activation dtype */
     activation(layer, le, s->h, s->u);
     const double u_rms = rms_of(s->u, I);
-    for (int64_t i = 0; i < I; i++)
-        s->u[i] = round_act(s->u[i], act_dtype, u_rms, near_ties);
+    /* A 16-bit u near a rounding boundary may land on either side in a backend, and a quantised
+     * FC2 input (E4M3 or NVFP4, steps of 6-33%) then differs by a whole step although u * s is
+     * no near tie itself: u_alt keeps the other side, for step 5's second pass. */
+    const int quantised = w4a4 || cfg->fc2_input_fp8;
+    int cascade = 0;
+    for (int64_t i = 0; i < I; i++) {
+        const double raw = s->u[i];
+        s->u[i] = s->u_alt[i] = round_act(raw, act_dtype, u_rms, near_ties);
+        if (quantised && act_dtype != FP4MOE_DTYPE_F32) {
+            const double window = REF_NEAR_TIE_REL * fmax(fabs(raw), u_rms);
+            const double lo = round_act(raw - window, act_dtype, 0, NULL);
+            const double hi = round_act(raw + window, act_dtype, 0, NULL);
+            if (lo != hi) s->u_alt[i] = lo == s->u[i] ? hi : lo, cascade = 1;
+        }
+    }
     /* step 5: FC2 input */
     float sc = 1.0f;
     if (w4a4) {
@@ -489,6 +503,23 @@ static void run_expert(const ref_layer *layer, int64_t le, fp4moe_dtype act_dtyp
         sc = 1.0f / fs;
     } else {
         memcpy(s->c, s->u, (size_t)I * sizeof *s->c);
+    }
+    if (cascade) {
+        /* the FC2 inputs that differ when u's near ties go the other way: near ties of step 5 */
+        if (w4a4) {
+            for (int64_t i = 0; i < I; i++) s->xf[i] = (float)s->u_alt[i];
+            ref_nvfp4_fake_quantize(s->xf, I, w->a2_global_scale[le], s->c_alt, NULL);
+        } else {
+            const float fs = w->fc2_input_fp8_scale[le];
+            for (int64_t i = 0; i < I; i++)
+                s->c_alt[i] = round_format(&format_e4m3, (float)s->u_alt[i] * fs, 0, NULL);
+        }
+        const double mag = rms_of(s->c, I);
+        for (int64_t i = 0; i < I; i++) {
+            if (s->c_alt[i] == s->c[i] || mag <= 0) continue;
+            near_ties->near_ties++;
+            near_ties->jump_sq += (s->c_alt[i] - s->c[i]) * (s->c_alt[i] - s->c[i]) / (mag * mag);
+        }
     }
     /* step 6: FC2 */
     const float scale2 = sc * w->w2_global_scale[le];
@@ -507,6 +538,8 @@ static void scratch_free(expert_scratch *s)
     free(s->c);
     free(s->y);
     free(s->xf);
+    free(s->u_alt);
+    free(s->c_alt);
 }
 
 static int scratch_alloc(expert_scratch *s, int64_t H, int64_t I, int64_t N1)
@@ -522,7 +555,10 @@ static int scratch_alloc(expert_scratch *s, int64_t H, int64_t I, int64_t N1)
     s->c = malloc((size_t)I * sizeof(double));
     s->y = malloc((size_t)H * sizeof(double));
     s->xf = malloc((size_t)wide * sizeof(float));
-    if (s->wq1 && s->wq2 && s->x && s->a && s->h && s->u && s->c && s->y && s->xf) return 0;
+    s->u_alt = malloc((size_t)I * sizeof(double));
+    s->c_alt = malloc((size_t)I * sizeof(double));
+    if (s->wq1 && s->wq2 && s->x && s->a && s->h && s->u && s->c && s->y && s->xf && s->u_alt && s->c_alt)
+        return 0;
     scratch_free(s);
     return -1;
 }
