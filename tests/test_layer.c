@@ -11,7 +11,9 @@
  * magnitude of their row. The layer is linear after the rounding (FC2, the weighted sum), so if
  * every near tie flipped, the output would move by about sqrt(jump_sq / roundings) in relative
  * L2; the tolerance adds 3x that (for the spread of FC2's gains) to 1e-5. The near ties
- * overcount the real flips, so this bounds the rounding noise without hiding real errors.
+ * overcount the real flips, so this bounds the rounding noise, loosely where near ties are
+ * many (a 16-bit u whose flip would move a quantised FC2 input counts too, if within an eighth
+ * of the window: tests/ref/ref_moe.c run_expert).
  * So a run with no near tie must match to 1e-5 even for W4A4 and FP8 (the quantisers are
  * deterministic FP32 algorithms that both sides implement). Every result must also be
  * bit-identical between 1 and 2 threads, between fp4moe_forward and fp4moe_forward_routed given

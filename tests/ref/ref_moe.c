@@ -473,16 +473,18 @@ static void run_expert(const ref_layer *layer, int64_t le, fp4moe_dtype act_dtyp
     /* step 4: activation, then round to the activation dtype */
     activation(layer, le, s->h, s->u);
     const double u_rms = rms_of(s->u, I);
-    /* A 16-bit u near a rounding boundary may land on either side in a backend, and a quantised
-     * FC2 input (E4M3 or NVFP4, steps of 6-33%) then differs by a whole step although u * s is
-     * no near tie itself: u_alt keeps the other side, for step 5's second pass. */
+    /* A 16-bit u (the activation output) near a rounding boundary may land on either side in a
+     * backend, and a quantised FC2 input (E4M3 or NVFP4, steps of 6-33%) then differs by a whole
+     * step although u * s is no near tie itself: u_alt keeps the other side, for step 5's second
+     * pass. Only u within an eighth of the near-tie window (a few FP32 roundings of u) counts:
+     * the whole window made W4A4 tolerances up to 3x wider for flips that hardly happen. */
     const int quantised = w4a4 || cfg->fc2_input_fp8;
     int cascade = 0;
     for (int64_t i = 0; i < I; i++) {
         const double raw = s->u[i];
         s->u[i] = s->u_alt[i] = round_act(raw, act_dtype, u_rms, near_ties);
         if (quantised && act_dtype != FP4MOE_DTYPE_F32) {
-            const double window = REF_NEAR_TIE_REL * fmax(fabs(raw), u_rms);
+            const double window = REF_NEAR_TIE_REL / 8 * fmax(fabs(raw), u_rms);
             const double lo = round_act(raw - window, act_dtype, 0, NULL);
             const double hi = round_act(raw + window, act_dtype, 0, NULL);
             if (lo != hi) s->u_alt[i] = lo == s->u[i] ? hi : lo, cascade = 1;
@@ -504,7 +506,7 @@ static void run_expert(const ref_layer *layer, int64_t le, fp4moe_dtype act_dtyp
     } else {
         memcpy(s->c, s->u, (size_t)I * sizeof *s->c);
     }
-    if (cascade) {
+    if (cascade && near_ties) {
         /* the FC2 inputs that differ when u's near ties go the other way: near ties of step 5 */
         if (w4a4) {
             for (int64_t i = 0; i < I; i++) s->xf[i] = (float)s->u_alt[i];

@@ -8,9 +8,9 @@
  * library's came from an FP32 sum, so the two can land on different sides of a rounding
  * boundary. The reference counts the roundings whose input lies within a relative distance
  * REF_NEAR_TIE_REL of a boundary (ref_stats.near_ties): with none, the library must agree to
- * FP32 accuracy; with some, a test may allow for one quantum per near tie. A 16-bit FC2 input
- * near a tie can also move a later quantisation (E4M3, NVFP4) by a whole step: such cascades
- * count as near ties of that step (run_expert's second pass with u's near ties flipped). */
+ * FP32 accuracy; with some, a test may allow for one quantum per near tie. A 16-bit activation
+ * output u very near a tie can also move the quantised FC2 input (E4M3, NVFP4) by a whole step:
+ * such cascades count as near ties of that step (run_expert's second pass with those u flipped). */
 #ifndef FP4MOE_TESTS_REF_MOE_H
 #define FP4MOE_TESTS_REF_MOE_H
 
