@@ -111,6 +111,10 @@ static fp4moe_status upload_tiles(fp4moe_plan *plan, cuda_state *st, const uint8
     return FP4MOE_SUCCESS;
 }
 
+// The prefill path's permuted rows for `slots` (token, slot) pairs: every local expert padded to
+// whole tiles (at most 256 rows each), plus one tile of slack (the workspace layout's bound).
+static int64_t prefill_rows(const cuda_plan_view *v, int64_t slots) { return slots + (v->e_loc + 1) * 256; }
+
 static fp4moe_status cuda_prepare(fp4moe_plan *plan)
 {
     const fp4moe_config *cfg = &plan->cfg;
@@ -150,7 +154,7 @@ static fp4moe_status cuda_prepare(fp4moe_plan *plan)
     // The prefill GEMMs address one expert's repacked matrix and the workspace's B rows (FP16,
     // two parts, a whole chunk's slots) in 16-byte units held in 32 bits (cuda_grouped_gemm.cu).
     const double units = 65536.0 * 65536.0 * 16.0;
-    const double rows_max = (double)CUDA_PREFILL_CHUNK * v->top_k + (double)(e_loc + 1) * 256.0;
+    const double rows_max = (double)prefill_rows(v, CUDA_PREFILL_CHUNK * v->top_k);
     if ((double)n1 * v->k1p / 2 >= units || (double)h * v->k2p / 2 >= units ||
         rows_max * 4.0 * (double)(v->k1p > v->k2p ? v->k1p : v->k2p) >= units) {
         cuda_release(plan);
@@ -302,7 +306,7 @@ static size_t layout(const cuda_plan_view *v, int64_t threshold, int64_t num_tok
         const int64_t slots = chunk * k, x_rows = x_per_slot(v) ? slots : chunk;
         // bounds over both tile sizes (a last, smaller chunk may use the other one)
         const int64_t max_tiles = prefill_max_tiles(v, chunk, 64) + 1;
-        const int64_t rows = slots + (v->e_loc + 1) * 256;
+        const int64_t rows = prefill_rows(v, slots);
         sizes[2] = (size_t)slots * 4;
         sizes[3] = (size_t)(cuda_prefill_perm_blocks(slots) * v->e_loc) * 4;
         sizes[10] = (size_t)x_rows * 4;

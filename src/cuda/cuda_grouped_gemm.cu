@@ -47,14 +47,10 @@ template <int BN, int PARTS, int WG> struct gemm_shape {
 };
 
 // cp.async of the 16 bytes at base + off16 * 16 (the address formed by one mad.wide: from C, ptxas
-// re-associated it into three instructions).
-static __device__ __forceinline__ void cp_async16(uint32_t smem, const void *base, uint32_t off16)
-{
-    asm volatile("{\n.reg .u64 a;\nmad.wide.u32 a, %2, 16, %1;\ncp.async.cg.shared.global [%0], [a], 16;\n}"
-                 ::"r"(smem), "l"(base), "r"(off16));
-}
-// ... reading `bytes` of them (16, or 0: 16 zero bytes written, nothing read)
-static __device__ __forceinline__ void cp_async16_n(uint32_t smem, const void *base, uint32_t off16, uint32_t bytes)
+// re-associated it into three instructions), reading `bytes` of them (16, or 0: 16 zero bytes
+// written, nothing read).
+static __device__ __forceinline__ void cp_async16(uint32_t smem, const void *base, uint32_t off16,
+                                                  uint32_t bytes = 16)
 {
     asm volatile("{\n.reg .u64 a;\nmad.wide.u32 a, %2, 16, %1;\ncp.async.cg.shared.global [%0], [a], 16, %3;\n}"
                  ::"r"(smem), "l"(base), "r"(off16), "r"(bytes));
@@ -154,8 +150,8 @@ static __device__ __forceinline__ void load_stage(uint32_t stage, const gemm_til
     const uint8_t *b = t.b + (uint32_t)kg * 128u, *codes = t.codes + (uint32_t)kg * 512u;
 #pragma unroll
     for (int j = 0; j < C::nb; j++)
-        cp_async16_n(stage + copies.b_dst + j * THREADS * 16, j < C::nb / PARTS ? b : b + t.kp * 2,
-                     copies.b[j % (C::nb / PARTS)], copies.b_size[j % (C::nb / PARTS)]);
+        cp_async16(stage + copies.b_dst + j * THREADS * 16, j < C::nb / PARTS ? b : b + t.kp * 2,
+                   copies.b[j % (C::nb / PARTS)], copies.b_size[j % (C::nb / PARTS)]);
     const uint32_t sa = stage + BN * PARTS * 128 + threadIdx.x * 16;
 #pragma unroll
     for (int j = 0; j < C::na; j++) cp_async16(sa + j * THREADS * 16, codes, copies.codes[j]);

@@ -445,6 +445,31 @@ typedef struct expert_scratch {
     float *xf;               /* FP32 quantiser input */
 } expert_scratch;
 
+/* Step 5: the FC2 input c [I] of expert le from the activation output u (u_rms: its row's RMS,
+ * the near ties' magnitude; xf: FP32 scratch); returns its scale sc. */
+static float fc2_input(const ref_layer *layer, int64_t le, const double *u, double u_rms, float *xf, double *c,
+                       ref_tie_counter *near_ties)
+{
+    const fp4moe_config *cfg = &layer->cfg;
+    const fp4moe_weights *w = &layer->w;
+    const int64_t I = cfg->intermediate_size;
+    if (cfg->precision == FP4MOE_PRECISION_W4A4) {
+        for (int64_t i = 0; i < I; i++) xf[i] = (float)u[i];
+        ref_nvfp4_fake_quantize(xf, I, w->a2_global_scale[le], c, near_ties);
+        return 1.0f / w->a2_global_scale[le];
+    }
+    if (cfg->fc2_input_fp8) {
+        const float fs = w->fc2_input_fp8_scale[le];
+        for (int64_t i = 0; i < I; i++) {
+            const float v = (float)u[i] * fs; /* FP32 product */
+            c[i] = round_format(&format_e4m3, v, u_rms * fs, near_ties);
+        }
+        return 1.0f / fs;
+    }
+    memcpy(c, u, (size_t)I * sizeof *c);
+    return 1.0f;
+}
+
 /* One (token, slot) through local expert le: x [H] (already scaled with apply-on-input) -> y [H]. */
 static void run_expert(const ref_layer *layer, int64_t le, fp4moe_dtype act_dtype,
                        const expert_scratch *s, int exact_input, ref_tie_counter *near_ties)
@@ -491,31 +516,10 @@ static void run_expert(const ref_layer *layer, int64_t le, fp4moe_dtype act_dtyp
         }
     }
     /* step 5: FC2 input */
-    float sc = 1.0f;
-    if (w4a4) {
-        for (int64_t i = 0; i < I; i++) s->xf[i] = (float)s->u[i];
-        ref_nvfp4_fake_quantize(s->xf, I, w->a2_global_scale[le], s->c, near_ties);
-        sc = 1.0f / w->a2_global_scale[le];
-    } else if (cfg->fc2_input_fp8) {
-        const float fs = w->fc2_input_fp8_scale[le];
-        for (int64_t i = 0; i < I; i++) {
-            const float v = (float)s->u[i] * fs; /* FP32 product */
-            s->c[i] = round_format(&format_e4m3, v, u_rms * fs, near_ties);
-        }
-        sc = 1.0f / fs;
-    } else {
-        memcpy(s->c, s->u, (size_t)I * sizeof *s->c);
-    }
+    const float sc = fc2_input(layer, le, s->u, u_rms, s->xf, s->c, near_ties);
     if (cascade && near_ties) {
         /* the FC2 inputs that differ when u's near ties go the other way: near ties of step 5 */
-        if (w4a4) {
-            for (int64_t i = 0; i < I; i++) s->xf[i] = (float)s->u_alt[i];
-            ref_nvfp4_fake_quantize(s->xf, I, w->a2_global_scale[le], s->c_alt, NULL);
-        } else {
-            const float fs = w->fc2_input_fp8_scale[le];
-            for (int64_t i = 0; i < I; i++)
-                s->c_alt[i] = round_format(&format_e4m3, (float)s->u_alt[i] * fs, 0, NULL);
-        }
+        fc2_input(layer, le, s->u_alt, u_rms, s->xf, s->c_alt, NULL);
         const double mag = rms_of(s->c, I);
         for (int64_t i = 0; i < I; i++) {
             if (s->c_alt[i] == s->c[i] || mag <= 0) continue;
