@@ -191,6 +191,11 @@ static fp4moe_status cuda_prepare(fp4moe_plan *plan)
         else if (strcmp(warp_tile, "fc1") == 0) v->decode_warp_tile = CUDA_WT_FC1;
         else if (strcmp(warp_tile, "fc2") == 0) v->decode_warp_tile = CUDA_WT_FC2;
     }
+    // FP4MOE_CUDA_DECODE_FC2_DIRECT=0|1: FC1's epilogue writes the decode FC2 inputs (1) in every
+    // decode chunk that allows it, or never (0: the FC2-input kernel, row scale from the row's
+    // amax); unset or any other value: one-token chunks (cuda_forward)
+    const char *fc2_direct = getenv("FP4MOE_CUDA_DECODE_FC2_DIRECT");
+    v->fc2_direct = fc2_direct == NULL ? -1 : strcmp(fc2_direct, "0") == 0 ? 0 : strcmp(fc2_direct, "1") == 0 ? 1 : -1;
     // FP4MOE_CUDA_DECODE_TOKEN_FINALIZE=0|1: one-token chunks run FC2 and the finalize as one
     // kernel (1) or two (0); unset or any other value: automatic (launch_experts)
     const char *token_finalize = getenv("FP4MOE_CUDA_DECODE_TOKEN_FINALIZE");
@@ -417,10 +422,17 @@ static fp4moe_status cuda_forward(fp4moe_plan *plan, const forward_call *call, v
     // B rows: FP32 activations enter the tensor cores as FP16 hi + lo parts; FP16/BF16 ones,
     // and the FC2 inputs made from them (rounded to the hidden dtype or quantised), in one
     c.parts = call->hidden_dtype == FP4MOE_DTYPE_F32 ? 2 : 1;
+    // Decode FC2 inputs straight from FC1's epilogue where they are 16-bit values with row scale
+    // 1 (16-bit hidden states except W4A4, whose FC2 inputs are quantised per row block): one
+    // dependent kernel fewer. One-token chunks only: 1 us faster there (qwen3-30b-a3b 0.028 ->
+    // 0.027 ms, nemotron 0.035 -> 0.034), even at 4 tokens and up to 1.7% slower at 16, where
+    // the BF16 FC2's longer decode outweighs the saved kernel (docs/PERF.md, decode v12).
+    const int direct_ok = !prefill && c.parts == 1 && !v->w4a4;
     const int64_t chunk = prefill ? CUDA_PREFILL_CHUNK : CUDA_TOKEN_CHUNK;
     for (int64_t t0 = 0; t0 < t_total; t0 += chunk) {
         c.t0 = t0;
         c.t1 = t0 + chunk < t_total ? t0 + chunk : t_total;
+        c.fc2_direct = direct_ok && (v->fc2_direct == 1 || (v->fc2_direct < 0 && c.t1 - c.t0 == 1));
         if (prefill) {
             const int tile = prefill_tile_tokens(v, c.t1 - c.t0, c.parts);
             err = cuda_launch_prefill(v, &c, &ws, tile, prefill_max_tiles(v, c.t1 - c.t0, tile), stream);

@@ -41,6 +41,53 @@ static __device__ __forceinline__ uint32_t decode_pair(uint32_t w, int i)
     }
 }
 
+// BF16 operands (decode FC2 with BF16 hidden states: its inputs are BF16 values, which FP16
+// holds only under a row scale found by a pass over the row). Register i of a repacked word as a
+// bf16x2 of e2m1 * 2^-126: decode_pair's bits, the magnitudes at BF16 bits 6-8 (0.5 lands on the
+// BF16 subnormal 2^-127).
+static __device__ __forceinline__ uint32_t decode_pair_bf16(uint32_t w, int i)
+{
+    const uint32_t mag = 0x01c001c0u, sign = 0x80008000u;
+    switch (i) {
+    case 0: return ((w >> 6) & mag) | ((w << 15) & sign);
+    case 1: return ((w << 1) & mag) | ((w << 14) & sign);
+    case 2: return ((w << 4) & mag) | ((w << 7) & sign);
+    default: return ((w >> 3) & mag) | (w & sign);
+    }
+}
+
+static __device__ __forceinline__ uint32_t hmul2_bf16_bits(uint32_t a, __nv_bfloat162 s)
+{
+    __nv_bfloat162 h = __hmul2(*reinterpret_cast<__nv_bfloat162 *>(&a), s);
+    return *reinterpret_cast<uint32_t *>(&h);
+}
+
+// decode_a in BF16: the weights times their block scales times 2^-7, exact (an e2m1 times an
+// E4M3 value has at most 6 significant bits; the scale enters as E4M3 * 2^119, at most
+// 1.75 * 2^127, and the products lie in [2^-17, 2^5], normal numbers).
+#define BF16_WEIGHT_SHIFT 128.0f /* 2^7: what the MMA sums are multiplied by */
+static __device__ __forceinline__ void decode_a_bf16(const uint32_t words[4], uint2 sc, int s, uint32_t a[4])
+{
+    const uint32_t pair = __byte_perm(sc.x, sc.y, s | ((s + 4) << 4));
+    const float2 f =
+        __half22float2(__half2(__nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(pair & 0xffffu), __NV_E4M3)));
+    const float two_119 = __int_as_float((119 + 127) << 23);
+    const __nv_bfloat162 both = __floats2bfloat162_rn(f.x * two_119, f.y * two_119);
+    const __nv_bfloat162 s_g = __low2bfloat162(both), s_g8 = __high2bfloat162(both);
+    a[0] = hmul2_bf16_bits(decode_pair_bf16(words[s], 0), s_g);
+    a[1] = hmul2_bf16_bits(decode_pair_bf16(words[s], 1), s_g8);
+    a[2] = hmul2_bf16_bits(decode_pair_bf16(words[s], 2), s_g);
+    a[3] = hmul2_bf16_bits(decode_pair_bf16(words[s], 3), s_g8);
+}
+
+static __device__ __forceinline__ void mma_16816_bf16(float d[4], const uint32_t a[4], uint32_t b0, uint32_t b1)
+{
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, "
+                 "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
 static __device__ __forceinline__ void mma_16816(float d[4], const uint32_t a[4], uint32_t b0,
                                                  uint32_t b1)
 {
@@ -160,10 +207,11 @@ static __device__ __forceinline__ fc1_pair fc1_pair_of(const cuda_plan_view &p, 
 // global scale, the bias, the activation, the rounding to the hidden dtype and the FP8 down-input
 // quantisation, and stores into the slot's FC2 input row u, of dtype u_dtype (FP32, or the
 // hidden dtype: exact, as the values are rounded to it already, or are E4M3 values with FP8
-// down inputs, which FP16 and BF16 hold).
-template <int ACT>
-static __device__ __forceinline__ void fc1_pair_store(const cuda_plan_view &p, const fc1_pair &k, float acc_g,
-                                                      float acc_g8, float xs, int hidden_dtype, void *u, int u_dtype)
+// down inputs, which FP16 and BF16 hold). fc1_pair_apply hands each value and its column to
+// `store` instead.
+template <int ACT, typename STORE>
+static __device__ __forceinline__ void fc1_pair_apply(const cuda_plan_view &p, const fc1_pair &k, float acc_g,
+                                                      float acc_g8, float xs, int hidden_dtype, STORE store)
 {
     const float acc[2] = {acc_g, acc_g8};
     float h[2];
@@ -188,8 +236,16 @@ static __device__ __forceinline__ void fc1_pair_store(const cuda_plan_view &p, c
         if (o >= outputs) break;
         float v = round_to_dtype_dev(a[o], hidden_dtype);
         if (p.fp8_down) v = e4m3_value(e4m3_encode_satfinite(__fmul_rn(v, k.fp8_scale)));
-        store_from_f32(u, u_dtype, k.ch[o], v);
+        store(k.ch[o], v);
     }
+}
+
+template <int ACT>
+static __device__ __forceinline__ void fc1_pair_store(const cuda_plan_view &p, const fc1_pair &k, float acc_g,
+                                                      float acc_g8, float xs, int hidden_dtype, void *u, int u_dtype)
+{
+    fc1_pair_apply<ACT>(p, k, acc_g, acc_g8, xs, hidden_dtype,
+                        [&](int64_t ch, float v) { store_from_f32(u, u_dtype, ch, v); });
 }
 
 // Exclusive block-wide scan of one int per thread; returns the thread's prefix, *total the sum.

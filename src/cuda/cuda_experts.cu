@@ -137,33 +137,22 @@ static __device__ __forceinline__ uint4 load_b_unit(const uint2 *p)
     return make_uint4(hi.x, hi.y, 0u, 0u);
 }
 
-// One warp's share of a tile (K groups first, first + STRIDE, ...) against the B rows of 8
-// columns (b_row: this lane's column; lanes of columns without a slot read another column's
-// row, their results are not stored), its ring started (ring_start with cursor r). acc: this
-// lane's C fragment (rows g, g+8; columns 2q, 2q+1), block scales applied, row scales not. The
-// B fragments come from L1/L2.
-template <int D, int PARTS, int STRIDE>
-static __device__ __forceinline__ void tile_partial(ring_cursor &r, uint4 *ring, int groups,
-                                                    const uint8_t *b_row, int first, int lane, float acc[4])
+// One K group of a lane's tile partial: words are its 16 code bytes, scd its 8 scale bytes, bc
+// its B fragments of the group's 4 k steps. OP 0: FP16 weights of value * 2^-14, each k step's
+// MMA sum (hi and lo parts) times its block scales in FP32; OP 1: BF16 B rows (one part), the
+// block scales multiplied into the BF16 weights (decode_a_bf16) and the MMAs summing into acc.
+template <int PARTS, int OP>
+static __device__ __forceinline__ void group_product(const uint32_t words[4], uint2 scd, const uint4 bc[4],
+                                                     float acc[4])
 {
-    const int g = lane / 4, q = lane % 4;
-    const uint32_t base = (uint32_t)__cvta_generic_to_shared(ring);
-    // (one pointer of the unit's type: the same walk for one part and for two)
-    typedef typename std::conditional<PARTS == 2, uint4, uint2>::type unit;
-    const unit *b_next = reinterpret_cast<const unit *>(b_row) + first * 16 + q;
-    int stage = 0;
-    for (int kg = first; kg < groups; kg += STRIDE) {
-        uint4 bc[4];
+    if (OP) {
 #pragma unroll
-        for (int s = 0; s < 4; s++) bc[s] = load_b_unit(b_next + s * 4);
-        b_next += STRIDE * 16;
-        cp_async_wait<D - 2>(); // this lane's copies of group kg have landed
-        __syncwarp();           // so have the other lanes' (the scales); the previous stage is read
-        ring_request<STRIDE>(r, base + (stage == 0 ? D - 1 : stage - 1) * GEMV_STAGE_BYTES, lane);
-        const uint4 w = ring[stage * GEMV_STAGE_UNITS + lane];
-        const uint2 scd = reinterpret_cast<const uint2 *>(ring + stage * GEMV_STAGE_UNITS + 32)[g];
-        stage = stage + 1 == D ? 0 : stage + 1;
-        const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+        for (int s = 0; s < 4; s++) {
+            uint32_t a[4];
+            decode_a_bf16(words, scd, s, a);
+            mma_16816_bf16(acc, a, bc[s].x, bc[s].y);
+        }
+    } else {
         // the 8 block scales of this group, two E4M3 codes per conversion
         float s_g[4], s_g8[4];
 #pragma unroll
@@ -186,13 +175,45 @@ static __device__ __forceinline__ void tile_partial(ring_cursor &r, uint4 *ring,
             acc[3] = fmaf(dd[3], s_g8[s], acc[3]);
         }
     }
+}
+
+// One warp's share of a tile (K groups first, first + STRIDE, ...) against the B rows of 8
+// columns (b_row: this lane's column; lanes of columns without a slot read another column's
+// row, their results are not stored), its ring started (ring_start with cursor r). acc: this
+// lane's C fragment (rows g, g+8; columns 2q, 2q+1), block scales applied, row scales not. The
+// B fragments come from L1/L2.
+// OP: as group_product.
+template <int D, int PARTS, int STRIDE, int OP>
+static __device__ __forceinline__ void tile_partial(ring_cursor &r, uint4 *ring, int groups,
+                                                    const uint8_t *b_row, int first, int lane, float acc[4])
+{
+    const int g = lane / 4, q = lane % 4;
+    const uint32_t base = (uint32_t)__cvta_generic_to_shared(ring);
+    // (one pointer of the unit's type: the same walk for one part and for two)
+    typedef typename std::conditional<PARTS == 2, uint4, uint2>::type unit;
+    const unit *b_next = reinterpret_cast<const unit *>(b_row) + first * 16 + q;
+    int stage = 0;
+    for (int kg = first; kg < groups; kg += STRIDE) {
+        uint4 bc[4];
+#pragma unroll
+        for (int s = 0; s < 4; s++) bc[s] = load_b_unit(b_next + s * 4);
+        b_next += STRIDE * 16;
+        cp_async_wait<D - 2>(); // this lane's copies of group kg have landed
+        __syncwarp();           // so have the other lanes' (the scales); the previous stage is read
+        ring_request<STRIDE>(r, base + (stage == 0 ? D - 1 : stage - 1) * GEMV_STAGE_BYTES, lane);
+        const uint4 w = ring[stage * GEMV_STAGE_UNITS + lane];
+        const uint2 scd = reinterpret_cast<const uint2 *>(ring + stage * GEMV_STAGE_UNITS + 32)[g];
+        stage = stage + 1 == D ? 0 : stage + 1;
+        const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+        group_product<PARTS, OP>(words, scd, bc, acc);
+    }
     cp_async_wait<0>(); // only empty groups can be left; after a warp or block barrier the ring may restart
 }
 
 // The whole tile for one pass: every warp's partial, summed in warp order by warp 0 (fixed
 // order: deterministic). Returns in warp 0's acc; red: CUDA_GEMV_WARPS * 32 * 4 floats of
 // shared memory; ring: the warp's D stages, already started (ring_start) when `started`.
-template <int D, int PARTS>
+template <int D, int PARTS, int OP>
 static __device__ __forceinline__ void tile_product(uint4 *ring, bool started, const uint8_t *codes,
                                                     const uint8_t *scales, int groups,
                                                     const uint8_t *b_row, float acc[4], float *red)
@@ -202,7 +223,7 @@ static __device__ __forceinline__ void tile_product(uint4 *ring, bool started, c
     ring_cursor r = ring_cursor_at<CUDA_GEMV_WARPS>(codes, scales, groups, warp, lane);
     if (started) ring_skip<D, CUDA_GEMV_WARPS>(r);
     else ring_start<D, CUDA_GEMV_WARPS>(r, ring, lane);
-    tile_partial<D, PARTS, CUDA_GEMV_WARPS>(r, ring, groups, b_row, warp, lane, acc);
+    tile_partial<D, PARTS, CUDA_GEMV_WARPS, OP>(r, ring, groups, b_row, warp, lane, acc);
     __syncthreads(); // red is free (the previous pass's epilogue is done)
     if (warp > 0) {
 #pragma unroll
@@ -213,15 +234,15 @@ static __device__ __forceinline__ void tile_product(uint4 *ring, bool started, c
         for (int w = 1; w < CUDA_GEMV_WARPS; w++)
 #pragma unroll
             for (int i = 0; i < 4; i++) acc[i] += red[(w * 32 + lane) * 4 + i];
-        // the weights were decoded as value * 2^-14: undo it (exact)
+        // the weights were decoded as value * 2^-14 (BF16: 2^-7): undo it (exact)
 #pragma unroll
-        for (int i = 0; i < 4; i++) acc[i] *= 16384.0f;
+        for (int i = 0; i < 4; i++) acc[i] *= OP ? BF16_WEIGHT_SHIFT : 16384.0f;
     }
 }
 
 // The whole tile for one pass by one warp over every K group (the warp-per-tile kernels):
 // returns in acc; ring: the warp's D stages, already started when `started`.
-template <int D, int PARTS>
+template <int D, int PARTS, int OP>
 static __device__ __forceinline__ void warp_tile_product(uint4 *ring, bool started, const uint8_t *codes,
                                                          const uint8_t *scales, int groups, const uint8_t *b_row,
                                                          float acc[4])
@@ -235,15 +256,16 @@ static __device__ __forceinline__ void warp_tile_product(uint4 *ring, bool start
         __syncwarp(); // every lane has read the previous pass's stages (lanes 0-3 wrote the scales)
         ring_start<D, 1>(r, ring, lane);
     }
-    tile_partial<D, PARTS, 1>(r, ring, groups, b_row, 0, lane, acc);
-    // the weights were decoded as value * 2^-14: undo it (exact)
+    tile_partial<D, PARTS, 1, OP>(r, ring, groups, b_row, 0, lane, acc);
+    // the weights were decoded as value * 2^-14 (BF16: 2^-7): undo it (exact)
 #pragma unroll
-    for (int i = 0; i < 4; i++) acc[i] *= 16384.0f;
+    for (int i = 0; i < 4; i++) acc[i] *= OP ? BF16_WEIGHT_SHIFT : 16384.0f;
 }
 
 // ------------------------------------------------------------------ FC1 + activation
 // The results of one pass (slots pos .. pos + nslots - 1 of expert e, 16-row tile `tile`, acc as
 // tile_product returns it): lane rows g, g+8 of the tile, columns (slots) 2q, 2q+1.
+template <int PARTS>
 static __device__ __forceinline__ void fc1_pass_store(const cuda_plan_view &p, const cuda_call_view &c,
                                                       const cuda_workspace &ws, const fc1_pair &pair, int pos,
                                                       int nslots, const float acc[4], int lane)
@@ -254,8 +276,14 @@ static __device__ __forceinline__ void fc1_pass_store(const cuda_plan_view &p, c
         if (col >= nslots) continue;
         const int64_t slot = ws.entries[pos + col];
         const float xs = ws.x_scale[c.x_per_slot ? slot : slot / p.top_k];
-        fc1_pair_store<-1>(p, pair, acc[j], acc[2 + j], xs, c.hidden_dtype, ws.u + slot * p.k2p,
-                           FP4MOE_DTYPE_F32);
+        char *direct_row = reinterpret_cast<char *>(ws.uh) + slot * p.k2p * 2;
+        float *u_row = ws.u + slot * p.k2p;
+        fc1_pair_apply<-1>(p, pair, acc[j], acc[2 + j], xs, c.hidden_dtype, [&](int64_t ch, float v) {
+            if (PARTS == 1 && c.fc2_direct) // the slot's FC2 B row in the hidden dtype (v is rounded to it)
+                store_from_f32(direct_row + b_row_hi_offset(ch), c.hidden_dtype, 0, v);
+            else
+                u_row[ch] = v;
+        });
     }
 }
 
@@ -289,12 +317,12 @@ fc1_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws)
         const uint8_t *b_row = reinterpret_cast<const uint8_t *>(ws.xh) +
                                (c.x_per_slot ? slot : slot / k) * (p.k1p / 4) * 8 * PARTS;
         float acc[4];
-        if (WT) warp_tile_product<D, PARTS>(rings[warp], false, codes, scales, groups, b_row, acc);
-        else tile_product<D, PARTS>(rings[warp], false, codes, scales, groups, b_row, acc, red);
+        if (WT) warp_tile_product<D, PARTS, 0>(rings[warp], false, codes, scales, groups, b_row, acc);
+        else tile_product<D, PARTS, 0>(rings[warp], false, codes, scales, groups, b_row, acc, red);
         if (pos + CUDA_SLOTS_PER_PASS >= end) allow_next_kernel(); // last pass: epilogue left
         // (the epilogue's constants read after the product: not held in registers through it)
         if (WT || warp == 0)
-            fc1_pass_store(p, c, ws, fc1_pair_of(p, e, tile, g, scale_low, scale_high), pos, nslots, acc, lane);
+            fc1_pass_store<PARTS>(p, c, ws, fc1_pair_of(p, e, tile, g, scale_low, scale_high), pos, nslots, acc, lane);
     }
 }
 
@@ -366,8 +394,8 @@ static __device__ __forceinline__ void fc2_pass_store(const cuda_plan_view &p, c
     }
 }
 
-// Blocks or (WT) warps per (touched expert, tile) as fc1_kernel.
-template <int PARTS, int WT>
+// Blocks or (WT) warps per (touched expert, tile) as fc1_kernel; OP as tile_partial.
+template <int PARTS, int WT, int OP>
 __global__ void __launch_bounds__(WT ? CUDA_WT_WARPS * 32 : CUDA_GEMV_WARPS * 32, WT ? WT_MIN_BLOCKS : FC2_MIN_BLOCKS)
 fc2_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws)
 {
@@ -403,8 +431,8 @@ fc2_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws)
         const uint8_t *b_row = reinterpret_cast<const uint8_t *>(ws.uh) +
                                (int64_t)ws.entries[pos + min(g, nslots - 1)] * (p.k2p / 4) * 8 * PARTS;
         float acc[4];
-        if (WT) warp_tile_product<D, PARTS>(rings[warp], pos == begin, codes, scales, groups, b_row, acc);
-        else tile_product<D, PARTS>(rings[warp], pos == begin, codes, scales, groups, b_row, acc, red);
+        if (WT) warp_tile_product<D, PARTS, OP>(rings[warp], pos == begin, codes, scales, groups, b_row, acc);
+        else tile_product<D, PARTS, OP>(rings[warp], pos == begin, codes, scales, groups, b_row, acc, red);
         if (pos + CUDA_SLOTS_PER_PASS >= end) allow_next_kernel(); // last pass: epilogue left
         if (WT || warp == 0) fc2_pass_store(p, ws, e, tile, pos, nslots, scale, acc, lane);
     }
@@ -421,7 +449,7 @@ fc2_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws)
 #define FC2_TOKEN_MAX_WARPS 8
 // (as many warps per SM as the warp-per-tile kernels, at least one block)
 #define FC2_TOKEN_MIN_BLOCKS (WT_MIN_BLOCKS * CUDA_WT_WARPS >= 2 * FC2_TOKEN_MAX_WARPS ? WT_MIN_BLOCKS * CUDA_WT_WARPS / FC2_TOKEN_MAX_WARPS : 1)
-template <int PARTS>
+template <int PARTS, int OP>
 __global__ void __launch_bounds__(FC2_TOKEN_MAX_WARPS * 32, FC2_TOKEN_MIN_BLOCKS)
 fc2_token_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws)
 {
@@ -449,7 +477,7 @@ fc2_token_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws)
         const uint8_t *scales = p.w2_scales + (e * (h / CUDA_TILE_ROWS) + tile) * groups * 64;
         const uint8_t *b_row = reinterpret_cast<const uint8_t *>(ws.uh) + (int64_t)j * (p.k2p / 4) * 8 * PARTS;
         float acc[4];
-        warp_tile_product<D, PARTS>(rings[warp], j == warp, codes, scales, groups, b_row, acc);
+        warp_tile_product<D, PARTS, OP>(rings[warp], j == warp, codes, scales, groups, b_row, acc);
         const float scale = fc2_expert_scale(p, e);
         if (lane % 4 == 0) { // column 0: the token's slot (fc2_pass_store with one slot)
             const float us = ws.u_scale[j];
@@ -566,14 +594,19 @@ static cudaError_t launch_experts(const cuda_plan_view *p, const cuda_call_view 
     const dim3 threads2(wt2 ? CUDA_WT_WARPS * 32 : CUDA_GEMV_WARPS * 32);
     const int64_t per_block1 = wt1 ? CUDA_WT_WARPS : 1, per_block2 = wt2 ? CUDA_WT_WARPS : 1;
     void (*fc1)(cuda_plan_view, cuda_call_view, cuda_workspace) = wt1 ? fc1_kernel<PARTS, 1> : fc1_kernel<PARTS, 0>;
-    void (*fc2)(cuda_plan_view, cuda_call_view, cuda_workspace) = wt2 ? fc2_kernel<PARTS, 1> : fc2_kernel<PARTS, 0>;
+    // BF16 FC2 inputs written by FC1 (fc2_direct) multiply as BF16 (OP 1); FP16 ones as before
+    const bool bf16_fc2 = PARTS == 1 && c->fc2_direct && c->hidden_dtype == FP4MOE_DTYPE_BF16;
+    void (*fc2)(cuda_plan_view, cuda_call_view, cuda_workspace) =
+        bf16_fc2 ? (wt2 ? fc2_kernel<1, 1, 1> : fc2_kernel<1, 0, 1>)
+                 : (wt2 ? fc2_kernel<PARTS, 1, 0> : fc2_kernel<PARTS, 0, 0>);
     // (p->stop_after: a measurement knob that leaves the later kernels out; outputs undefined)
     const int stop = p->stop_after > 0 ? p->stop_after : 5;
     cudaError_t err = cudaSuccess;
     if (stop >= 2)
         err = launch_dependent(fc1, dim3((unsigned)((fc1_items + per_block1 - 1) / per_block1)), threads1, 0,
                                stream, *p, *c, *ws);
-    if (err == cudaSuccess && stop >= 3)
+    // (fc2_direct: FC1's epilogue wrote the B rows, row scales 1 from the front)
+    if (err == cudaSuccess && stop >= 3 && !c->fc2_direct)
         err = launch_dependent(fc2_input_kernel<PARTS>, dim3((unsigned)slots), dim3(256), 0, stream, *p, *c, *ws);
     // One token with finalize on: FC2 and the finalize in one kernel (fc2_token_kernel, a warp
     // per slot over the whole K) when FC2 runs a warp per tile at T = 1 anyway (H > 4096) or a
@@ -590,7 +623,7 @@ static cudaError_t launch_experts(const cuda_plan_view *p, const cuda_call_view 
     if (token_finalize) {
         const int warps = p->top_k < FC2_TOKEN_MAX_WARPS ? p->top_k : FC2_TOKEN_MAX_WARPS;
         if (err == cudaSuccess && stop >= 4)
-            err = launch_dependent(fc2_token_kernel<PARTS>, dim3((unsigned)(p->h / CUDA_TILE_ROWS)), dim3(warps * 32),
+            err = launch_dependent(bf16_fc2 ? fc2_token_kernel<1, 1> : fc2_token_kernel<PARTS, 0>, dim3((unsigned)(p->h / CUDA_TILE_ROWS)), dim3(warps * 32),
                                    0, stream, *p, *c, *ws);
         return err;
     }

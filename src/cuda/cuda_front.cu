@@ -618,10 +618,19 @@ front_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws, cuda_route_s
     }
     __syncthreads();
     if (c.x_per_slot) prepare_slot_inputs(p, c, ws, local_copies ? chunk_slots : NULL);
-    // FC2 reads its inputs' padding columns (against zero weights): they must be numbers.
+    // FC2 reads its inputs' padding columns (against zero weights): they must be numbers. With
+    // fc2_direct, FC1's epilogue writes the B rows themselves (row scale 1) and the padding is
+    // zeroed there.
     const int64_t pad = p.k2p - p.inter, slots = (c.t1 - c.t0) * p.top_k;
-    for (int64_t i = threadIdx.x; i < slots * pad; i += blockDim.x)
-        ws.u[(i / pad) * p.k2p + p.inter + i % pad] = 0.0f;
+    if (c.fc2_direct) {
+        for (int64_t s = threadIdx.x; s < slots; s += blockDim.x) ws.u_scale[s] = 1.0f;
+        for (int64_t i = threadIdx.x; i < slots * pad; i += blockDim.x)
+            *reinterpret_cast<uint16_t *>(reinterpret_cast<char *>(ws.uh) + (i / pad) * p.k2p * 2 +
+                                          b_row_hi_offset(p.inter + i % pad)) = 0;
+    } else {
+        for (int64_t i = threadIdx.x; i < slots * pad; i += blockDim.x)
+            ws.u[(i / pad) * p.k2p + p.inter + i % pad] = 0.0f;
+    }
     // FC1 (launched as a programmatic dependent) may start its launch now; it waits for all of
     // this kernel's writes before reading them.
     allow_next_kernel();

@@ -69,6 +69,7 @@ typedef struct cuda_plan_view {
     int decode_warp_tile; // decode GEMVs one warp per tile: CUDA_WT_* bits, -1 by T and H (launch_experts)
     int token_finalize;   // one-token chunks: FC2 and finalize in one kernel, 1 / 0, -1 automatic (launch_experts)
     int stop_after;       // measurement only (FP4MOE_CUDA_STOP_AFTER): decode kernels launched, 0 = all (4 = through FC2, with the finalize when one kernel does both)
+    int fc2_direct;       // decode FC2 inputs straight from FC1's epilogue: 1 every chunk, 0 never, -1 one-token chunks
 } cuda_plan_view;
 
 // Workspace of one call. Routing results cover every token; the rest is per token chunk.
@@ -114,6 +115,9 @@ typedef struct cuda_call_view {
     int parts;             // B rows: 2 = FP16 hi + lo (FP32 hidden states), 1 = hi only (FP16/BF16:
                            // lo is 0 for every FP16, BF16, E4M3 or NVFP4 value at any row scale,
                            // so one part carries all that two did; the prefill path does the same)
+    int fc2_direct;        // decode: FC1's epilogue writes the FC2 B rows (ws.uh) in the hidden
+                           // dtype with row scale 1, no FC2-input kernel; FC2 multiplies in that
+                           // dtype (BF16 MMAs for BF16). 16-bit hidden states without W4A4 only.
 } cuda_call_view;
 
 // Bytes of one prefill FC2 input row (ws.u): FC1's epilogue stores it in the hidden dtype, exactly
@@ -226,6 +230,14 @@ static __device__ __forceinline__ uint4 hilo_unit(const float *row, int64_t i, f
     }
     return make_uint4(pack_half2(hi[0], hi[1]), pack_half2(hi[2], hi[3]), pack_half2(lo[0], lo[1]),
                       pack_half2(lo[2], lo[3]));
+}
+
+// Byte offset of value `col` in a one-part B row (store_b_unit's layout: per 16 values, unit q
+// holds values 2q, 2q+1, 2q+8, 2q+9).
+static __device__ __forceinline__ int64_t b_row_hi_offset(int64_t col)
+{
+    const int64_t r = col % 16;
+    return (col / 16) * 32 + ((r % 8) / 2) * 8 + (r / 8) * 4 + (r % 2) * 2;
 }
 
 // Stores B-row unit i (hilo_unit's 16 bytes) of row `row` in `parts` parts: all 16 bytes, or the
