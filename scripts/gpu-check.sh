@@ -174,10 +174,10 @@ tests_under() { # "KNOB=value ..." FILTER LOG TITLE TIMEOUT
 # the decode GEMVs run a block or a warp per tile by T and H, one-token chunks FC2 and the
 # finalize as one kernel or two by H and K, and FC1 writes the FC2 inputs at T = 1: the decode
 # cases again with every kernel of one kind
-tests_under "FP4MOE_CUDA_DECODE_WARP_TILE=0 FP4MOE_CUDA_DECODE_TOKEN_FINALIZE=0 FP4MOE_CUDA_DECODE_FC2_DIRECT=1" \
-  '!prefill' gpu-tests-warp-tile0.log "decode cases, block per tile, finalize kernel at T = 1, FC2 inputs by FC1" 200
-tests_under "FP4MOE_CUDA_DECODE_WARP_TILE=1 FP4MOE_CUDA_DECODE_TOKEN_FINALIZE=1 FP4MOE_CUDA_DECODE_FC2_DIRECT=0" \
-  '!prefill' gpu-tests-warp-tile1.log "decode cases, warp per tile, FC2 + finalize kernel at T = 1, FC2-input kernel" 200
+tests_under "FP4MOE_CUDA_DECODE_WARP_TILE=0 FP4MOE_CUDA_DECODE_TOKEN_FINALIZE=0 FP4MOE_CUDA_DECODE_FC2_DIRECT=0" \
+  '!prefill' gpu-tests-warp-tile0.log "decode cases, block per tile, finalize kernel at T = 1, FC2-input kernel" 200
+tests_under "FP4MOE_CUDA_DECODE_WARP_TILE=1 FP4MOE_CUDA_DECODE_TOKEN_FINALIZE=1 FP4MOE_CUDA_DECODE_FC2_DIRECT=1" \
+  '!prefill' gpu-tests-warp-tile1.log "decode cases, warp per tile, FC2 + finalize kernel at T = 1, FC2 inputs by FC1" 200
 tests_under FP4MOE_CUDA_MMA_SYNC=1 prefill gpu-tests-mma.log "prefill cases on the mma.sync kernels (GPUs without wgmma)" \
   "${GPU_TEST_TIMEOUT:-540}"
 tests_under FP4MOE_CUDA_GEMM_ROWS=256 prefill gpu-tests-rows256.log "prefill cases on the 256-row wgmma kernels" \

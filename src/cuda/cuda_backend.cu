@@ -209,7 +209,8 @@ static fp4moe_status cuda_prepare(fp4moe_plan *plan)
                    : strcmp(rows, "256") == 0 && v->tile_tokens != 256 ? 256
                    : strcmp(rows, "128") == 0 ? 128 : 0;
     // FP4MOE_CUDA_STOP_AFTER=1..4: the decode path launches only its first n kernels (front,
-    // FC1, FC2 inputs, FC2): the in-graph cost of each step, by difference; outputs undefined
+    // FC1, FC2 inputs, FC2; the FC2-input step launches nothing in fc2_direct chunks): the
+    // in-graph cost of each step, by difference; outputs undefined
     const char *stop = getenv("FP4MOE_CUDA_STOP_AFTER");
     v->stop_after = stop != NULL ? atoi(stop) : 0;
 

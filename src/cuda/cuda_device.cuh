@@ -1,6 +1,6 @@
 // Device helpers shared by the decode (cuda_experts.cu) and prefill (cuda_prefill*.cu) kernels:
-// programmatic dependent launch, the NVFP4 register decode, the FP16 tensor-core MMA, and the
-// activations (bit for bit those of src/cpu/cpu_activation.c).
+// programmatic dependent launch, the NVFP4 register decode (into FP16, or BF16 for the decode
+// path's direct BF16 FC2 rows), the tensor-core MMAs, and the activations (bit for bit those of src/cpu/cpu_activation.c).
 #ifndef FP4MOE_CUDA_DEVICE_CUH
 #define FP4MOE_CUDA_DEVICE_CUH
 
@@ -41,6 +41,26 @@ static __device__ __forceinline__ uint32_t decode_pair(uint32_t w, int i)
     }
 }
 
+static __device__ __forceinline__ uint32_t hmul2_bits(uint32_t a, __half2 s)
+{
+    __half2 h = __hmul2(*reinterpret_cast<__half2 *>(&a), s);
+    return *reinterpret_cast<uint32_t *>(&h);
+}
+
+// The lane's A fragment of a 16-row tile for k step s of a stage, block scales applied: words
+// are the lane's 16 code bytes, sc its 8 scale bytes.
+static __device__ __forceinline__ void decode_a(const uint32_t words[4], uint2 sc, int s, uint32_t a[4])
+{
+    // block scales of rows g (low byte) and g + 8 of k step s, each broadcast to a half2
+    const uint32_t pair = __byte_perm(sc.x, sc.y, s | ((s + 4) << 4));
+    const __half2 both(__nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(pair & 0xffffu), __NV_E4M3));
+    const __half2 s_g = __low2half2(both), s_g8 = __high2half2(both);
+    a[0] = hmul2_bits(decode_pair(words[s], 0), s_g);
+    a[1] = hmul2_bits(decode_pair(words[s], 1), s_g8);
+    a[2] = hmul2_bits(decode_pair(words[s], 2), s_g);
+    a[3] = hmul2_bits(decode_pair(words[s], 3), s_g8);
+}
+
 // BF16 operands (decode FC2 with BF16 hidden states: its inputs are BF16 values, which FP16
 // holds only under a row scale found by a pass over the row). Register i of a repacked word as a
 // bf16x2 of e2m1 * 2^-126: decode_pair's bits, the magnitudes at BF16 bits 6-8 (0.5 lands on the
@@ -62,10 +82,11 @@ static __device__ __forceinline__ uint32_t hmul2_bf16_bits(uint32_t a, __nv_bflo
     return *reinterpret_cast<uint32_t *>(&h);
 }
 
-// decode_a in BF16: the weights times their block scales times 2^-7, exact (an e2m1 times an
+// decode_a in BF16 (the decode path's direct BF16 FC2 rows): the weights times their block
+// scales times 2^-7, exact (an e2m1 times an
 // E4M3 value has at most 6 significant bits; the scale enters as E4M3 * 2^119, at most
 // 1.75 * 2^127, and the products lie in [2^-17, 2^5], normal numbers).
-#define BF16_WEIGHT_SHIFT 128.0f /* 2^7: what the MMA sums are multiplied by */
+#define BF16_WEIGHT_UNSCALE 128.0f /* 2^7: what the MMA sums are multiplied by */
 static __device__ __forceinline__ void decode_a_bf16(const uint32_t words[4], uint2 sc, int s, uint32_t a[4])
 {
     const uint32_t pair = __byte_perm(sc.x, sc.y, s | ((s + 4) << 4));

@@ -11,7 +11,9 @@
 // hi + lo parts of the row scaled by a power of two (22 significant bits, FP32 range), so the
 // products are as exact as FP32 ones and the sums are FP32; FP16/BF16 ones (and the FC2 inputs
 // made from them) as the hi part alone, whose lo would be 0 (PARTS = 1: half the B bytes and
-// MMAs): docs/DESIGN.md "CUDA backend".
+// MMAs). One-token chunks with BF16 hidden states take FC2's inputs from FC1 as BF16 rows and
+// multiply them on BF16 MMAs (OP 1: the weights decoded into BF16 with their block scales
+// applied, group_product): docs/DESIGN.md "CUDA backend".
 #include <math.h>
 
 #include <type_traits>
@@ -66,6 +68,9 @@ static __device__ __forceinline__ void cp_async16_if(uint32_t to, const void *fr
                  : "memory");
 }
 
+// (With "memory" clobbers, unlike the grouped GEMM's twins: the ring is read through C++ pointers
+// here, so the compiler must not move those loads across a wait; the GEMM reads its stages with
+// asm loads ordered by volatile alone.)
 static __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 
 template <int N>
@@ -236,7 +241,7 @@ static __device__ __forceinline__ void tile_product(uint4 *ring, bool started, c
             for (int i = 0; i < 4; i++) acc[i] += red[(w * 32 + lane) * 4 + i];
         // the weights were decoded as value * 2^-14 (BF16: 2^-7): undo it (exact)
 #pragma unroll
-        for (int i = 0; i < 4; i++) acc[i] *= OP ? BF16_WEIGHT_SHIFT : 16384.0f;
+        for (int i = 0; i < 4; i++) acc[i] *= OP ? BF16_WEIGHT_UNSCALE : 16384.0f;
     }
 }
 
@@ -259,7 +264,7 @@ static __device__ __forceinline__ void warp_tile_product(uint4 *ring, bool start
     tile_partial<D, PARTS, 1, OP>(r, ring, groups, b_row, 0, lane, acc);
     // the weights were decoded as value * 2^-14 (BF16: 2^-7): undo it (exact)
 #pragma unroll
-    for (int i = 0; i < 4; i++) acc[i] *= OP ? BF16_WEIGHT_SHIFT : 16384.0f;
+    for (int i = 0; i < 4; i++) acc[i] *= OP ? BF16_WEIGHT_UNSCALE : 16384.0f;
 }
 
 // ------------------------------------------------------------------ FC1 + activation
@@ -276,7 +281,7 @@ static __device__ __forceinline__ void fc1_pass_store(const cuda_plan_view &p, c
         if (col >= nslots) continue;
         const int64_t slot = ws.entries[pos + col];
         const float xs = ws.x_scale[c.x_per_slot ? slot : slot / p.top_k];
-        char *direct_row = reinterpret_cast<char *>(ws.uh) + slot * p.k2p * 2;
+        char *direct_row = reinterpret_cast<char *>(ws.uh) + slot * p.k2p * 2; // (one part: 2 bytes a value)
         float *u_row = ws.u + slot * p.k2p;
         fc1_pair_apply<-1>(p, pair, acc[j], acc[2 + j], xs, c.hidden_dtype, [&](int64_t ch, float v) {
             if (PARTS == 1 && c.fc2_direct) // the slot's FC2 B row in the hidden dtype (v is rounded to it)
@@ -443,7 +448,7 @@ fc2_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws)
 // A one-token chunk with finalize on: a block per 16-row output tile, a warp per slot of the
 // token (warp w takes slots w, w + warps, ...), each the warp-per-tile product of its expert's
 // tile with the FC2 epilogue of fc2_pass_store; the block then sums the slots in slot order as
-// finalize_kernel does. The same operations in the same order as fc2_kernel<PARTS, 1> followed
+// finalize_kernel does. The same operations in the same order as fc2_kernel<PARTS, 1, OP> followed
 // by finalize_kernel, one dependent kernel fewer (each costs 2-4 us in the chain at T = 1:
 // docs/PERF.md decode v10), and no FP32 (slot, row) round trip through memory.
 #define FC2_TOKEN_MAX_WARPS 8
@@ -623,8 +628,9 @@ static cudaError_t launch_experts(const cuda_plan_view *p, const cuda_call_view 
     if (token_finalize) {
         const int warps = p->top_k < FC2_TOKEN_MAX_WARPS ? p->top_k : FC2_TOKEN_MAX_WARPS;
         if (err == cudaSuccess && stop >= 4)
-            err = launch_dependent(bf16_fc2 ? fc2_token_kernel<1, 1> : fc2_token_kernel<PARTS, 0>, dim3((unsigned)(p->h / CUDA_TILE_ROWS)), dim3(warps * 32),
-                                   0, stream, *p, *c, *ws);
+            err = launch_dependent(bf16_fc2 ? fc2_token_kernel<1, 1> : fc2_token_kernel<PARTS, 0>,
+                                   dim3((unsigned)(p->h / CUDA_TILE_ROWS)), dim3(warps * 32), 0, stream, *p, *c,
+                                   *ws);
         return err;
     }
     if (err == cudaSuccess && stop >= 4)

@@ -75,12 +75,6 @@ static __device__ __forceinline__ void ldmatrix_x4(uint32_t r[4], unsigned addr)
                  : "r"(addr));
 }
 
-static __device__ __forceinline__ uint32_t hmul2_bits(uint32_t a, __half2 s)
-{
-    __half2 h = __hmul2(*reinterpret_cast<__half2 *>(&a), s);
-    return *reinterpret_cast<uint32_t *>(&h);
-}
-
 // What one block works on.
 typedef struct gemm_tile {
     const uint8_t *codes, *scales; // the expert's repacked matrix
@@ -156,20 +150,6 @@ static __device__ __forceinline__ void load_stage(uint32_t stage, const gemm_til
 #pragma unroll
     for (int j = 0; j < C::na; j++) cp_async16(sa + j * THREADS * 16, codes, copies.codes[j]);
     cp_async16_if(sa + MT * 512, t.scales + (uint32_t)kg * 64u, copies.scales, copies.scales_on);
-}
-
-// The lane's A fragment of a 16-row tile for k step s of a stage, block scales applied: words
-// are the lane's 16 code bytes, sc its 8 scale bytes.
-static __device__ __forceinline__ void decode_a(const uint32_t words[4], uint2 sc, int s, uint32_t a[4])
-{
-    // block scales of rows g (low byte) and g + 8 of k step s, each broadcast to a half2
-    const uint32_t pair = __byte_perm(sc.x, sc.y, s | ((s + 4) << 4));
-    const __half2 both(__nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(pair & 0xffffu), __NV_E4M3));
-    const __half2 s_g = __low2half2(both), s_g8 = __high2half2(both);
-    a[0] = hmul2_bits(decode_pair(words[s], 0), s_g);
-    a[1] = hmul2_bits(decode_pair(words[s], 1), s_g8);
-    a[2] = hmul2_bits(decode_pair(words[s], 2), s_g);
-    a[3] = hmul2_bits(decode_pair(words[s], 3), s_g8);
 }
 
 // The lane's code words and scales of A tile mt (of the block's MT) from a stage's A part (shared

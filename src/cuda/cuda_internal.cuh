@@ -88,9 +88,11 @@ typedef struct cuda_workspace {
     void *xh;            // [C*k or C][k1p/4 units][8 * parts bytes]: FC1 B rows (store_b_unit)
     int32_t *x_amax;     // [C*k or C] (float bits, atomicMax)
     float *x_scale;      // [C*k or C]
-    float *u;            // FC2 inputs: decode [C*k][k2p] FP32; prefill [tile rows][k2p] in the
-                         // hidden dtype (cuda_u_row_bytes; the region is sized for FP32)
-    void *uh;            // [C*k][k2p/4 units][8 * parts bytes]: FC2 B rows
+    float *u;            // FC2 inputs: decode [C*k][k2p] FP32 (not written in fc2_direct chunks);
+                         // prefill [tile rows][k2p] in the hidden dtype (cuda_u_row_bytes; the
+                         // region is sized for FP32)
+    void *uh;            // [C*k][k2p/4 units][8 * parts bytes]: FC2 B rows (fc2_direct chunks:
+                         // one part in the hidden dtype, FP16 or BF16, row scale 1)
     float *u_scale;      // [C*k]
     float *y;            // [C*k][h] FC2 outputs
     // Prefill path (tokens grouped by expert into tiles of tile_tokens rows, padded):

@@ -328,6 +328,18 @@ static gpu_case make_biased(const char *name, fp4moe_config cfg, int64_t tokens)
     return c;
 }
 
+/* Appends a case to the list (MAX_CASES long); returns the new count. A list grown past its
+ * bound stops the program with a message instead of writing past the array. */
+static int add_case(gpu_case *cases, int n, gpu_case c)
+{
+    if (n >= MAX_CASES) {
+        fprintf(stderr, "test_gpu_backend: more than MAX_CASES (%d) cases: raise it\n", MAX_CASES);
+        exit(1);
+    }
+    cases[n] = c;
+    return n + 1;
+}
+
 /* One case per activation (gate/up order alternating), with biases, per-half global scales and
  * per-expert SwiGLU parameters, at the given T; returns the new case count. */
 static int add_activation_cases(gpu_case *cases, int n, const char *name, int64_t tokens)
@@ -339,9 +351,9 @@ static int add_activation_cases(gpu_case *cases, int n, const char *name, int64_
         fp4moe_config c = base_config(32, 4, 256, 192);
         c.activation = acts[i];
         c.gate_up_order = i % 2 ? FP4MOE_UP_GATE : FP4MOE_GATE_UP;
-        cases[n] = make(name, c, tokens);
-        cases[n].gen.biases = 1, cases[n].gen.half2_scale = 1, cases[n].gen.per_expert_swiglu = 1;
-        n++;
+        gpu_case g = make(name, c, tokens);
+        g.gen.biases = 1, g.gen.half2_scale = 1, g.gen.per_expert_swiglu = 1;
+        n = add_case(cases, n, g);
     }
     return n;
 }
@@ -353,7 +365,7 @@ static int build_cases(gpu_case *cases)
     /* decode sizes on a small qwen-like layer */
     static const int64_t decode_t[] = {1, 2, 3, 4, 5, 8, 11, 16};
     for (int i = 0; i < 8; i++)
-        cases[n++] = make("qwen-like swiglu renorm_naive", base_config(64, 8, 512, 256), decode_t[i]);
+        n = add_case(cases, n, make("qwen-like swiglu renorm_naive", base_config(64, 8, 512, 256), decode_t[i]));
     /* every routing method */
     static const struct { fp4moe_routing r; const char *name; } methods[] = {
         {FP4MOE_ROUTING_SOFTMAX_TOPK, "softmax_topk + bias"}, {FP4MOE_ROUTING_RENORMALIZE, "renormalize + bias"},
@@ -367,12 +379,10 @@ static int build_cases(gpu_case *cases)
         if (c.routing == FP4MOE_ROUTING_LLAMA4) c.top_k = 1;
         if (c.routing == FP4MOE_ROUTING_DEEPSEEK_V3) c.n_group = 8, c.topk_group = 4, c.routed_scaling_factor = 2.5f;
         if (c.routing == FP4MOE_ROUTING_MINIMAX2) c.routed_scaling_factor = 1.5f;
-        cases[n] = make(methods[i].name, c, 9);
-        cases[n].gen.routing_bias = c.routing == FP4MOE_ROUTING_SOFTMAX_TOPK ||
-                                    c.routing == FP4MOE_ROUTING_RENORMALIZE ||
-                                    c.routing == FP4MOE_ROUTING_DEEPSEEK_V3 ||
-                                    c.routing == FP4MOE_ROUTING_MINIMAX2;
-        n++;
+        gpu_case g = make(methods[i].name, c, 9);
+        g.gen.routing_bias = c.routing == FP4MOE_ROUTING_SOFTMAX_TOPK || c.routing == FP4MOE_ROUTING_RENORMALIZE ||
+                             c.routing == FP4MOE_ROUTING_DEEPSEEK_V3 || c.routing == FP4MOE_ROUTING_MINIMAX2;
+        n = add_case(cases, n, g);
     }
     /* the real models' expert counts, where the routing warp holds 8 or 16 keys per lane, and
      * one above 512, where it scans shared memory (cuda_front.cu's warp_select) */
@@ -380,12 +390,12 @@ static int build_cases(gpu_case *cases)
         fp4moe_config c = base_config(256, 8, 256, 128);
         c.routing = FP4MOE_ROUTING_DEEPSEEK_V3;
         c.n_group = 8, c.topk_group = 4, c.routed_scaling_factor = 2.5f;
-        cases[n++] = make_biased("256 experts, deepseek_v3 groups 8/4", c, 5);
+        n = add_case(cases, n, make_biased("256 experts, deepseek_v3 groups 8/4", c, 5));
         c = base_config(512, 22, 256, 128);
         c.routing = FP4MOE_ROUTING_DEEPSEEK_V3;
         c.routed_scaling_factor = 2.5f;
-        cases[n++] = make_biased("512 experts, top 22, sigmoid + bias", c, 3);
-        cases[n++] = make("640 experts (routing by scan)", base_config(640, 8, 256, 128), 4);
+        n = add_case(cases, n, make_biased("512 experts, top 22, sigmoid + bias", c, 3));
+        n = add_case(cases, n, make("640 experts (routing by scan)", base_config(640, 8, 256, 128), 4));
     }
     /* every activation, with biases and per-half scales */
     n = add_activation_cases(cases, n, "activation (+b1/b2, half2, per-expert)", 6);
@@ -396,95 +406,95 @@ static int build_cases(gpu_case *cases)
         c.routing = FP4MOE_ROUTING_DEEPSEEK_V3;
         c.routed_scaling_factor = 2.5f;
         for (int i = 0; i < 3; i++) {
-            cases[n++] = make_biased("nemotron shape 2688x1856", c, i == 0 ? 1 : i == 1 ? 7 : 16);
+            n = add_case(cases, n, make_biased("nemotron shape 2688x1856", c, i == 0 ? 1 : i == 1 ? 7 : 16));
         }
     }
     /* K not a multiple of 32 (padding) */
-    cases[n++] = make("H=272 I=80 (padded K)", base_config(8, 2, 272, 80), 5);
+    n = add_case(cases, n, make("H=272 I=80 (padded K)", base_config(8, 2, 272, 80), 5));
     /* precision modes */
     {
         fp4moe_config c = base_config(32, 4, 512, 256);
         c.precision = FP4MOE_PRECISION_W4A4;
-        cases[n++] = make("W4A4", c, 1);
-        cases[n++] = make("W4A4", c, 13);
+        n = add_case(cases, n, make("W4A4", c, 1));
+        n = add_case(cases, n, make("W4A4", c, 13));
         c.precision = FP4MOE_PRECISION_W4A16;
         c.fc2_input_fp8 = 1;
-        cases[n++] = make("FP8 down input", c, 10);
+        n = add_case(cases, n, make("FP8 down input", c, 10));
     }
     /* dtypes, per-token scale, finalize off, routed, in place, local subset */
     {
         fp4moe_config c = base_config(32, 4, 512, 256);
         gpu_case g = make("bf16 in/out, bf16 logits", c, 12);
         g.hidden_dtype = g.output_dtype = g.logits_dtype = FP4MOE_DTYPE_BF16;
-        cases[n++] = g;
+        n = add_case(cases, n, g);
         g = make("f16 in, f32 out, f16 logits", c, 7);
         g.hidden_dtype = g.logits_dtype = FP4MOE_DTYPE_F16;
-        cases[n++] = g;
+        n = add_case(cases, n, g);
         g = make("f16 in/out + per_token_scale", c, 4);
         g.hidden_dtype = g.output_dtype = FP4MOE_DTYPE_F16;
         g.per_token_scale = 1;
-        cases[n++] = g;
+        n = add_case(cases, n, g);
         g = make("finalize off", c, 6);
         g.skip_finalize = 1;
-        cases[n++] = g;
+        n = add_case(cases, n, g);
         g = make("routed, bf16 weights", c, 16);
         g.routed = 1;
-        cases[n++] = g;
+        n = add_case(cases, n, g);
         g = make("in place bf16", c, 3);
         g.hidden_dtype = g.output_dtype = FP4MOE_DTYPE_BF16;
         g.in_place = 1;
-        cases[n++] = g;
+        n = add_case(cases, n, g);
         fp4moe_config sub = c;
         sub.local_expert_offset = 8, sub.local_num_experts = 12;
         g = make("local experts 8..19 of 32", sub, 9);
-        cases[n++] = g;
+        n = add_case(cases, n, g);
         g = make("local subset, routed, finalize off", sub, 5);
         g.routed = 1, g.skip_finalize = 1;
-        cases[n++] = g;
+        n = add_case(cases, n, g);
         g = make("local subset + per_token_scale", sub, 2);
         g.per_token_scale = 1;
-        cases[n++] = g;
+        n = add_case(cases, n, g);
     }
     /* the decode path above its fused front and over several chunks (threshold raised) */
     {
         fp4moe_config c = base_config(64, 8, 512, 256);
         c.decode_threshold = 512;
-        cases[n++] = make("decode path, T > fused limit", c, 100);
-        cases[n++] = make("decode path, T > one chunk", c, 300);
+        n = add_case(cases, n, make("decode path, T > fused limit", c, 100));
+        n = add_case(cases, n, make("decode path, T > one chunk", c, 300));
     }
     /* the prefill path (T > decode_threshold): both tile sizes (64 / 128 tokens), FP32 inputs
      * as FP16 hi + lo and FP16/BF16 inputs as one part, every mode, odd shapes */
     {
         fp4moe_config c = base_config(64, 8, 512, 256);
-        cases[n++] = make("prefill T=17", c, 17);
-        cases[n++] = make("prefill T=100", c, 100);
+        n = add_case(cases, n, make("prefill T=17", c, 17));
+        n = add_case(cases, n, make("prefill T=100", c, 100));
         c.max_tokens = 1024;
-        cases[n++] = make("prefill T=1000 (128-token tiles)", c, 1000);
+        n = add_case(cases, n, make("prefill T=1000 (128-token tiles)", c, 1000));
         gpu_case g = make("prefill bf16 T=1000", c, 1000);
         g.hidden_dtype = g.output_dtype = g.logits_dtype = FP4MOE_DTYPE_BF16;
-        cases[n++] = g;
+        n = add_case(cases, n, g);
         g = make("prefill f16 in/out + per_token_scale", c, 50);
         g.hidden_dtype = g.output_dtype = FP4MOE_DTYPE_F16;
         g.per_token_scale = 1;
-        cases[n++] = g;
+        n = add_case(cases, n, g);
         g = make("prefill routed: expert 1 gets all, 0 none", c, 300);
         g.routed = 1, g.skewed = 1;
-        cases[n++] = g;
+        n = add_case(cases, n, g);
         g = make("prefill finalize off", c, 33);
         g.skip_finalize = 1;
-        cases[n++] = g;
+        n = add_case(cases, n, g);
         fp4moe_config sub = c;
         sub.local_expert_offset = 16, sub.local_num_experts = 20;
-        cases[n++] = make("prefill local experts 16..35 of 64", sub, 70);
+        n = add_case(cases, n, make("prefill local experts 16..35 of 64", sub, 70));
         g = make("prefill local subset, routed, finalize off", sub, 45);
         g.routed = 1, g.skip_finalize = 1;
-        cases[n++] = g;
+        n = add_case(cases, n, g);
         fp4moe_config big = base_config(32, 4, 256, 128);
         big.max_tokens = 16384;
         g = make("prefill 16384 tokens (two chunks), bf16", big, 16384);
         g.hidden_dtype = g.output_dtype = g.logits_dtype = FP4MOE_DTYPE_BF16;
         g.graph = 0;
-        cases[n++] = g;
+        n = add_case(cases, n, g);
     }
     n = add_activation_cases(cases, n, "prefill activation (+b1/b2, half2)", 40);
     {
@@ -492,21 +502,21 @@ static int build_cases(gpu_case *cases)
         c.activation = FP4MOE_ACT_RELU2;
         c.routing = FP4MOE_ROUTING_DEEPSEEK_V3;
         c.routed_scaling_factor = 2.5f;
-        cases[n++] = make_biased("prefill nemotron shape 2688x1856", c, 64);
-        cases[n++] = make("prefill H=272 I=80 (padded K)", base_config(8, 2, 272, 80), 77);
+        n = add_case(cases, n, make_biased("prefill nemotron shape 2688x1856", c, 64));
+        n = add_case(cases, n, make("prefill H=272 I=80 (padded K)", base_config(8, 2, 272, 80), 77));
         c = base_config(32, 4, 512, 256);
         c.precision = FP4MOE_PRECISION_W4A4;
-        cases[n++] = make("prefill W4A4", c, 40);
+        n = add_case(cases, n, make("prefill W4A4", c, 40));
         c.precision = FP4MOE_PRECISION_W4A16;
         c.fc2_input_fp8 = 1;
-        cases[n++] = make("prefill FP8 down input", c, 40);
+        n = add_case(cases, n, make("prefill FP8 down input", c, 40));
         c = base_config(64, 1, 256, 128);
         c.routing = FP4MOE_ROUTING_LLAMA4;
-        cases[n++] = make("prefill llama4 (on input)", c, 50);
+        n = add_case(cases, n, make("prefill llama4 (on input)", c, 50));
         c = base_config(64, 6, 256, 128);
         c.routing = FP4MOE_ROUTING_DEEPSEEK_V3;
         c.n_group = 8, c.topk_group = 4, c.routed_scaling_factor = 2.5f;
-        cases[n++] = make_biased("prefill deepseek_v3 groups 8/4", c, 200);
+        n = add_case(cases, n, make_biased("prefill deepseek_v3 groups 8/4", c, 200));
     }
 
     /* 16-bit hidden states on the decode path (B rows in one FP16 part) in every mode that
@@ -518,34 +528,34 @@ static int build_cases(gpu_case *cases)
         c.precision = FP4MOE_PRECISION_W4A4;
         gpu_case g = make("bf16 W4A4", c, 5);
         g.hidden_dtype = g.logits_dtype = FP4MOE_DTYPE_BF16;
-        cases[n++] = g;
+        n = add_case(cases, n, g);
         g = make("f16 W4A4, f16 out", c, 13);
         g.hidden_dtype = g.output_dtype = FP4MOE_DTYPE_F16;
-        cases[n++] = g;
+        n = add_case(cases, n, g);
         c.precision = FP4MOE_PRECISION_W4A16;
         c.fc2_input_fp8 = 1;
         g = make("bf16 FP8 down input", c, 10);
         g.hidden_dtype = FP4MOE_DTYPE_BF16;
-        cases[n++] = g;
+        n = add_case(cases, n, g);
         c = base_config(64, 1, 256, 128);
         c.routing = FP4MOE_ROUTING_LLAMA4;
         g = make("f16 llama4 (on input)", c, 7);
         g.hidden_dtype = FP4MOE_DTYPE_F16;
-        cases[n++] = g;
+        n = add_case(cases, n, g);
         c = base_config(64, 8, 512, 256);
         c.decode_threshold = 512;
         g = make("bf16 decode path, T > fused limit", c, 100);
         g.hidden_dtype = FP4MOE_DTYPE_BF16;
-        cases[n++] = g;
+        n = add_case(cases, n, g);
         c.precision = FP4MOE_PRECISION_W4A4;
         g = make("bf16 W4A4 decode path, T > one chunk", c, 300);
         g.hidden_dtype = FP4MOE_DTYPE_BF16;
-        cases[n++] = g;
+        n = add_case(cases, n, g);
         c.precision = FP4MOE_PRECISION_W4A16;
         g = make("bf16 finalize off", c, 6);
         g.hidden_dtype = FP4MOE_DTYPE_BF16;
         g.skip_finalize = 1;
-        cases[n++] = g;
+        n = add_case(cases, n, g);
     }
     /* a split at 128 tokens: T = 48 on the fused front, 128 (the largest decode call) and 129
      * (the smallest prefill call); then the library's default (auto) split, which for E = 64,
@@ -556,59 +566,59 @@ static int build_cases(gpu_case *cases)
         c.decode_threshold = 128;
         gpu_case g = make("bf16 split 128 T=48", c, 48);
         g.hidden_dtype = g.output_dtype = g.logits_dtype = FP4MOE_DTYPE_BF16;
-        cases[n++] = g;
-        cases[n++] = make("split 128 T=128", c, 128);
+        n = add_case(cases, n, g);
+        n = add_case(cases, n, make("split 128 T=128", c, 128));
         g = make("bf16 split 128 T=129 (prefill)", c, 129);
         g.hidden_dtype = g.output_dtype = g.logits_dtype = FP4MOE_DTYPE_BF16;
-        cases[n++] = g;
+        n = add_case(cases, n, g);
         fp4moe_config d;
         fp4moe_config_init(&d);
         c.decode_threshold = d.decode_threshold;
         g = make("bf16 auto split T=44 (decode)", c, 44);
         g.hidden_dtype = g.output_dtype = g.logits_dtype = FP4MOE_DTYPE_BF16;
-        cases[n++] = g;
+        n = add_case(cases, n, g);
         g = make("bf16 auto split T=45 (prefill)", c, 45);
         g.hidden_dtype = g.output_dtype = g.logits_dtype = FP4MOE_DTYPE_BF16;
-        cases[n++] = g;
-        cases[n++] = make("auto split T=80 (decode)", c, 80);
-        cases[n++] = make("auto split T=81 (prefill)", c, 81);
+        n = add_case(cases, n, g);
+        n = add_case(cases, n, make("auto split T=80 (decode)", c, 80));
+        n = add_case(cases, n, make("auto split T=81 (prefill)", c, 81));
     }
     /* one-token chunks, where FC2 and the finalize may run as one kernel (fc2_token_kernel):
      * more slots than its 8 warps, non-local slots, every input to its epilogue and sum, H above
      * 4096, a one-token last chunk (t0 > 0), and the paths that keep two kernels */
     {
         fp4moe_config c = base_config(64, 12, 512, 256);
-        cases[n++] = make("one token: k=12 (slots > warps)", c, 1);
+        n = add_case(cases, n, make("one token: k=12 (slots > warps)", c, 1));
         c = base_config(32, 4, 512, 256);
         c.local_expert_offset = 8, c.local_num_experts = 12;
         gpu_case g = make("one token: local experts 8..19 of 32 + per_token_scale", c, 1);
         g.per_token_scale = 1;
-        cases[n++] = g;
+        n = add_case(cases, n, g);
         c = base_config(32, 1, 512, 256);
         c.routing = FP4MOE_ROUTING_LLAMA4;
-        cases[n++] = make("one token: llama4 (on input)", c, 1);
+        n = add_case(cases, n, make("one token: llama4 (on input)", c, 1));
         c = base_config(32, 4, 512, 256);
         g = make("one token: b1/b2 biases, bf16 in/out", c, 1);
         g.gen.biases = 1;
         g.hidden_dtype = g.output_dtype = g.logits_dtype = FP4MOE_DTYPE_BF16;
-        cases[n++] = g;
+        n = add_case(cases, n, g);
         c.fc2_input_fp8 = 1;
-        cases[n++] = make("one token: FP8 down input", c, 1);
+        n = add_case(cases, n, make("one token: FP8 down input", c, 1));
         c.fc2_input_fp8 = 0;
         g = make("one token: routed, f16 in/out", c, 1);
         g.routed = 1;
         g.hidden_dtype = g.output_dtype = FP4MOE_DTYPE_F16;
-        cases[n++] = g;
+        n = add_case(cases, n, g);
         g = make("one token: finalize off (two kernels)", c, 1);
         g.skip_finalize = 1;
-        cases[n++] = g;
+        n = add_case(cases, n, g);
         c = base_config(16, 8, 4608, 256);
         g = make("one token: H=4608 (> 4096)", c, 1);
         g.hidden_dtype = g.output_dtype = FP4MOE_DTYPE_BF16;
-        cases[n++] = g;
+        n = add_case(cases, n, g);
         c = base_config(64, 8, 512, 256);
         c.decode_threshold = 512;
-        cases[n++] = make("one token: T=257 on the decode path (last chunk t0 = 256)", c, 257);
+        n = add_case(cases, n, make("one token: T=257 on the decode path (last chunk t0 = 256)", c, 257));
     }
     /* H >= 4096, 16-bit inputs, >= 128 rows per expert: the prefill GEMMs' 256-row blocks by the
      * per-call rule (the other cases run them only under FP4MOE_CUDA_GEMM_ROWS=256; last here
@@ -618,7 +628,27 @@ static int build_cases(gpu_case *cases)
         c.max_tokens = 1024;
         gpu_case g = make("prefill bf16 H=4096 (256-row blocks by rule)", c, 1000);
         g.hidden_dtype = g.output_dtype = g.logits_dtype = FP4MOE_DTYPE_BF16;
-        cases[n++] = g;
+        n = add_case(cases, n, g);
+    }
+    /* One-token BF16 chunks take their FC2 inputs from FC1 (BF16 MMAs in FC2) in every FC2
+     * kernel: a block per tile (K of 19 groups > 16, H <= 4096: no FC2 + finalize kernel), a warp
+     * per tile at T = 1 (H > 4096, finalize off), and a one-token last chunk after a 256-token one
+     * on the other FC2 inputs (decode v12; added last for the hash indices) */
+    {
+        fp4moe_config c = base_config(32, 4, 512, 1216);
+        gpu_case g = make("one token bf16: FC2 inputs by FC1, FC2 a block per tile (K 19 groups)", c, 1);
+        g.hidden_dtype = g.output_dtype = g.logits_dtype = FP4MOE_DTYPE_BF16;
+        n = add_case(cases, n, g);
+        c = base_config(16, 8, 4608, 256);
+        g = make("one token bf16: FC2 inputs by FC1, finalize off, H=4608", c, 1);
+        g.hidden_dtype = g.output_dtype = FP4MOE_DTYPE_BF16;
+        g.skip_finalize = 1;
+        n = add_case(cases, n, g);
+        c = base_config(64, 8, 512, 200);
+        c.decode_threshold = 512;
+        g = make("one token bf16: T=257 on the decode path, FC2 inputs by FC1 in the last chunk", c, 257);
+        g.hidden_dtype = g.output_dtype = FP4MOE_DTYPE_BF16;
+        n = add_case(cases, n, g);
     }
 
     return n;
