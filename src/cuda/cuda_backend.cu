@@ -115,6 +115,14 @@ static fp4moe_status upload_tiles(fp4moe_plan *plan, cuda_state *st, const uint8
 // whole tiles (at most 256 rows each), plus one tile of slack (the workspace layout's bound).
 static int64_t prefill_rows(const cuda_plan_view *v, int64_t slots) { return slots + (v->e_loc + 1) * 256; }
 
+// A measurement switch from the environment: 0 or 1 as set, -1 (automatic) when unset or any
+// other value.
+static int env_switch(const char *name)
+{
+    const char *value = getenv(name);
+    return value == NULL ? -1 : strcmp(value, "0") == 0 ? 0 : strcmp(value, "1") == 0 ? 1 : -1;
+}
+
 static fp4moe_status cuda_prepare(fp4moe_plan *plan)
 {
     const fp4moe_config *cfg = &plan->cfg;
@@ -194,14 +202,10 @@ static fp4moe_status cuda_prepare(fp4moe_plan *plan)
     // FP4MOE_CUDA_DECODE_FC2_DIRECT=0|1: FC1's epilogue writes the decode FC2 inputs (1) in every
     // decode chunk that allows it, or never (0: the FC2-input kernel, row scale from the row's
     // amax); unset or any other value: one-token chunks (cuda_forward)
-    const char *fc2_direct = getenv("FP4MOE_CUDA_DECODE_FC2_DIRECT");
-    v->fc2_direct = fc2_direct == NULL ? -1 : strcmp(fc2_direct, "0") == 0 ? 0 : strcmp(fc2_direct, "1") == 0 ? 1 : -1;
+    v->fc2_direct = env_switch("FP4MOE_CUDA_DECODE_FC2_DIRECT");
     // FP4MOE_CUDA_DECODE_TOKEN_FINALIZE=0|1: one-token chunks run FC2 and the finalize as one
     // kernel (1) or two (0); unset or any other value: automatic (launch_experts)
-    const char *token_finalize = getenv("FP4MOE_CUDA_DECODE_TOKEN_FINALIZE");
-    v->token_finalize = token_finalize == NULL ? -1
-                        : strcmp(token_finalize, "0") == 0 ? 0
-                        : strcmp(token_finalize, "1") == 0 ? 1 : -1;
+    v->token_finalize = env_switch("FP4MOE_CUDA_DECODE_TOKEN_FINALIZE");
     // wgmma blocks of 128 or 256 weight rows, chosen per call (0, cuda_prefill.cu);
     // FP4MOE_CUDA_GEMM_ROWS=128|256 fixes it (256 not with 256-token tiles: too many accumulators)
     const char *rows = getenv("FP4MOE_CUDA_GEMM_ROWS");

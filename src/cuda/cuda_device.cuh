@@ -1,6 +1,7 @@
 // Device helpers shared by the decode (cuda_experts.cu) and prefill (cuda_prefill*.cu) kernels:
 // programmatic dependent launch, the NVFP4 register decode (into FP16, or BF16 for the decode
-// path's direct BF16 FC2 rows), the tensor-core MMAs, and the activations (bit for bit those of src/cpu/cpu_activation.c).
+// path's direct BF16 FC2 rows), the tensor-core MMAs, and the activations (bit for bit those of
+// src/cpu/cpu_activation.c).
 #ifndef FP4MOE_CUDA_DEVICE_CUH
 #define FP4MOE_CUDA_DEVICE_CUH
 
@@ -47,13 +48,20 @@ static __device__ __forceinline__ uint32_t hmul2_bits(uint32_t a, __half2 s)
     return *reinterpret_cast<uint32_t *>(&h);
 }
 
+// The E4M3 block scales of rows g (low half) and g + 8 of k step s as a half2 (exact): sc holds
+// the lane's 8 scale bytes, 4 k steps of each row.
+static __device__ __forceinline__ __half2 block_scales(uint2 sc, int s)
+{
+    const uint32_t pair = __byte_perm(sc.x, sc.y, s | ((s + 4) << 4));
+    return __half2(__nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(pair & 0xffffu), __NV_E4M3));
+}
+
 // The lane's A fragment of a 16-row tile for k step s of a stage, block scales applied: words
 // are the lane's 16 code bytes, sc its 8 scale bytes.
 static __device__ __forceinline__ void decode_a(const uint32_t words[4], uint2 sc, int s, uint32_t a[4])
 {
-    // block scales of rows g (low byte) and g + 8 of k step s, each broadcast to a half2
-    const uint32_t pair = __byte_perm(sc.x, sc.y, s | ((s + 4) << 4));
-    const __half2 both(__nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(pair & 0xffffu), __NV_E4M3));
+    // each row's scale broadcast to a half2
+    const __half2 both = block_scales(sc, s);
     const __half2 s_g = __low2half2(both), s_g8 = __high2half2(both);
     a[0] = hmul2_bits(decode_pair(words[s], 0), s_g);
     a[1] = hmul2_bits(decode_pair(words[s], 1), s_g8);
@@ -83,15 +91,13 @@ static __device__ __forceinline__ uint32_t hmul2_bf16_bits(uint32_t a, __nv_bflo
 }
 
 // decode_a in BF16 (the decode path's direct BF16 FC2 rows): the weights times their block
-// scales times 2^-7, exact (an e2m1 times an
-// E4M3 value has at most 6 significant bits; the scale enters as E4M3 * 2^119, at most
-// 1.75 * 2^127, and the products lie in [2^-17, 2^5], normal numbers).
+// scales times 2^-7, exact (an e2m1 times an E4M3 value has at most 6 significant bits; the
+// scale enters as E4M3 * 2^119, at most 1.75 * 2^127, and the products lie in [2^-17, 2^5],
+// normal numbers).
 #define BF16_WEIGHT_UNSCALE 128.0f /* 2^7: what the MMA sums are multiplied by */
 static __device__ __forceinline__ void decode_a_bf16(const uint32_t words[4], uint2 sc, int s, uint32_t a[4])
 {
-    const uint32_t pair = __byte_perm(sc.x, sc.y, s | ((s + 4) << 4));
-    const float2 f =
-        __half22float2(__half2(__nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(pair & 0xffffu), __NV_E4M3)));
+    const float2 f = __half22float2(block_scales(sc, s));
     const float two_119 = __int_as_float((119 + 127) << 23);
     const __nv_bfloat162 both = __floats2bfloat162_rn(f.x * two_119, f.y * two_119);
     const __nv_bfloat162 s_g = __low2bfloat162(both), s_g8 = __high2bfloat162(both);

@@ -619,8 +619,8 @@ front_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws, cuda_route_s
     __syncthreads();
     if (c.x_per_slot) prepare_slot_inputs(p, c, ws, local_copies ? chunk_slots : NULL);
     // FC2 reads its inputs' padding columns (against zero weights): they must be numbers. With
-    // fc2_direct, FC1's epilogue writes the B rows themselves (row scale 1) and the padding is
-    // zeroed there.
+    // fc2_direct, FC1's epilogue writes the B rows themselves (row scale 1), so the padding is
+    // zeroed in those rows.
     const int64_t pad = p.k2p - p.inter, slots = (c.t1 - c.t0) * p.top_k;
     if (c.fc2_direct) {
         for (int64_t s = threadIdx.x; s < slots; s += blockDim.x) ws.u_scale[s] = 1.0f;
