@@ -2,8 +2,8 @@
 # A/B of two trees on the GPU machine in one call: this working tree ("b") and another tree
 # given as a tarball ("a", made here with `git archive REV -o build-ab/a.tar` and carried with
 # the call: carry ["build-ab", ".deb"]). Both are built side by side; the GPU tests run on both
-# with one seed (decode cases only by default: GPU_TEST_FILTER=!prefill) and their per-case output hashes
-# are compared; then `fp4moe bench` runs alternately on both, FP32 and BF16 hidden states,
+# with one seed (decode cases only by default: GPU_TEST_FILTER=!prefill; "b" under each setting of
+# AB_TEST_ENV) and their per-case output hashes are compared; then `fp4moe bench` runs alternately on both, FP32 and BF16 hidden states,
 # under each setting of AB_KNOBS (environment settings the library reads, e.g. AB_KNOBS="FP4MOE_CUDA_TILE_TOKENS=64"). Logs in $OUT.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
@@ -26,18 +26,23 @@ A=/tmp/ab-a/build-gpu B=build-gpu
 ls "$B/test_gpu_backend" > /dev/null || { tail -20 "$OUT"/*/build.log; exit 1; }
 [ $HAVE_A = 1 ] || A=$B
 SEED=${AB_SEED:-12345}
-for v in $([ $HAVE_A = 1 ] && echo a) b; do
+# AB_TEST_ENV: "b"'s tests once under each of these settings (a comma-joined item sets several;
+# default: one run without), each compared with "a"'s
+i=0
+for v in $([ $HAVE_A = 1 ] && echo a) ${AB_TEST_ENV:-b}; do
   [ "${GPU_TEST_FILTER:-}" = none ] && break
-  bin=$A; [ $v = b ] && bin=$B
-  FP4MOE_TEST_SEED=$SEED FP4MOE_GPU_FILTER=${GPU_TEST_FILTER:-!prefill} GPU_TEST_TIMEOUT=${AB_TEST_TIMEOUT:-240} \
-    bash scripts/gpu-tests.sh "$bin/test_gpu_backend" "$OUT/tests-$v.log"
-  echo "tests $v: rc=$? $(grep -E 'passed' "$OUT/tests-$v.log" | tail -1)"
-  grep -E "check failed" "$OUT/tests-$v.log" | head -5
+  bin=$B tag=b$i settings=$v
+  if [ $v = a ]; then bin=$A tag=a settings=; elif [ $v = b ]; then settings=; fi
+  [ $v = a ] || i=$((i + 1))
+  env $(echo "$settings" | tr ',' ' ') FP4MOE_TEST_SEED=$SEED FP4MOE_GPU_FILTER=${GPU_TEST_FILTER:-!prefill} \
+    GPU_TEST_TIMEOUT=${AB_TEST_TIMEOUT:-240} bash scripts/gpu-tests.sh "$bin/test_gpu_backend" "$OUT/tests-$tag.log"
+  echo "tests $tag${settings:+ ($settings)}: rc=$? $(grep -E 'passed' "$OUT/tests-$tag.log" | tail -1)"
+  grep -E "check failed" "$OUT/tests-$tag.log" | head -5
+  # cases both ran (same index #NNN): their output hashes must agree
+  if [ $v != a ] && [ -f "$OUT/tests-a.log" ]; then
+    bash scripts/compare-hashes.sh "$OUT/tests-a.log" "$OUT/tests-$tag.log"
+  fi
 done
-# cases both ran (same index #NNN): their output hashes must agree
-if [ -f "$OUT/tests-a.log" ] && [ -f "$OUT/tests-b.log" ]; then
-  bash scripts/compare-hashes.sh "$OUT/tests-a.log" "$OUT/tests-b.log"
-fi
 # GPU_TEST_HANG: a case name run alone under each knob with a short timeout (hang diagnosis)
 if [ -n "${GPU_TEST_HANG:-}" ]; then
   for knob in "" ${AB_KNOBS:-}; do

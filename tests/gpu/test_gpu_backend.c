@@ -644,7 +644,7 @@ static int build_cases(gpu_case *cases)
         g.hidden_dtype = g.output_dtype = FP4MOE_DTYPE_BF16;
         g.skip_finalize = 1;
         n = add_case(cases, n, g);
-        c = base_config(64, 8, 512, 200);
+        c = base_config(64, 8, 512, 208);
         c.decode_threshold = 512;
         g = make("one token bf16: T=257 on the decode path, FC2 inputs by FC1 in the last chunk", c, 257);
         g.hidden_dtype = g.output_dtype = FP4MOE_DTYPE_BF16;
