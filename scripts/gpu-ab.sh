@@ -3,7 +3,8 @@
 # given as a tarball ("a", made here with `git archive REV -o build-ab/a.tar` and carried with
 # the call: carry ["build-ab", ".deb"]). Both are built side by side; the GPU tests run on both
 # with one seed (decode cases only by default: GPU_TEST_FILTER=!prefill; "b" under each setting of
-# AB_TEST_ENV) and their per-case output hashes are compared; then `fp4moe bench` runs alternately on both, FP32 and BF16 hidden states,
+# AB_TEST_ENV, logs tests-b0.log, tests-b1.log, ...) and their per-case output hashes are
+# compared; then `fp4moe bench` runs alternately on both, FP32 and BF16 hidden states,
 # under each setting of AB_KNOBS (environment settings the library reads, e.g. AB_KNOBS="FP4MOE_CUDA_TILE_TOKENS=64"). Logs in $OUT.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
@@ -26,8 +27,9 @@ A=/tmp/ab-a/build-gpu B=build-gpu
 ls "$B/test_gpu_backend" > /dev/null || { tail -20 "$OUT"/*/build.log; exit 1; }
 [ $HAVE_A = 1 ] || A=$B
 SEED=${AB_SEED:-12345}
-# AB_TEST_ENV: "b"'s tests once under each of these settings (a comma-joined item sets several;
-# default: one run without), each compared with "a"'s
+# AB_TEST_ENV: "b"'s tests once under each of these settings (a comma-joined item sets several,
+# the item "b" a run without; default: one run without), each compared with "a"'s. The seed and
+# filter stay the script's.
 i=0
 for v in $([ $HAVE_A = 1 ] && echo a) ${AB_TEST_ENV:-b}; do
   [ "${GPU_TEST_FILTER:-}" = none ] && break

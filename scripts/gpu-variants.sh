@@ -4,7 +4,7 @@
 # environment settings the library reads, comma-separated ("base@FP4MOE_CUDA_DECODE_WARP_TILE=0");
 # every variant is built into its own folder (the fp4moe tool only), then `fp4moe bench` runs on
 # each in turn, VAR_ROUNDS rounds, and a table of the median-of-rounds times (ms) is printed
-# last. Logs in $OUT.
+# last. Logs in $OUT (each variant's whole bench output in bench-raw<j>.log: kernels' own prints too).
 #   VARIANTS="base|-DFC2_WT_BLOCKS_1PART=8|..." VAR_PRESETS=... VAR_TOKENS=1,4,16 VAR_DTYPES=bf16
 set -u -o pipefail
 cd "$(dirname "$0")/.."
@@ -25,7 +25,7 @@ for dtype in ${VAR_DTYPES:-bf16}; do
   for round in $(seq 1 ${VAR_ROUNDS:-2}); do
     for j in $(seq 0 $((i - 1))); do
       v=${variants[$j]}; settings=; [[ "$v" == *@* ]] && settings=$(echo "${v#*@}" | tr ',' ' ')
-      env $settings build-var$j/fp4moe bench $P --dtype $dtype 2>&1 \
+      env $settings build-var$j/fp4moe bench $P --dtype $dtype 2>&1 | tee -a "$OUT/bench-raw$j.log" \
         | awk -v tag="$j $dtype r$round" '$2 ~ /^[0-9]+$/ {print tag, $1, $2, $3, $7}' >> "$OUT/bench.txt"
     done
   done

@@ -633,7 +633,8 @@ static int build_cases(gpu_case *cases)
     /* One-token BF16 chunks take their FC2 inputs from FC1 (BF16 MMAs in FC2) in every FC2
      * kernel: a block per tile (K of 19 groups > 16, H <= 4096: no FC2 + finalize kernel), a warp
      * per tile at T = 1 (H > 4096, finalize off), and a one-token last chunk after a 256-token one
-     * on the other FC2 inputs (decode v12; added last for the hash indices) */
+     * on the other FC2 inputs, I = 208 so that K2 has padding columns (padded to 256) on the
+     * direct rows (decode v12; added last for the hash indices) */
     {
         fp4moe_config c = base_config(32, 4, 512, 1216);
         gpu_case g = make("one token bf16: FC2 inputs by FC1, FC2 a block per tile (K 19 groups)", c, 1);
