@@ -8,6 +8,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include "fp4moe.h"
@@ -243,6 +244,16 @@ int main(void)
     run_cli_case(&st, &rng, dir, &routed);
     cli_case routed4 = {FP4MOE_ROUTING_TOPK, FP4MOE_ACT_GEGLU, FP4MOE_PRECISION_W4A4, 0, 1};
     run_cli_case(&st, &rng, dir, &routed4);
+    /* bench's --graph-layers: a count of 1 to 64, on the cuda backend only (usage errors: 2) */
+    const char *bad_bench[] = {"--backend cpu --graph-layers 2", "--graph-layers 0", "--graph-layers 65"};
+    for (size_t i = 0; i < 3; i++) {
+        char cmd[600];
+        snprintf(cmd, sizeof cmd, "%s bench --preset qwen3-30b-a3b --tokens 1 %s > %s/log 2>&1",
+                 FP4MOE_CLI_PATH, bad_bench[i], dir);
+        const int rc = system(cmd);
+        CHECK(&st, rc != -1 && WIFEXITED(rc) && WEXITSTATUS(rc) == 2, "bench %s: exit status %d, not 2",
+              bad_bench[i], rc);
+    }
     const char *files[] = {"layer.json", "in.safetensors", "out.safetensors", "log"};
     for (size_t i = 0; i < 4; i++) {
         char path[600];

@@ -281,7 +281,7 @@ static __device__ __forceinline__ void fc1_pass_store(const cuda_plan_view &p, c
         if (col >= nslots) continue;
         const int64_t slot = ws.entries[pos + col];
         const float xs = ws.x_scale[c.x_per_slot ? slot : slot / p.top_k];
-        char *direct_row = reinterpret_cast<char *>(ws.uh) + slot * p.k2p * 2; // (one part: 2 bytes a value)
+        char *direct_row = reinterpret_cast<char *>(ws.uh) + slot * b_row_bytes(p.k2p, 1);
         float *u_row = ws.u + slot * p.k2p;
         fc1_pair_apply<-1>(p, pair, acc[j], acc[2 + j], xs, c.hidden_dtype, [&](int64_t ch, float v) {
             if (PARTS == 1 && c.fc2_direct) // the slot's FC2 B row in the hidden dtype (v is rounded to it)
@@ -320,7 +320,7 @@ fc1_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws)
         const int nslots = min(CUDA_SLOTS_PER_PASS, end - pos);
         const int64_t slot = ws.entries[pos + min(g, nslots - 1)];
         const uint8_t *b_row = reinterpret_cast<const uint8_t *>(ws.xh) +
-                               (c.x_per_slot ? slot : slot / k) * (p.k1p / 4) * 8 * PARTS;
+                               (c.x_per_slot ? slot : slot / k) * b_row_bytes(p.k1p, PARTS);
         float acc[4];
         if (WT) warp_tile_product<D, PARTS, 0>(rings[warp], false, codes, scales, groups, b_row, acc);
         else tile_product<D, PARTS, 0>(rings[warp], false, codes, scales, groups, b_row, acc, red);
@@ -434,7 +434,7 @@ fc2_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws)
     for (int pos = begin; pos < end; pos += CUDA_SLOTS_PER_PASS) {
         const int nslots = min(CUDA_SLOTS_PER_PASS, end - pos);
         const uint8_t *b_row = reinterpret_cast<const uint8_t *>(ws.uh) +
-                               (int64_t)ws.entries[pos + min(g, nslots - 1)] * (p.k2p / 4) * 8 * PARTS;
+                               (int64_t)ws.entries[pos + min(g, nslots - 1)] * b_row_bytes(p.k2p, PARTS);
         float acc[4];
         if (WT) warp_tile_product<D, PARTS, OP>(rings[warp], pos == begin, codes, scales, groups, b_row, acc);
         else tile_product<D, PARTS, OP>(rings[warp], pos == begin, codes, scales, groups, b_row, acc, red);
@@ -480,7 +480,7 @@ fc2_token_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws)
         const int64_t e = local;
         const uint8_t *codes = p.w2_codes + (e * (h / CUDA_TILE_ROWS) + tile) * groups * 512;
         const uint8_t *scales = p.w2_scales + (e * (h / CUDA_TILE_ROWS) + tile) * groups * 64;
-        const uint8_t *b_row = reinterpret_cast<const uint8_t *>(ws.uh) + (int64_t)j * (p.k2p / 4) * 8 * PARTS;
+        const uint8_t *b_row = reinterpret_cast<const uint8_t *>(ws.uh) + (int64_t)j * b_row_bytes(p.k2p, PARTS);
         float acc[4];
         warp_tile_product<D, PARTS, OP>(rings[warp], j == warp, codes, scales, groups, b_row, acc);
         const float scale = fc2_expert_scale(p, e);

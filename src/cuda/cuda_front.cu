@@ -625,7 +625,7 @@ front_kernel(cuda_plan_view p, cuda_call_view c, cuda_workspace ws, cuda_route_s
     if (c.fc2_direct) {
         for (int64_t s = threadIdx.x; s < slots; s += blockDim.x) ws.u_scale[s] = 1.0f;
         for (int64_t i = threadIdx.x; i < slots * pad; i += blockDim.x)
-            *reinterpret_cast<uint16_t *>(reinterpret_cast<char *>(ws.uh) + (i / pad) * p.k2p * 2 +
+            *reinterpret_cast<uint16_t *>(reinterpret_cast<char *>(ws.uh) + (i / pad) * b_row_bytes(p.k2p, 1) +
                                           b_row_hi_offset(p.inter + i % pad)) = 0;
     } else {
         for (int64_t i = threadIdx.x; i < slots * pad; i += blockDim.x)

@@ -242,6 +242,10 @@ static __device__ __forceinline__ int64_t b_row_hi_offset(int64_t col)
     return (col / 16) * 32 + ((r % 8) / 2) * 8 + (r / 8) * 4 + (r % 2) * 2;
 }
 
+// Bytes of one B row of k values (k a multiple of 16: k / 4 units of 8 bytes a part), the stride
+// of ws.xh and ws.uh for their writers and readers alike.
+static __device__ __forceinline__ int64_t b_row_bytes(int64_t k, int parts) { return (k / 4) * 8 * parts; }
+
 // Stores B-row unit i (hilo_unit's 16 bytes) of row `row` in `parts` parts: all 16 bytes, or the
 // hi half (8 bytes per unit).
 static __device__ __forceinline__ void store_b_unit(void *rows, int64_t row, int64_t units, int64_t i, uint4 v,

@@ -27,6 +27,7 @@ typedef struct bench_options {
     int json;
     fp4moe_dtype dtype; /* hidden states and output (CUDA path) */
     long long threshold; /* decode_threshold of the plan; -1: the default */
+    long long layers;    /* CUDA: forward calls per graph (a model's layers in one graph) */
     char presets[512];
     char tokens[256];
 } bench_options;
@@ -38,6 +39,7 @@ static int parse(int argc, char **argv, bench_options *o)
     o->repeat = 10;
     o->dtype = FP4MOE_DTYPE_F32;
     o->threshold = -1;
+    o->layers = 1;
     snprintf(o->presets, sizeof o->presets, "qwen3-30b-a3b");
     snprintf(o->tokens, sizeof o->tokens, "1,16,256");
     for (int i = 1; i < argc; i++) {
@@ -46,7 +48,8 @@ static int parse(int argc, char **argv, bench_options *o)
             printf("usage: fp4moe bench [--preset A,B|all] [--tokens 1,16,256] [--repeat N]\n"
                    "                    [--backend auto|cpu|cuda] [--threads N] [--json]\n"
                    "                    [--dtype f32|bf16]  (hidden states and output, cuda)\n"
-                   "                    [--threshold T]     (largest T on the decode path)\n");
+                   "                    [--threshold T]     (largest T on the decode path)\n"
+                   "                    [--graph-layers N]  (cuda: N calls per graph, the time of one)\n");
             exit(0);
         }
         if (strcmp(a, "--json") == 0) {
@@ -66,6 +69,8 @@ static int parse(int argc, char **argv, bench_options *o)
             if (cli_parse_int(v, 1, 100000, &o->repeat)) goto bad;
         } else if (strcmp(a, "--preset") == 0) {
             snprintf(o->presets, sizeof o->presets, "%s", v);
+        } else if (strcmp(a, "--graph-layers") == 0) {
+            if (cli_parse_int(v, 1, 64, &o->layers)) goto bad;
         } else if (strcmp(a, "--threshold") == 0) {
             if (cli_parse_int(v, 0, 1 << 20, &o->threshold)) goto bad;
         } else if (strcmp(a, "--dtype") == 0) {
@@ -323,7 +328,10 @@ done:
 /* The GPU path: device buffers, one CUDA graph per input set (each replays the whole forward
  * call, routing included), CUDA events around every replay, the median of the replays after a
  * warm-up; the sets rotate so the touched experts change from replay to replay and the
- * weights (far larger than L2 for every preset) come from device memory. */
+ * weights (far larger than L2 for every preset) come from device memory. With --graph-layers
+ * N, graph s holds N calls one after another on input sets s, s + 1, ... (as a model's decode
+ * step holds its layers in one graph, so the graph's launch is paid once for all of them) and
+ * a call's time is the replay's over N. */
 #define GPU_MIN_REPLAYS 200
 
 /* Device-to-device copy bandwidth, counting bytes read plus bytes written: the best of five
@@ -428,9 +436,7 @@ static int bench_preset_cuda(fp4moe_context *ctx, const preset *p, const bench_o
             fp4moe_forward_args_init(&args);
             args.num_tokens = t;
             args.output = d_out;
-            args.hidden_states = (char *)d_x + set * x_set * xsz;
             args.hidden_dtype = args.output_dtype = o->dtype;
-            args.router_logits = (float *)d_logits + set * l_set;
             cudaGraph_t graph = NULL;
             if (execs[set]) cudaGraphExecDestroy(execs[set]);
             execs[set] = NULL;
@@ -438,7 +444,12 @@ static int bench_preset_cuda(fp4moe_context *ctx, const preset *p, const bench_o
                 st = FP4MOE_ERROR_CUDA;
                 break;
             }
-            st = fp4moe_forward(plan, &args, d_ws, ws_bytes, stream);
+            for (long long layer = 0; layer < o->layers && st == FP4MOE_SUCCESS; layer++) {
+                const size_t in = (size_t)((set + layer) % INPUT_SETS);
+                args.hidden_states = (char *)d_x + in * x_set * xsz;
+                args.router_logits = (float *)d_logits + in * l_set;
+                st = fp4moe_forward(plan, &args, d_ws, ws_bytes, stream);
+            }
             cudaError_t err = cudaStreamEndCapture(stream, &graph);
             if (st == FP4MOE_SUCCESS && err == cudaSuccess)
                 err = cudaGraphInstantiate(&execs[set], graph, 0);
@@ -469,7 +480,7 @@ static int bench_preset_cuda(fp4moe_context *ctx, const preset *p, const bench_o
             rc = 1;
             break;
         }
-        for (long long r = 0; r < replays; r++) times[r] = ms[r] * 1e-3;
+        for (long long r = 0; r < replays; r++) times[r] = ms[r] * 1e-3 / (double)o->layers;
         qsort(times, (size_t)replays, sizeof(double), compare_double);
         emit_row(p, &cfg, t, times[replays / 2] * 1e3, touched_sum / INPUT_SETS, bandwidth, (double)xsz,
                  o->json, first_row);
@@ -508,6 +519,11 @@ int cmd_bench(int argc, char **argv)
     if (ctx == NULL) return 1;
     int threads = o.threads > 0 ? (int)o.threads : omp_get_num_procs();
     const int on_gpu = fp4moe_context_backend(ctx) == FP4MOE_BACKEND_CUDA;
+    if (!on_gpu && o.layers != 1) {
+        fprintf(stderr, "fp4moe bench: --graph-layers needs the cuda backend\n");
+        fp4moe_context_destroy(ctx);
+        return 2;
+    }
     double bandwidth = 0.0;
 #ifdef FP4MOE_HAVE_CUDA
     if (on_gpu) bandwidth = measure_device_copy_bandwidth();
@@ -519,14 +535,16 @@ int cmd_bench(int argc, char **argv)
         return 1;
     }
     if (o.json)
-        printf("{\"backend\": \"%s\", \"%s\": %.2f, \"rows\": [\n",
+        printf("{\"backend\": \"%s\", \"%s\": %.2f, \"calls_per_graph\": %lld, \"rows\": [\n",
                fp4moe_context_description(ctx),
-               on_gpu ? "device_copy_bandwidth_gbps" : "read_bandwidth_gbps", bandwidth / 1e9);
+               on_gpu ? "device_copy_bandwidth_gbps" : "read_bandwidth_gbps", bandwidth / 1e9,
+               on_gpu ? o.layers : 0LL);
     else if (on_gpu)
         printf("backend: %s\nmeasured device-to-device copy bandwidth: %.2f GB/s (read + write)\n"
-               "timing: CUDA events around CUDA-graph replays, median of >= %d, %d input sets rotated\n"
+               "timing: CUDA events around CUDA-graph replays, median of >= %d, %d input sets rotated, "
+               "%lld call(s) per graph (time per call)\n"
                "%-24s %6s %10s %8s %9s %9s %7s %8s %8s\n",
-               fp4moe_context_description(ctx), bandwidth / 1e9, 200, INPUT_SETS, "preset", "T",
+               fp4moe_context_description(ctx), bandwidth / 1e9, 200, INPUT_SETS, o.layers, "preset", "T",
                "median_ms", "experts", "MB", "floor_ms", "ratio", "GB/s", "GFLOP/s");
     else
         printf("backend: %s\nmeasured read bandwidth: %.2f GB/s (%d threads)\n"
