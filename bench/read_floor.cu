@@ -1,12 +1,13 @@
-// What the GPU gives for reading N bytes once, timed as `fp4moe bench` times a layer (one-kernel
-// CUDA graphs replayed back to back, an event pair around each, the median; 8 buffers rotated
-// so L2 holds none of them): the practical floor of a decode GEMV that streams N bytes of
-// weights, against the copy-rate floor the decode table uses (docs/PERF.md, decode).
+// What the GPU gives for reading N bytes once, timed much as `fp4moe bench` times a layer
+// (one-kernel CUDA graphs replayed back to back, an event pair around each, the median; here
+// queued behind a ~10 ms spin kernel so the host's launch pace never shows; 8 buffers rotated,
+// so L2 holds none of them from 14 MB up): the practical floor of a decode GEMV that streams N
+// bytes of weights, against the copy-rate floor the decode table uses (docs/PERF.md, decode).
 // Patterns: a block of 128 threads per 18 KB chunk (a decode FC1 tile: 16 rows of 2048 NVFP4
 // values with scales), every load in flight at once; the same with 64 KB chunks; a grid of 8
 // blocks of 256 threads per SM walking the buffer with 8 loads in flight per thread; and the
 // decode GEMV's shared-memory ring without its arithmetic (ring_read).
-// Usage: read_floor [--sizes-mb 7,14,21,34,75,140,214] [--repeat 200]
+// Usage: read_floor [--sizes-mb 7,14,21,34,75,140,214] [--repeat 200 (at most 1000)]
 #include <cuda_runtime.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -184,26 +185,44 @@ static float median_us(int pattern, uint4 *const bufs[SETS], size_t bytes, unsig
     return med;
 }
 
+static int usage(const char *why)
+{
+    fprintf(stderr, "read_floor: %s\nusage: read_floor [--sizes-mb 7,14,21,34,75,140,214] [--repeat 200]\n", why);
+    return 2;
+}
+
 int main(int argc, char **argv)
 {
     char sizes[256] = "7,14,21,34,75,140,214";
     int repeat = 200;
-    for (int i = 1; i + 1 < argc; i += 2) {
-        if (strcmp(argv[i], "--sizes-mb") == 0) snprintf(sizes, sizeof sizes, "%s", argv[i + 1]);
-        else if (strcmp(argv[i], "--repeat") == 0) repeat = atoi(argv[i + 1]);
+    for (int i = 1; i < argc; i += 2) {
+        const char *v = i + 1 < argc ? argv[i + 1] : NULL;
+        char *end = NULL;
+        if (v != NULL && strcmp(argv[i], "--sizes-mb") == 0) {
+            snprintf(sizes, sizeof sizes, "%s", v);
+        } else if (v != NULL && strcmp(argv[i], "--repeat") == 0) {
+            const long r = strtol(v, &end, 10);
+            if (*end != '\0' || r < 1 || r > 1000) return usage("--repeat takes 1 to 1000");
+            repeat = (int)r;
+        } else {
+            return usage(argv[i]);
+        }
     }
-    if (repeat < 1) repeat = 1;
-    int sms = 0;
-    CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+    // (each size: at least one 18 KB chunk, at most 4 GB; rounded down to whole chunks)
     size_t most = 0;
     {
         char tmp[256];
         snprintf(tmp, sizeof tmp, "%s", sizes);
         for (char *t = strtok(tmp, ","); t; t = strtok(NULL, ",")) {
-            const size_t b = (size_t)(atof(t) * 1e6) / 18432 * 18432;
+            char *end = NULL;
+            const double mb = strtod(t, &end);
+            if (*end != '\0' || !(mb >= 0.0185 && mb <= 4000.0)) return usage("--sizes-mb takes 0.0185 to 4000 each");
+            const size_t b = (size_t)(mb * 1e6) / 18432 * 18432;
             if (b > most) most = b;
         }
     }
+    int sms = 0;
+    CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
     uint4 *bufs[SETS];
     unsigned *sink;
     for (int i = 0; i < SETS; i++) {

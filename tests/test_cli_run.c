@@ -251,8 +251,9 @@ int main(void)
         snprintf(cmd, sizeof cmd, "%s bench --preset qwen3-30b-a3b --tokens 1 %s > %s/log 2>&1",
                  FP4MOE_CLI_PATH, bad_bench[i], dir);
         const int rc = system(cmd);
-        CHECK(&st, rc != -1 && WIFEXITED(rc) && WEXITSTATUS(rc) == 2, "bench %s: exit status %d, not 2",
-              bad_bench[i], rc);
+        CHECK(&st, rc != -1 && WIFEXITED(rc) && WEXITSTATUS(rc) == 2, "bench %s: %s %d, not exit status 2",
+              bad_bench[i], rc == -1 ? "system() failed:" : WIFEXITED(rc) ? "exit status" : "wait status",
+              rc == -1 ? -1 : WIFEXITED(rc) ? WEXITSTATUS(rc) : rc);
     }
     const char *files[] = {"layer.json", "in.safetensors", "out.safetensors", "log"};
     for (size_t i = 0; i < 4; i++) {

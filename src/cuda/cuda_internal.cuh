@@ -243,7 +243,9 @@ static __device__ __forceinline__ int64_t b_row_hi_offset(int64_t col)
 }
 
 // Bytes of one B row of k values (k a multiple of 16: k / 4 units of 8 bytes a part), the stride
-// of ws.xh and ws.uh for their writers and readers alike.
+// of ws.xh and ws.uh rows wherever they are addressed in bytes (store_b_unit indexes the same
+// rows in units, k / 4 to a row; the workspace layout sizes them at 4 bytes a value, enough for
+// two parts).
 static __device__ __forceinline__ int64_t b_row_bytes(int64_t k, int parts) { return (k / 4) * 8 * parts; }
 
 // Stores B-row unit i (hilo_unit's 16 bytes) of row `row` in `parts` parts: all 16 bytes, or the

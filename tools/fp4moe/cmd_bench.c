@@ -49,7 +49,7 @@ static int parse(int argc, char **argv, bench_options *o)
                    "                    [--backend auto|cpu|cuda] [--threads N] [--json]\n"
                    "                    [--dtype f32|bf16]  (hidden states and output, cuda)\n"
                    "                    [--threshold T]     (largest T on the decode path)\n"
-                   "                    [--graph-layers N]  (cuda: N calls per graph, the time of one)\n");
+                   "                    [--graph-layers N]  (cuda: 1-64 calls per graph, the time of one)\n");
             exit(0);
         }
         if (strcmp(a, "--json") == 0) {
@@ -329,9 +329,10 @@ done:
  * call, routing included), CUDA events around every replay, the median of the replays after a
  * warm-up; the sets rotate so the touched experts change from replay to replay and the
  * weights (far larger than L2 for every preset) come from device memory. With --graph-layers
- * N, graph s holds N calls one after another on input sets s, s + 1, ... (as a model's decode
- * step holds its layers in one graph, so the graph's launch is paid once for all of them) and
- * a call's time is the replay's over N. */
+ * N, graph s holds N calls one after another on input sets s * N, s * N + 1, ... (mod the
+ * sets: replays of graphs 0, 1, 2, ... walk the sets in one rotation, each set's next call 8
+ * calls later), as a model's decode step holds its layers in one graph, so the graph's launch
+ * is paid once for all of them; a call's time is the replay's over N. */
 #define GPU_MIN_REPLAYS 200
 
 /* Device-to-device copy bandwidth, counting bytes read plus bytes written: the best of five
@@ -445,7 +446,7 @@ static int bench_preset_cuda(fp4moe_context *ctx, const preset *p, const bench_o
                 break;
             }
             for (long long layer = 0; layer < o->layers && st == FP4MOE_SUCCESS; layer++) {
-                const size_t in = (size_t)((set + layer) % INPUT_SETS);
+                const size_t in = (size_t)((set * o->layers + layer) % INPUT_SETS);
                 args.hidden_states = (char *)d_x + in * x_set * xsz;
                 args.router_logits = (float *)d_logits + in * l_set;
                 st = fp4moe_forward(plan, &args, d_ws, ws_bytes, stream);
